@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,13 +29,18 @@ LLAMA_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 
 class ConfigError(ValueError):
-    """One or more problems in a config file; ``problems`` holds each message."""
+    """One or more problems in a config file; ``problems`` holds each message.
+
+    Each message starts with the file name when one is known (``smoke.yaml: lora.rank: expected
+    an integer >= 1, found 0``), so a message read on its own still says where to look.
+    """
 
     def __init__(self, problems: list[str], source: str | None = None) -> None:
-        self.problems = list(problems)
+        prefix = f"{source}: " if source else ""
+        self.problems = [p if not prefix or p.startswith(prefix) else prefix + p for p in problems]
         self.source = source
-        where = f"{source}: " if source else ""
-        head = f"{where}{len(self.problems)} problem(s) in the config"
+        where = f" in {source}" if source else " in the config"
+        head = f"{len(self.problems)} problem(s){where}"
         super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
@@ -56,7 +62,8 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    # A local directory or a hub id, loaded with from_pretrained. Exactly one of path / tiny.
+    # A local directory or a hub id, loaded with from_pretrained. At most one of path / tiny; with
+    # neither, the tiny model with default fields is used (the embedded default).
     path: str | None = None
     tiny: TinyModelConfig | None = None
     # Tokenizer directory or hub id; default: model.path, or the bundled offline tokenizer for tiny.
@@ -65,6 +72,10 @@ class ModelConfig:
     # Model code from a hub is never executed unless the user opts in.
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.path is None and self.tiny is None:
+            self.tiny = TinyModelConfig()
 
 
 @dataclass
@@ -213,7 +224,7 @@ class CheckpointConfig:
 class RunConfig:
     seed: int = 0
     method: Literal["plora", "lora", "full"] = "plora"
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(tiny=None))
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     plora: PLoRAConfig = field(default_factory=PLoRAConfig)
@@ -395,7 +406,15 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
         if s.path is not None and not s.path.startswith("bundled:") and not Path(s.path).expanduser().is_file():
             problems.append(f"{key}.path: expected an existing JSONL file, found {s.path!r} (no such file)")
         if s.path is not None and s.path.startswith("bundled:") and s.path not in BUNDLED_SOURCES:
-            problems.append(f"{key}.path: expected one of {', '.join(BUNDLED_SOURCES)}, found {s.path!r}")
+            hint = difflib.get_close_matches(s.path, BUNDLED_SOURCES, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.append(f"{key}.path: expected a JSONL file or one of {', '.join(BUNDLED_SOURCES)}, "
+                            f"found {s.path!r}{extra}")
+        if s.path is not None and s.path.startswith("bundled:") and s.format not in ("auto", "gsm8k"):
+            problems.append(f"{key}.format: expected 'auto' or 'gsm8k' for {s.path}, found {s.format!r}")
+        if s.dataset is not None and _looks_local(s.dataset) and not Path(s.dataset).expanduser().exists():
+            problems.append(f"{key}.dataset: expected a `datasets` hub name or an existing local "
+                            f"directory, found {s.dataset!r} (no such directory)")
         if s.weight is not None and s.count is not None:
             problems.append(f"{key}: expected weight or count, not both, found weight={s.weight!r}, "
                             f"count={s.count!r}")
@@ -460,6 +479,12 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
          cfg.deepspeed.zero_stage)
 
     e = cfg.eval
+    for i, task in enumerate(e.tasks):
+        if task not in EVAL_TASKS:
+            hint = difflib.get_close_matches(task, EVAL_TASKS, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.append(f"eval.tasks[{i}]: expected one of {', '.join(EVAL_TASKS)}, "
+                            f"found {task!r}{extra}")
     need(e.limit is None or e.limit >= 1, "eval.limit", "an integer >= 1 or null", e.limit)
     need(e.batch_size >= 1, "eval.batch_size", "an integer >= 1", e.batch_size)
     need(e.max_gen_toks >= 1, "eval.max_gen_toks", "an integer >= 1", e.max_gen_toks)
@@ -477,6 +502,8 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
 
 
 BUNDLED_SOURCES = ("bundled:gsm8k",)
+# Benchmarks plora_ray.evaluate scores (bundled data under plora_ray/data).
+EVAL_TASKS = ("gsm8k", "mmlu", "arc_easy", "arc_challenge")
 
 
 def _looks_local(path: str) -> bool:
@@ -502,19 +529,67 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(raw) if raw.strip() else None
 
 
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def _split_dotted(dotted: str) -> list[str | int]:
+    """``data.sources[0].weight`` or ``data.sources.0.weight`` -> ['data', 'sources', 0, 'weight']."""
+    parts: list[str | int] = []
+    for part in _INDEX.sub(r".\1", dotted).split("."):
+        if part == "":
+            continue
+        parts.append(int(part) if part.isdigit() else part)
+    return parts
+
+
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return a deep copy of ``data`` with each dotted key set (sections are created as needed)."""
+    """Return a deep copy of ``data`` with each dotted key set (sections are created as needed).
+
+    A numeric part indexes a list (``data.sources[0].weight=2`` or ``data.sources.0.weight=2``).
+
+    Raises:
+        ConfigError: a list index past the end of the list, or an index into something that is
+            not a list.
+    """
     import copy
 
     out = copy.deepcopy(data)
+    problems: list[str] = []
     for dotted, value in overrides.items():
-        node = out
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
+        node: Any = out
+        parts = _split_dotted(dotted)
+        if not parts:
+            problems.append(f"override {dotted!r}: expected dotted.key=value, found an empty key")
+            continue
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(str(p) for p in parts[: depth + 1])
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    parent = ".".join(str(p) for p in parts[:depth])
+                    found = (f"a list of {len(node)} item(s)" if isinstance(node, list)
+                             else f"no list at {parent}")
+                    problems.append(f"override {dotted}: expected {where} to index an existing list "
+                                    f"item, found {found}")
+                    break
+            elif not isinstance(node, dict):
+                problems.append(f"override {dotted}: expected a section at {where}, found "
+                                f"{type(node).__name__}")
+                break
+            if last:
+                node[part] = value
+            else:
+                nxt = parts[depth + 1]
+                child = node[part] if isinstance(part, int) else node.get(part)
+                if isinstance(nxt, str) and not isinstance(child, dict):
+                    child = {}
+                    node[part] = child
+                if child is None:
+                    child = {}
+                    node[part] = child
+                node = child
+    if problems:
+        raise ConfigError(problems)
     return out
 
 
@@ -533,14 +608,29 @@ def config_from_dict(
     """
     problems: list[str] = []
     if overrides:
-        data = apply_overrides(data or {}, overrides)
+        try:
+            data = apply_overrides(data or {}, overrides)
+        except ConfigError as exc:
+            raise ConfigError(exc.problems, source) from None
     cfg = _build(RunConfig, data, "", problems)
     # Range checks run even after type problems (a bad field keeps its default), so the user
     # sees every problem of the file at once.
     _check_ranges(cfg, problems)
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError([_blame_override(p, overrides or {}) for p in problems], source)
     return cfg
+
+
+def _blame_override(problem: str, overrides: dict[str, Any]) -> str:
+    """Add ``(set by --set KEY=VALUE)`` to a problem about a key an override set, so the user
+    looks at the command line rather than the file."""
+    key = problem.split(":", 1)[0]
+    norm = ".".join(str(p) for p in _split_dotted(key))
+    for dotted, value in overrides.items():
+        o = ".".join(str(p) for p in _split_dotted(dotted))
+        if norm == o or norm.startswith(o + "."):
+            return f"{problem} (set by override {dotted}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()})"
+    return problem
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -572,8 +662,47 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     Raises:
         ConfigError: every problem found, naming the file.
     """
-    data = load_yaml(path)
+    data = resolve_relative_paths(load_yaml(path), Path(path).resolve().parent)
     return config_from_dict(data, source=str(path), overrides=overrides)
+
+
+def _resolve(value: Any, base_dir: Path, always: bool) -> Any:
+    if not isinstance(value, str) or not value or value.startswith("bundled:"):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute() or value.startswith("~"):
+        return value
+    candidate = base_dir / p
+    # data.sources[].path is always a file path; the others may be hub ids ("org/name"), so they
+    # are only rewritten when the YAML's directory really holds such a path.
+    if always or candidate.exists():
+        return str(candidate)
+    return value
+
+
+def resolve_relative_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Resolve relative paths of a parsed YAML mapping against ``base_dir`` (the YAML's directory).
+
+    ``data.sources[].path`` is always resolved (it can only be a file); ``data.sources[].dataset``,
+    ``model.path``, ``model.tokenizer`` and ``eval.data_dir`` only when that path exists under
+    ``base_dir`` (otherwise they may be hub names). Malformed sections are left for validation.
+    """
+    import copy
+
+    out = copy.deepcopy(data)
+    d = out.get("data")
+    if isinstance(d, dict) and isinstance(d.get("sources"), list):
+        for src in d["sources"]:
+            if isinstance(src, dict):
+                if "path" in src:
+                    src["path"] = _resolve(src["path"], base_dir, always=True)
+                if "dataset" in src:
+                    src["dataset"] = _resolve(src["dataset"], base_dir, always=False)
+    for section, key in (("model", "path"), ("model", "tokenizer"), ("eval", "data_dir")):
+        sec = out.get(section)
+        if isinstance(sec, dict) and key in sec:
+            sec[key] = _resolve(sec[key], base_dir, always=False)
+    return out
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -583,6 +712,7 @@ def dump_config(cfg: RunConfig) -> str:
 
 __all__ = [
     "BUNDLED_SOURCES",
+    "EVAL_TASKS",
     "LLAMA_LINEAR_TARGETS",
     "ConfigError",
     "RunConfig",
@@ -592,6 +722,7 @@ __all__ = [
     "load_config",
     "load_yaml",
     "parse_override",
+    "resolve_relative_paths",
 ]
 
 if typing.TYPE_CHECKING:  # pragma: no cover
