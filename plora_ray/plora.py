@@ -1,0 +1,665 @@
+"""PeriodicLoRA (PLoRA, arXiv 2402.16141) on stock peft LoRA layers: the method's state machine.
+
+PLoRA trains an ordinary rank-r LoRA adapter and, at fixed points of training, *unloads* it: the
+adapter's update is merged into the frozen backbone, the adapter is reset (keeping a fraction m,
+the momentum), the adapter's optimizer state is reset and the learning-rate schedule restarts.
+Over T stages the backbone accumulates an update of rank up to T*r at the memory cost of rank r.
+This module is a training-loop behaviour on top of peft's LoRA layers, not a new tuner.
+
+Unload semantics (per target layer, with ΔW = scaling * B @ A computed in fp32):
+
+* ``variant="exact"`` (the default, function-preserving): W <- W + (1-m)·ΔW and the adapter keeps
+  exactly m·ΔW. Factorisation: **B <- m·B, A unchanged**. Why A stays: the adapter must keep
+  m·ΔW exactly, and with rank r the only factorisations of m·B·A are (B·M^-1·m, M·A), so A's row
+  space cannot be refreshed without losing part of m·ΔW. Keeping A at its trained scale and
+  shrinking B puts the adapter in the same shape as LoRA's own init (A at full scale, B near zero):
+  B learns at full speed in A's row space, and A still learns new input directions because its
+  gradient, s·B^T·G, is non-zero while B is, and Adam (whose moments are reset at the unload)
+  normalises the step size per coordinate, so A's steps do not shrink with ||B||.
+* ``m = 0`` (both variants): A is re-initialised as peft's LoRA init, kaiming_uniform(a=sqrt(5)),
+  i.e. U(-1/sqrt(in), 1/sqrt(in)), and B is zeroed: a fresh adapter in new random directions.
+* ``variant="paper_literal"``: W <- W + (1-m)·ΔW, A <- m·A, B <- m·B, as the paper's text reads.
+  The adapter then holds m²·ΔW, so each unload drops m(1-m)·ΔW of the learnt update and the
+  model's outputs jump. Offered for faithful reproduction only.
+
+Merge precision: the fp32 merge is rounded into the backbone's dtype. ``merge_rounding="nearest"``
+rounds to nearest, which silently drops per-element updates below half a bf16 ulp (~2^-9 relative)
+and so is biased for small, consistent updates. ``"stochastic"`` (the default) rounds up with
+probability equal to the fractional distance to the next representable value: unbiased (the
+expected applied update equals the intended one) and it needs only per-layer temporaries, no
+memory of backbone size. Its error is zero-mean noise that adds up like a random walk over
+unloads (see benchmarks/overhead.py, keys ``merge_cum_rel_error_*``). Each unload reports
+``merge_rel_error`` = ||applied - intended||_F / ||intended||_F over all layers, where applied =
+W_after - W_before in fp32 and intended = (1-m)·ΔW, and ``cumulative_rel_error`` =
+||(W_now - W_0) - Σ intended||_F / ||Σ intended||_F over the tracked layers (the layers sampled for
+the rank metric, or every layer with ``track_all_layers=True``).
+
+Effective rank: ``effective_rank(M, thr)`` = the number of singular values of M above
+thr · σ_max (``plora.rank_threshold``, default 0.01), the one definition used everywhere; reported
+at each unload for W_now - W_0 of ``plora.rank_sample_layers`` evenly spaced layers.
+
+Unload points: every ``unload_every`` optimizer steps or training samples (``unload_unit``).
+The points are the multiples of ``unload_every``; ``due`` is called after each optimizer step and
+fires when the counter has passed a point since the last unload. A sample-based point that falls
+inside a step fires at the first step boundary at or after it; several points passed within one
+step fire a single unload.
+
+Randomness (A re-init, stochastic rounding) comes from torch.Generators seeded from
+(seed, unload index, layer index), so every rank computes identical bits without communication
+and a resumed run continues with the same bits.
+
+The ``ParamAccess`` protocol (how an unload reads and writes parameters; implemented here for
+plain torch by ``TorchParamAccess`` and for DeepSpeed by ``plora_ray.engine.DeepSpeedParamAccess``)::
+
+    class ParamAccess(Protocol):
+        def gathered(self, params: list[nn.Parameter]) -> ContextManager[None]
+            # make these full params visible in the module for reading and writing (ZeRO-3
+            # GatheredParameters with a modifier rank; a no-op elsewhere). The unload calls every
+            # method below only inside gathered([pair.base, pair.A, pair.B]) of that pair.
+        def read_trainable(self, p) -> Tensor      # full fp32 value (the master copy if one exists);
+                                                   # the caller may keep it (return a copy)
+        def write_trainable(self, p, value) -> None  # value fp32, p's full shape: module param AND
+                                                     # master copy
+        def read_frozen(self, p) -> Tensor         # full value of a frozen backbone weight in its
+                                                   # own dtype (ADDED to the lead's contract)
+        def write_frozen(self, p, value) -> None   # value already in p's dtype, identical on every
+                                                   # rank (seeded rounding)
+        def reset_optimizer_state(self, params) -> None  # Adam exp_avg, exp_avg_sq = 0, step = 0
+
+Public API: ``attach_lora``, ``LoraPair``, ``lora_pairs``, ``ParamAccess``, ``TorchParamAccess``,
+``UnloadReport``, ``PLoRA`` (``due``, ``unload``, ``state_dict``, ``load_state_dict``,
+``num_unloads``, ``stage_length_steps``, ``scheduler``), ``unload_due``, ``effective_rank``,
+``round_to_dtype``, ``add_with_rounding``, ``make_lr_scheduler`` / ``RestartableLR``,
+``lora_init_A``, ``derive_seed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol
+
+import torch
+from torch import nn
+
+from plora_ray.config import LoraConfig, OptimConfig, PLoRAConfig
+from plora_ray.model import check_lora_targets
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
+
+METHODS = ("plora", "lora", "full")
+VARIANTS = ("exact", "paper_literal")
+ROUNDINGS = ("nearest", "stochastic")
+UNITS = ("samples", "steps")
+SCHEDULES = ("constant", "warmup_restart", "cosine_restart")
+
+__all__ = [
+    "LoraPair",
+    "PLoRA",
+    "ParamAccess",
+    "RestartableLR",
+    "TorchParamAccess",
+    "UnloadReport",
+    "add_with_rounding",
+    "attach_lora",
+    "derive_seed",
+    "effective_rank",
+    "lora_init_A",
+    "lora_pairs",
+    "make_lr_scheduler",
+    "round_to_dtype",
+    "unload_due",
+]
+
+
+def _bad(key: str, expected: str, found: Any) -> ValueError:
+    return ValueError(f"{key}: expected {expected}, found {found!r}")
+
+
+# --------------------------------------------------------------------------- LoRA attachment
+
+
+def attach_lora(model: nn.Module, lora: LoraConfig, method: str = "plora") -> nn.Module:
+    """Attach stock peft LoRA adapters (or make every parameter trainable for ``full``).
+
+    Args:
+        model: the base model (e.g. from ``plora_ray.model.load_model``).
+        lora: rank, alpha, dropout and target module names (default the seven LLaMA linears).
+        method: ``plora`` or ``lora`` (the same adapters; PLoRA adds unloads in the loop) or
+            ``full`` (full fine-tuning: the model itself, all parameters trainable).
+
+    Returns:
+        The peft model (only LoRA parameters trainable), or ``model`` for ``full``.
+
+    Raises:
+        ValueError: naming ``method``, ``lora.rank``, ``lora.alpha``, ``lora.dropout`` or
+            ``lora.targets`` (with the names the model lacks) and the value found.
+    """
+    if method not in METHODS:
+        raise _bad("method", "one of " + ", ".join(METHODS), method)
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if isinstance(lora.rank, bool) or not isinstance(lora.rank, int) or lora.rank < 1:
+        raise _bad("lora.rank", "an integer >= 1", lora.rank)
+    if not lora.alpha > 0:
+        raise _bad("lora.alpha", "a number > 0", lora.alpha)
+    if not 0.0 <= lora.dropout < 1.0:
+        raise _bad("lora.dropout", "a number in [0, 1)", lora.dropout)
+    if not lora.targets:
+        raise _bad("lora.targets", "at least one module name", lora.targets)
+    check_lora_targets(model, list(lora.targets))
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets),
+        bias="none",
+    )
+    # peft's default autocast_adapter_dtype=True keeps the adapters in fp32 on a bf16 backbone,
+    # which is what makes "the adapter keeps exactly m·ΔW" hold in plain torch.
+    return get_peft_model(model, peft_cfg)  # type: ignore[arg-type]
+
+
+@dataclass
+class LoraPair:
+    """One LoRA-wrapped linear layer: frozen W (out x in), A (r x in), B (out x r), scaling."""
+
+    name: str
+    layer: LoraLayer
+    base: nn.Parameter
+    A: nn.Parameter
+    B: nn.Parameter
+    scaling: float
+
+
+def lora_pairs(model: nn.Module) -> list[LoraPair]:
+    """Every peft LoRA Linear of ``model`` (its active adapter), in module registration order.
+
+    Registration order (``named_modules``) is the model's definition order, identical on every
+    rank and every run, so layer indices (used to seed generators) are stable.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    pairs = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LoraLayer) or not isinstance(mod.get_base_layer(), nn.Linear):
+            continue
+        adapter = mod.active_adapters[0]
+        if adapter not in mod.lora_A:
+            continue
+        pairs.append(
+            LoraPair(
+                name=name,
+                layer=mod,
+                base=mod.get_base_layer().weight,
+                A=mod.lora_A[adapter].weight,
+                B=mod.lora_B[adapter].weight,
+                scaling=float(mod.scaling[adapter]),
+            )
+        )
+    return pairs
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from a tuple such as (seed, unload index, layer index, purpose)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _generator(device: torch.device, *parts: object) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(*parts))
+    return g
+
+
+def unload_due(counter: int, last_counter: int, every: int) -> bool:
+    """Whether an unload is due after the optimizer step that brought ``counter`` to its value.
+
+    Unload points are the multiples of ``every`` (in steps or samples). An unload is due when a
+    point p satisfies last_counter < p <= counter, i.e. a point that falls inside the last step
+    fires at that step's boundary, and several points within one step fire once.
+
+    Args:
+        counter: optimizer steps or samples seen so far (after this step).
+        last_counter: the counter's value at the last unload (0 before the first).
+        every: the unload interval, >= 1.
+
+    Raises:
+        ValueError: ``every`` < 1 (named ``plora.unload_every``).
+    """
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise _bad("plora.unload_every", "an integer >= 1", every)
+    return counter // every > last_counter // every
+
+
+def effective_rank(matrix: torch.Tensor, rel_threshold: float) -> int:
+    """Number of singular values of ``matrix`` above ``rel_threshold`` times the largest one.
+
+    A zero matrix has effective rank 0. Computed in fp32 (float64 input stays float64).
+
+    Raises:
+        ValueError: ``matrix`` is not 2-D, or ``rel_threshold`` is not in (0, 1).
+    """
+    if matrix.dim() != 2:
+        raise _bad("matrix", "a 2-D tensor", tuple(matrix.shape))
+    if not 0.0 < rel_threshold < 1.0:
+        raise _bad("plora.rank_threshold", "a number in (0, 1)", rel_threshold)
+    m = matrix.detach()
+    if m.dtype not in (torch.float32, torch.float64):
+        m = m.float()
+    s = torch.linalg.svdvals(m)
+    if s.numel() == 0 or not float(s[0]) > 0.0:
+        return 0
+    return int((s > rel_threshold * s[0]).sum())
+
+
+def round_to_dtype(
+    x: torch.Tensor, dtype: torch.dtype, rounding: str, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Round an fp32 tensor to ``dtype`` by round-to-nearest or stochastic rounding.
+
+    Stochastic rounding picks the next representable value away from the nearest one with
+    probability equal to the distance to it over the spacing, so E[result] = x. For bf16 it adds
+    16 random low bits to the fp32 bit pattern and truncates (sign-magnitude truncation rounds the
+    magnitude, which is unbiased for both signs); for fp16 it compares against ``nextafter``.
+    fp32 targets are returned as they are.
+
+    Raises:
+        ValueError: unknown ``rounding``, or a non-fp32 input.
+    """
+    if rounding not in ROUNDINGS:
+        raise _bad("plora.merge_rounding", "one of " + ", ".join(ROUNDINGS), rounding)
+    if x.dtype != torch.float32:
+        raise _bad("x.dtype", "torch.float32", x.dtype)
+    if dtype == torch.float32:
+        return x
+    if rounding == "nearest" or dtype not in (torch.bfloat16, torch.float16):
+        return x.to(dtype)
+    if dtype == torch.bfloat16:
+        bits = x.contiguous().view(torch.int32)
+        noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32,
+                              device=x.device)
+        # -65536 == ~0xFFFF: clear the 16 bits bf16 drops; the bf16 cast is then exact.
+        return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+    near = x.to(dtype)
+    err = x - near.float()
+    toward = torch.where(err > 0, torch.tensor(math.inf, dtype=dtype, device=x.device),
+                         torch.tensor(-math.inf, dtype=dtype, device=x.device))
+    other = torch.nextafter(near, toward)
+    spacing = (other.float() - near.float()).abs()
+    prob = torch.where(spacing > 0, err.abs() / spacing, torch.zeros_like(err))
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    return torch.where(u < prob, other, near)
+
+
+def add_with_rounding(
+    weight: torch.Tensor, delta_fp32: torch.Tensor, rounding: str,
+    generator: torch.Generator | None,
+) -> None:
+    """In place: weight <- round(weight + delta) in weight's dtype (the sum is formed in fp32).
+
+    Memory: one fp32 copy of this one tensor (plus random bits for stochastic rounding), never
+    of the whole backbone.
+    """
+    with torch.no_grad():
+        total = weight.float() + delta_fp32.to(device=weight.device, dtype=torch.float32)
+        weight.copy_(round_to_dtype(total, weight.dtype, rounding, generator))
+
+
+def lora_init_A(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    """peft's LoRA init of A: kaiming_uniform(a=sqrt(5)) on (rank, in), i.e. U(±1/sqrt(in)), fp32."""
+    a = torch.empty(rank, in_features, dtype=torch.float32)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    return a
+
+
+# --------------------------------------------------------------------------- parameter access
+
+
+class ParamAccess(Protocol):
+    """How an unload reads and writes parameters (plain torch, or DeepSpeed ZeRO 0-3)."""
+
+    def gathered(self, params: list[nn.Parameter]) -> ContextManager[None]: ...
+
+    def read_trainable(self, p: nn.Parameter) -> torch.Tensor: ...
+
+    def write_trainable(self, p: nn.Parameter, value: torch.Tensor) -> None: ...
+
+    def read_frozen(self, p: nn.Parameter) -> torch.Tensor: ...
+
+    def write_frozen(self, p: nn.Parameter, value: torch.Tensor) -> None: ...
+
+    def reset_optimizer_state(self, params: list[nn.Parameter]) -> None: ...
+
+
+class TorchParamAccess:
+    """ParamAccess for a plain torch model and optimizer (e.g. torch.optim.AdamW)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self.optimizer = optimizer
+
+    def gathered(self, params: list[nn.Parameter]) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def read_trainable(self, p: nn.Parameter) -> torch.Tensor:
+        return p.detach().float().clone()
+
+    def write_trainable(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            p.copy_(value.to(device=p.device, dtype=p.dtype))
+
+    def read_frozen(self, p: nn.Parameter) -> torch.Tensor:
+        return p.detach()
+
+    def write_frozen(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            p.copy_(value)
+
+    def reset_optimizer_state(self, params: list[nn.Parameter]) -> None:
+        """Zero every tensor of each param's optimizer state (Adam moments) and its step count.
+
+        Zeroing in place (rather than deleting the state) keeps the allocations, so no memory
+        spike at the next step, and works for fused / capturable Adam whose step is a tensor.
+        """
+        if self.optimizer is None:
+            return
+        for p in params:
+            state = self.optimizer.state.get(p)
+            if not state:
+                continue
+            for key, value in list(state.items()):
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+                elif key == "step":
+                    state[key] = 0
+
+
+# --------------------------------------------------------------------------- LR schedule
+
+
+class RestartableLR(torch.optim.lr_scheduler.LRScheduler):
+    """LR = base_lr · factor(t), t = steps since the stage began; ``restart()`` starts a stage.
+
+    factor: constant 1; warmup_restart min(1, (t+1)/warmup); cosine_restart the same warmup then
+    cosine from 1 down to ``min_lr_ratio`` at t = stage_length - 1 (held there after).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int,
+                 min_lr_ratio: float, stage_length_steps: int | None) -> None:
+        self.schedule = schedule
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.stage_length_steps = stage_length_steps
+        self.stage_start = 0
+        super().__init__(optimizer)
+
+    def factor(self, t: int) -> float:
+        """The LR multiplier t steps into a stage (t = 0 for the stage's first step)."""
+        if self.schedule == "constant":
+            return 1.0
+        warm = self.warmup_steps
+        if t < warm:
+            return (t + 1) / warm
+        if self.schedule == "warmup_restart":
+            return 1.0
+        length = self.stage_length_steps or 1
+        span = max(1, length - 1 - warm)
+        progress = min(1.0, (t - warm) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        f = self.factor(self.last_epoch - self.stage_start)
+        return [base * f for base in self.base_lrs]
+
+    def restart(self) -> None:
+        """Begin a new stage now: the next optimizer step uses factor(0)."""
+        self.stage_start = self.last_epoch
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
+                      stage_length_steps: int | None) -> RestartableLR:
+    """The run's LR schedule; PLoRA calls ``restart()`` at each unload.
+
+    Args:
+        optimizer: the optimizer whose param groups' ``lr`` is the base LR.
+        optim: schedule (constant | warmup_restart | cosine_restart), warmup_steps, min_lr_ratio.
+        stage_length_steps: optimizer steps per stage (``PLoRA.stage_length_steps``, or the run's
+            total steps for LoRA / full fine-tuning); needed by cosine_restart.
+
+    Raises:
+        ValueError: naming ``optim.schedule``, ``optim.warmup_steps`` or ``optim.min_lr_ratio``.
+    """
+    if optim.schedule not in SCHEDULES:
+        raise _bad("optim.schedule", "one of " + ", ".join(SCHEDULES), optim.schedule)
+    if optim.warmup_steps < 0:
+        raise _bad("optim.warmup_steps", "an integer >= 0", optim.warmup_steps)
+    if not 0.0 <= optim.min_lr_ratio <= 1.0:
+        raise _bad("optim.min_lr_ratio", "a number in [0, 1]", optim.min_lr_ratio)
+    if optim.schedule == "cosine_restart" and (stage_length_steps is None or stage_length_steps < 1):
+        raise _bad("stage_length_steps", "an integer >= 1 for optim.schedule cosine_restart",
+                   stage_length_steps)
+    return RestartableLR(optimizer, optim.schedule, optim.warmup_steps, optim.min_lr_ratio,
+                         stage_length_steps)
+
+
+# --------------------------------------------------------------------------- the method
+
+
+@dataclass
+class UnloadReport:
+    """What one unload did; ``as_dict()`` is what the trainer logs."""
+
+    index: int
+    step: int
+    samples: int
+    merge_rel_error: float
+    cumulative_rel_error: float | None
+    effective_rank: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _validate_plora_config(cfg: PLoRAConfig, global_batch: int) -> None:
+    e = cfg.unload_every
+    if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+        raise _bad("plora.unload_every", "an integer >= 1", e)
+    if cfg.unload_unit not in UNITS:
+        raise _bad("plora.unload_unit", "one of " + ", ".join(UNITS), cfg.unload_unit)
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise _bad("plora.momentum", "a number in [0, 1)", cfg.momentum)
+    if cfg.variant not in VARIANTS:
+        raise _bad("plora.variant", "one of " + ", ".join(VARIANTS), cfg.variant)
+    if cfg.merge_rounding not in ROUNDINGS:
+        raise _bad("plora.merge_rounding", "one of " + ", ".join(ROUNDINGS), cfg.merge_rounding)
+    if not 0.0 < cfg.rank_threshold < 1.0:
+        raise _bad("plora.rank_threshold", "a number in (0, 1)", cfg.rank_threshold)
+    if cfg.rank_sample_layers < 0:
+        raise _bad("plora.rank_sample_layers", "an integer >= 0", cfg.rank_sample_layers)
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+        raise _bad("batch.global_batch", "an integer >= 1", global_batch)
+
+
+class PLoRA:
+    """The PLoRA schedule and unload, owned by the training loop.
+
+    Loop order per optimizer step: ``optimizer.step(); scheduler.step(); if plora.due(step,
+    samples): plora.unload(step, samples)``. The unload restarts ``scheduler`` when one is set
+    (constructor argument or attribute), and resets the LoRA parameters' optimizer state through
+    ``access``.
+
+    Args:
+        model: a model with peft LoRA layers (``attach_lora``).
+        cfg: the ``plora`` section.
+        global_batch: samples per optimizer step (sets the stage length of sample-based points).
+        seed: the run's seed; every random bit of an unload derives from it.
+        access: how parameters and optimizer state are read and written.
+        scheduler: a ``RestartableLR`` to restart at each unload (optional).
+        track_all_layers: measure the cumulative merge error over every layer (keeps a W_0 copy
+            and an fp32 sum of every layer: backbone-sized, for tests and benchmarks only).
+            Default: only the layers sampled for the effective rank.
+
+    Raises:
+        ValueError: a setting out of range (named ``plora.<key>`` with the value found), or a
+            model without LoRA layers.
+    """
+
+    def __init__(self, model: nn.Module, cfg: PLoRAConfig, global_batch: int, seed: int,
+                 access: ParamAccess, *, scheduler: RestartableLR | None = None,
+                 track_all_layers: bool = False) -> None:
+        _validate_plora_config(cfg, global_batch)
+        self.cfg = cfg
+        self.global_batch = global_batch
+        self.seed = int(seed)
+        self.access = access
+        self.scheduler = scheduler
+        self.pairs = lora_pairs(model)
+        if not self.pairs:
+            raise ValueError("model: expected peft LoRA layers (call attach_lora first), found none")
+        self.num_unloads = 0
+        self.last_step = 0
+        self.last_samples = 0
+        n = len(self.pairs)
+        k = min(cfg.rank_sample_layers, n)
+        # Evenly spaced through the depth (first and last included when k >= 2).
+        self.sampled = sorted({round(j * (n - 1) / max(1, k - 1)) for j in range(k)}) if k else []
+        self.tracked = list(range(n)) if track_all_layers else list(self.sampled)
+        # W_0 in the backbone's own dtype (exact) on CPU, and Σ intended in fp32, per tracked layer.
+        self.w0: dict[str, torch.Tensor] = {}
+        self.intended_sum: dict[str, torch.Tensor] = {}
+        for i in self.tracked:
+            p = self.pairs[i]
+            with access.gathered([p.base]):
+                self.w0[p.name] = access.read_frozen(p.base).detach().to("cpu", copy=True)
+            # W_0's shape, not p.base's: ZeRO-3 shows an empty placeholder outside gathered().
+            self.intended_sum[p.name] = torch.zeros(self.w0[p.name].shape, dtype=torch.float32)
+
+    @property
+    def stage_length_steps(self) -> int:
+        """Optimizer steps per stage (sample-based intervals rounded up to whole steps)."""
+        if self.cfg.unload_unit == "steps":
+            return self.cfg.unload_every
+        return -(-self.cfg.unload_every // self.global_batch)
+
+    def trainable_params(self) -> list[nn.Parameter]:
+        """The LoRA parameters (A and B of every pair)."""
+        return [t for p in self.pairs for t in (p.A, p.B)]
+
+    def due(self, step: int, samples_seen: int) -> bool:
+        """Whether to unload now; call after each optimizer step (see ``unload_due``)."""
+        if self.cfg.unload_unit == "steps":
+            return unload_due(step, self.last_step, self.cfg.unload_every)
+        return unload_due(samples_seen, self.last_samples, self.cfg.unload_every)
+
+    def unload(self, step: int, samples_seen: int) -> UnloadReport:
+        """Merge (1-m)·ΔW into the backbone, keep m·ΔW in the adapter, reset optimizer and LR.
+
+        Layer by layer, so the extra memory is a few temporaries of one layer's size.
+        """
+        t0 = time.perf_counter()
+        cfg, m, k = self.cfg, float(self.cfg.momentum), self.num_unloads
+        err_sq = torch.zeros((), dtype=torch.float64)
+        int_sq = torch.zeros((), dtype=torch.float64)
+        cum_err_sq = 0.0
+        cum_int_sq = 0.0
+        ranks: dict[str, int] = {}
+        for i, p in enumerate(self.pairs):
+            with self.access.gathered([p.base, p.A, p.B]):
+                a = self.access.read_trainable(p.A)
+                b = self.access.read_trainable(p.B)
+                intended = (1.0 - m) * p.scaling * (b @ a)
+                w = self.access.read_frozen(p.base)
+                w32 = w.float()
+                gen = _generator(w.device, self.seed, k, i, "merge")
+                new = round_to_dtype(w32 + intended.to(w.device), w.dtype, cfg.merge_rounding, gen)
+                applied = new.float() - w32
+                err_sq += (applied - intended.to(w.device)).double().pow(2).sum().cpu()
+                int_sq += intended.double().pow(2).sum().cpu()
+                self.access.write_frozen(p.base, new)
+                if m == 0.0:
+                    a_new = lora_init_A(a.shape[0], a.shape[1],
+                                        _generator(torch.device("cpu"), self.seed, k, i, "init_A"))
+                    self.access.write_trainable(p.A, a_new.to(a.device))
+                    self.access.write_trainable(p.B, torch.zeros_like(b))
+                elif cfg.variant == "exact":
+                    self.access.write_trainable(p.B, m * b)
+                else:  # paper_literal
+                    self.access.write_trainable(p.A, m * a)
+                    self.access.write_trainable(p.B, m * b)
+                if p.name in self.w0:
+                    self.intended_sum[p.name] += intended.cpu()
+                    delta_now = new.float().cpu() - self.w0[p.name].float()
+                    cum_err_sq += float((delta_now - self.intended_sum[p.name]).double()
+                                        .pow(2).sum())
+                    cum_int_sq += float(self.intended_sum[p.name].double().pow(2).sum())
+                    if i in self.sampled:
+                        ranks[p.name] = effective_rank(delta_now, cfg.rank_threshold)
+                del a, b, intended, w32, new, applied
+        self.access.reset_optimizer_state(self.trainable_params())
+        if self.scheduler is not None:
+            self.scheduler.restart()
+        self.num_unloads += 1
+        self.last_step, self.last_samples = step, samples_seen
+        # An all-zero intended update (e.g. an unload before any step) applies nothing: error 0.
+        rel = float(err_sq.sqrt() / int_sq.sqrt()) if float(int_sq) > 0 else 0.0
+        cum = (math.sqrt(cum_err_sq / cum_int_sq) if cum_int_sq > 0 else 0.0) if self.w0 else None
+        return UnloadReport(index=k, step=step, samples=samples_seen, merge_rel_error=rel,
+                            cumulative_rel_error=cum, effective_rank=ranks,
+                            seconds=time.perf_counter() - t0)
+
+    def delta_effective_rank(self) -> dict[str, int]:
+        """Effective rank of W_now - W_0 for each tracked layer, now."""
+        out = {}
+        for i in self.tracked:
+            p = self.pairs[i]
+            with self.access.gathered([p.base]):
+                w = self.access.read_frozen(p.base).float().cpu()
+            out[p.name] = effective_rank(w - self.w0[p.name].float(), self.cfg.rank_threshold)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly (the generators derive from
+        seed + unload count + layer index, so they need no state of their own)."""
+        return {
+            "num_unloads": self.num_unloads,
+            "last_step": self.last_step,
+            "last_samples": self.last_samples,
+            "seed": self.seed,
+            "layers": [p.name for p in self.pairs],
+            "w0": {k: v.clone() for k, v in self.w0.items()},
+            "intended_sum": {k: v.clone() for k, v in self.intended_sum.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output.
+
+        Raises:
+            ValueError: the state is from a run with other LoRA layers or another seed.
+        """
+        names = [p.name for p in self.pairs]
+        if state["layers"] != names:
+            raise ValueError(f"PLoRA state: expected LoRA layers {names[:3]}..., found "
+                             f"{state['layers'][:3]}... (a checkpoint of another model or targets)")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"PLoRA state: expected seed {self.seed}, found {state['seed']}")
+        self.num_unloads = int(state["num_unloads"])
+        self.last_step = int(state["last_step"])
+        self.last_samples = int(state["last_samples"])
+        self.w0 = {k: v.clone() for k, v in state["w0"].items()}
+        self.intended_sum = {k: v.clone() for k, v in state["intended_sum"].items()}
