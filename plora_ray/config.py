@@ -629,7 +629,9 @@ def _blame_override(problem: str, overrides: dict[str, Any]) -> str:
     for dotted, value in overrides.items():
         o = ".".join(str(p) for p in _split_dotted(dotted))
         if norm == o or norm.startswith(o + "."):
-            return f"{problem} (set by override {dotted}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()})"
+            shown = yaml.safe_dump(value, default_flow_style=True).strip()
+            shown = shown.removesuffix("...").strip()  # safe_dump ends scalars with '...'
+            return f"{problem} (set by override {dotted}={shown})"
     return problem
 
 

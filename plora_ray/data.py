@@ -80,7 +80,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
-    "{{ '### Assistant:\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{{ '### Assistant:\n' }}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
     "{{ '\n' }}"
     "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
     "{% else %}{{ '### User:\n' + message['content'] + '\n' }}"
@@ -289,8 +290,8 @@ def load_source(source: DataSource, *, skip_invalid: bool = False, base_dir: Pat
         invalid_examples: the first messages of skipped records are appended here (at most 5).
 
     Raises:
-        ValueError: ``file:line: expected ..., found ...`` for a corrupt line or a record without the
-            expected fields (unless ``skip_invalid``).
+        ValueError: ``file:line: expected ..., found ...`` for a corrupt line or a record without
+            the expected fields (unless ``skip_invalid``).
         FileNotFoundError: the file does not exist.
     """
     stats = stats if stats is not None else SourceStats(name="")
@@ -479,10 +480,10 @@ def assistant_mask_by_prefix(tokenizer: PreTrainedTokenizerBase,
         before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else []
         upto = _render(tokenizer, messages[: i + 1])
         if ids[: len(before)] != before or ids[: len(upto)] != upto:
-            raise ValueError("chat template: expected the rendering of a conversation prefix to "
-                             "be a token prefix of the whole conversation (needed to find assistant "
-                             "tokens without {% generation %} markers), found it is not; add "
-                             "{% generation %} markers to the template")
+            raise ValueError("chat template: expected the rendering of a conversation prefix "
+                             "to be a token prefix of the whole conversation (needed to find "
+                             "assistant tokens without {% generation %} markers), found it is "
+                             "not; add {% generation %} markers to the template")
         end = len(upto)
         last_special = max((k for k in range(len(before), end) if ids[k] in special), default=None)
         if last_special is not None:

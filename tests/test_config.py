@@ -68,7 +68,8 @@ def test_unknown_key_names_file_and_suggests_the_close_key(tmp_path):
     ("deepspeed", "bf16", "yes", "deepspeed.bf16: expected true or false, found 'yes'"),
     ("lora", "targets", "q_proj", "lora.targets: expected a list of a string, found 'q_proj'"),
     ("plora", "unload_unit", "sample",
-     "plora.unload_unit: expected one of 'samples', 'steps', found 'sample' (did you mean 'samples'?)"),
+     "plora.unload_unit: expected one of 'samples', 'steps', found 'sample' "
+     "(did you mean 'samples'?)"),
 ])
 def test_wrong_type_names_key_expected_and_found(tmp_path, section, key, value, expected):
     assert expected in problems_of(tmp_path, {section: {key: value}})
@@ -97,8 +98,10 @@ def test_missing_paths_are_reported(tmp_path):
             "(no such directory)") in joined
     assert (f"data.sources[0].path: expected an existing JSONL file, found "
             f"'{tmp_path / 'missing.jsonl'}' (no such file)") in joined
-    assert "data.sources[1].dataset: expected a `datasets` hub name or an existing local directory" in joined
-    assert "data.sources[2].path: expected a JSONL file or one of bundled:gsm8k, found 'bundled:gsm9k' (did you mean 'bundled:gsm8k'?)" in joined
+    assert ("data.sources[1].dataset: expected a `datasets` hub name or an existing local "
+            "directory") in joined
+    assert ("data.sources[2].path: expected a JSONL file or one of bundled:gsm8k, found "
+            "'bundled:gsm9k' (did you mean 'bundled:gsm8k'?)") in joined
 
 
 def test_inconsistent_batch_sizes_are_reported(tmp_path):
@@ -126,7 +129,8 @@ def test_all_errors_of_a_file_are_reported_at_once(tmp_path):
     keys = sorted(p.split(":", 1)[0] for p in probs)
     assert keys == ["batch.global_batch", "eval.tasks[1]", "lora.dropuot", "lora.rank", "method",
                     "optim.lr", "plora.momentum"]
-    assert "method: expected one of 'plora', 'lora', 'full', found 'plorra' (did you mean 'plora'?)" in probs
+    assert ("method: expected one of 'plora', 'lora', 'full', found 'plorra' "
+            "(did you mean 'plora'?)") in probs
 
 
 def test_unreadable_files_name_the_file(tmp_path):
@@ -136,7 +140,8 @@ def test_unreadable_files_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
         load_config(bad)
     lst = write_yaml(tmp_path / "list.yaml", "- 1\n- 2\n")
-    with pytest.raises(ConfigError, match=r"list\.yaml: <top level>: expected a mapping, found list"):
+    with pytest.raises(ConfigError,
+                       match=r"list\.yaml: <top level>: expected a mapping, found list"):
         load_config(lst)
 
 

@@ -1,4 +1,5 @@
-"""Data pipeline: sources, mixtures, assistant-only labels, truncation, packing, sharding, resume."""
+"""Data pipeline: sources, mixtures, assistant-only labels, truncation, packing, sharding,
+resume."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def labelled_spans(tok, ids: list[int], labels: list[int]) -> list[str]:
 def test_messages_and_fastchat_conversations_in_one_file_give_the_same_dialogue(tmp_path):
     conv = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
              "value": m["content"]} for m in CHAT]
-    f = write_jsonl(tmp_path / "mixed.jsonl", [{"messages": CHAT}, "", {"conversations": conv}, qa(3)])
+    records = [{"messages": CHAT}, "", {"conversations": conv}, qa(3)]
+    f = write_jsonl(tmp_path / "mixed.jsonl", records)
     out = load_source(DataSource(path=str(f)))
     assert [d.messages for d in out[:2]] == [CHAT, CHAT]
     # Blank lines are skipped but line numbers stay the file's.
@@ -101,7 +103,8 @@ def test_datasets_dataset_saved_to_disk_loads_by_directory_and_split(tmp_path):
     assert [d.messages for d in single] == [CHAT, CHAT[1:3]]
     test = load_source(DataSource(dataset=str(tmp_path / "dict"), split="test"))
     assert len(test) == 1 and test[0].origin.endswith("[test] row 0")
-    with pytest.raises(ValueError, match=r"expected split 'validation'.*found splits \['test', 'train'\]"):
+    with pytest.raises(ValueError,
+                       match=r"expected split 'validation'.*found splits \['test', 'train'\]"):
         load_source(DataSource(dataset=str(tmp_path / "dict"), split="validation"))
 
 
@@ -126,7 +129,8 @@ def test_corrupt_json_line_error_names_file_line_and_what_was_found(tmp_path):
      "expected conversations[0] to be an object with 'from' and 'value', found ['from']"),
     ([1, 2], "expected a JSON object, found list"),
 ])
-def test_record_without_expected_fields_error_names_line_expected_and_found(tmp_path, record, expected):
+def test_record_without_expected_fields_error_names_line_expected_and_found(tmp_path, record,
+                                                                            expected):
     f = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}, record])
     with pytest.raises(ValueError) as err:
         load_source(DataSource(path=str(f)))
@@ -162,7 +166,8 @@ def _dialogues(prefix: str, n: int) -> list[Dialogue]:
 
 def test_mixture_counts_give_exact_samples_per_source_repeating_small_sources():
     a, b = _dialogues("a", 10), _dialogues("b", 4)
-    out = mix_sources([a, b], [DataSource(path="a", count=3), DataSource(path="b", count=9)], seed=0)
+    srcs = [DataSource(path="a", count=3), DataSource(path="b", count=9)]
+    out = mix_sources([a, b], srcs, seed=0)
     from_a = [d for d in out if d.origin.startswith("a:")]
     from_b = [d for d in out if d.origin.startswith("b:")]
     assert len(from_a) == 3 and len({d.origin for d in from_a}) == 3  # subsample, no repeats
@@ -173,7 +178,8 @@ def test_mixture_counts_give_exact_samples_per_source_repeating_small_sources():
 
 def test_mixture_weights_share_the_weighted_total_and_unweighted_sources_count_once():
     a, b, c = _dialogues("a", 30), _dialogues("b", 10), _dialogues("c", 5)
-    srcs = [DataSource(path="a", weight=1.0), DataSource(path="b", weight=3.0), DataSource(path="c")]
+    srcs = [DataSource(path="a", weight=1.0), DataSource(path="b", weight=3.0),
+            DataSource(path="c")]
     out = mix_sources([a, b, c], srcs, seed=1)
     counts = {p: sum(d.origin.startswith(p + ":") for d in out) for p in "abc"}
     assert counts == {"a": 10, "b": 30, "c": 5}  # total of weighted sources (40) split 1:3
