@@ -1,0 +1,457 @@
+"""Leaderboard: ranking, Pareto fronts, baseline gains, published files, atomic writes, merging,
+the best config round trip, and the board built from a real finished smoke search.
+
+Unit tests build search directories with ``make_search_dir``: the contract's layout
+(``search.json`` + ``trials/<id>.json``) and a real Optuna SQLite study holding the same trials,
+so parameter importances are computed the way they are for a real search.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from plora_ray import leaderboard as lb
+from plora_ray.config import RunConfig, config_from_dict, load_config
+
+T0 = 1_764_000_000.0  # a fixed "search started" time, so records are deterministic
+
+
+def record(trial_id: str, method: str = "plora", rank: int = 8, status: str = "completed", *,
+           gsm8k: float | None = None, mmlu: float | None = None, reason: str | None = None,
+           params: dict[str, Any] | None = None, minute: float = 1.0, search: str = "unit",
+           objective_value: float | None = None, **extra: Any) -> dict[str, Any]:
+    """One trial record with every contract field, its config a real validated run config."""
+    params = dict(params if params is not None else {"lora.rank": rank, "method": method})
+    sections = {f.name for f in dataclasses.fields(RunConfig)} - {"method"}
+    overrides = {k: v for k, v in params.items() if k.split(".")[0] in sections}
+    cfg = config_from_dict({"method": method, "lora": {"rank": rank},
+                            "train": {"max_steps": 6}}, overrides=overrides).to_dict()
+    objectives: dict[str, float] = {}
+    if gsm8k is not None:
+        objectives.update(gsm8k=gsm8k, gsm8k_flexible=gsm8k + 0.01, gsm8k_nll=2.5 - gsm8k)
+    if mmlu is not None:
+        objectives.update(mmlu=mmlu, mmlu_humanities=mmlu - 0.01, mmlu_stem=mmlu + 0.02,
+                          mmlu_social_sciences=mmlu, mmlu_other=mmlu - 0.02)
+    started = T0 + (minute - 1.0) * 60
+    rec = {
+        "trial_id": trial_id, "search": search, "status": status, "reason": reason,
+        "params": params, "config": cfg, "method": method,
+        "lora_rank": None if method == "full" else rank, "objectives": objectives,
+        "objective_value": objective_value if objective_value is not None else objectives.get("gsm8k"),
+        "proxy": 2.5 - (gsm8k or 0.0), "final_loss": 1.9 - (gsm8k or 0.0),
+        "num_unloads": 3 if method == "plora" else 0,
+        "delta_effective_rank": {"layers.0.q_proj": rank * 2, "layers.1.v_proj": rank * 2 + 1},
+        "wall_time_s": 55.0 + minute, "accelerator_hours": 0.0, "checkpoint_path":
+        f"/storage/{search}/trials/{trial_id}/checkpoint", "model_path":
+        f"/storage/{search}/trials/{trial_id}/model", "started_at": started,
+        "ended_at": started + 55.0,
+        "loss_curve": [[s, 2.0 - 0.05 * s * (1 + (gsm8k or 0))] for s in range(0, 7)],
+    }
+    rec.update(extra)
+    return rec
+
+
+def make_search_dir(root: Path, name: str, records: list[dict[str, Any]], *,
+                    objective: dict[str, Any] | None = None, study: bool = True,
+                    dirname: str | None = None) -> Path:
+    """A search directory as the search writes it, plus a real Optuna study of the same trials."""
+    import optuna
+
+    objective = objective or {"metrics": ["gsm8k"], "directions": ["max"], "weights": None,
+                              "pareto": False}
+    d = root / (dirname or name)
+    (d / "trials").mkdir(parents=True)
+    db = d / "study.db"
+    meta = {"name": name, "objective": objective, "source_yaml": "search: {}\n",
+            "storage_url": f"sqlite:///{db}", "study_name": name}
+    (d / "search.json").write_text(json.dumps(meta))
+    for rec in records:
+        (d / "trials" / f"{rec['trial_id']}.json").write_text(json.dumps(rec))
+    if study:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        directions = ["maximize" if x == "max" else "minimize" for x in objective["directions"]]
+        st = optuna.create_study(study_name=name, storage=meta["storage_url"],
+                                 directions=directions if objective.get("pareto") else directions[:1])
+        for rec in records:
+            numeric = {k: v for k, v in rec["params"].items() if isinstance(v, (int, float))}
+            dists = {k: optuna.distributions.FloatDistribution(1e-6, 1e3) for k in numeric}
+            if rec["status"] != "completed":
+                st.add_trial(optuna.trial.create_trial(
+                    state=optuna.trial.TrialState.FAIL, params=numeric, distributions=dists))
+                continue
+            if objective.get("pareto"):
+                values = [rec["objectives"][m] for m in objective["metrics"]]
+            else:
+                values = [rec["objective_value"]]
+            st.add_trial(optuna.trial.create_trial(params=numeric, distributions=dists,
+                                                   values=values))
+    return d
+
+
+def small_search(root: Path, name: str = "unit", **kw: Any) -> Path:
+    """Six trials: PLoRA r8 x2, r4, LoRA r8 and r4 baselines, a full baseline, plus early-stopped,
+    diverged and failed ones."""
+    def p(rank: int, lr: float, mom: float | None = None) -> dict[str, Any]:
+        # lora.rank and optim.lr in every trial (as a search sampling them for every method
+        # does), plora.momentum only for plora (conditional): Optuna rates the first two.
+        out: dict[str, Any] = {"lora.rank": rank, "optim.lr": lr}
+        if mom is not None:
+            out["plora.momentum"] = mom
+        return out
+
+    recs = [
+        record("t1", "plora", 8, gsm8k=0.30, mmlu=0.40, params=p(8, 1e-4, 0.1), minute=1, search=name),
+        record("t2", "plora", 8, gsm8k=0.22, mmlu=0.45, params=p(8, 3e-4, 0.5), minute=2, search=name),
+        record("t3", "plora", 4, gsm8k=0.18, mmlu=0.41, params=p(4, 2e-4, 0.2), minute=3, search=name),
+        record("t4", "lora", 8, gsm8k=0.25, mmlu=0.38, params=p(8, 1e-4), minute=4, search=name),
+        record("t5", "lora", 4, gsm8k=0.10, mmlu=0.39, params=p(4, 5e-4), minute=5, search=name),
+        record("t6", "full", 8, gsm8k=0.20, mmlu=0.35, params=p(8, 1e-5), minute=6, search=name),
+        record("t7", "plora", 8, "early_stopped", params=p(8, 1e-3, 0.9), minute=7, search=name,
+               reason="ASHA stopped it at step 3 (proxy 2.41)"),
+        record("t8", "plora", 8, "diverged", params=p(8, 5e-2, 0.1), minute=8, search=name,
+               reason="loss nan at step 4"),
+        record("t9", "plora", 8, "failed", params=p(8, 1e-4, 0.3), minute=9, search=name,
+               reason="RuntimeError: worker died"),
+    ]
+    recs[6]["proxy"] = 2.41
+    recs[7]["proxy"] = None
+    recs[8]["proxy"] = None
+    return make_search_dir(root, name, recs, **kw)
+
+
+# --------------------------------------------------------------------------- pure logic
+
+
+def test_pareto_fronts_non_dominated_sorting_respects_directions() -> None:
+    pts = [[0.3, 0.4], [0.2, 0.5], [0.2, 0.4], [0.1, 0.1], [0.3, 0.4]]
+    assert lb.pareto_fronts(pts, ["max", "max"]) == [0, 0, 1, 2, 0]
+    # Minimising the second metric turns the order of the second column around.
+    assert lb.pareto_fronts(pts, ["max", "min"]) == [0, 2, 1, 0, 0]
+
+
+def test_objective_spec_parsing_accepts_aliases_and_names_bad_values() -> None:
+    s = lb.parse_objective_spec({"objective": {"metric": "gsm8k", "mode": "maximize"}}, "s.json")
+    assert s == lb.ObjectiveSpec(("gsm8k",), ("max",), None, False)
+    s = lb.parse_objective_spec({"metrics": ["gsm8k", "mmlu"], "directions": "max",
+                                 "weights": {"gsm8k": 0.7, "mmlu": 0.3}}, "s.json")
+    assert s.weights == (0.7, 0.3) and s.directions == ("max", "max")
+    assert s.score({"gsm8k": 0.5, "mmlu": 0.2}, None) == pytest.approx(0.41)
+    with pytest.raises(lb.LeaderboardError, match=r"s\.json: objective\.directions.*'up'"):
+        lb.parse_objective_spec({"objective": {"metrics": ["gsm8k"], "directions": ["up"]}}, "s.json")
+    with pytest.raises(lb.LeaderboardError, match="weights or pareto"):
+        lb.parse_objective_spec({"objective": {"metrics": ["gsm8k", "mmlu"]}}, "s.json")
+
+
+def _rows(*recs: dict[str, Any]) -> list[lb.Row]:
+    return [lb.row_from_record(r, "unit", f"{r['trial_id']}.json") for r in recs]
+
+
+def test_scalar_ranking_orders_completed_by_objective_then_incomplete_by_status() -> None:
+    rows = _rows(record("a", gsm8k=0.1), record("b", status="failed", reason="x"),
+                 record("c", gsm8k=0.3), record("d", status="early_stopped", proxy=1.0),
+                 record("e", status="diverged"), record("f", gsm8k=0.2))
+    spec = lb.ObjectiveSpec(("gsm8k",), ("max",))
+    assert [r.trial_id for r in lb.rank_rows(rows, spec)] == ["c", "f", "a", "d", "e", "b"]
+    assert [r.rank for r in lb.rank_rows(rows, spec)] == [1, 2, 3, 4, 5, 6]
+    # Minimising the same metric reverses the completed part only.
+    spec_min = lb.ObjectiveSpec(("gsm8k",), ("min",))
+    assert [r.trial_id for r in lb.rank_rows(rows, spec_min)][:3] == ["a", "f", "c"]
+
+
+def test_pareto_ranking_puts_the_front_first_and_marks_it() -> None:
+    rows = _rows(record("dominated", gsm8k=0.1, mmlu=0.3), record("mmlu_best", gsm8k=0.2, mmlu=0.5),
+                 record("gsm_best", gsm8k=0.4, mmlu=0.2), record("mid", gsm8k=0.3, mmlu=0.35),
+                 record("second", gsm8k=0.25, mmlu=0.3), record("x", status="failed"))
+    spec = lb.ObjectiveSpec(("gsm8k", "mmlu"), ("max", "max"), None, True)
+    ranked = lb.rank_rows(rows, spec)
+    assert [r.trial_id for r in ranked] == ["gsm_best", "mid", "mmlu_best", "second",
+                                            "dominated", "x"]
+    assert [r.front for r in ranked] == [0, 0, 0, 1, 2, None]
+    assert [r.on_pareto_front for r in ranked] == [True, True, True, False, False, False]
+
+
+def test_baseline_gain_compares_with_best_lora_of_same_rank_or_full() -> None:
+    rows = _rows(record("p8", "plora", 8, gsm8k=0.30), record("p4", "plora", 4, gsm8k=0.18),
+                 record("p2", "plora", 2, gsm8k=0.50), record("l8", "lora", 8, gsm8k=0.25),
+                 record("l4", "lora", 4, gsm8k=0.10), record("full", "full", gsm8k=0.20),
+                 record("l8bad", "lora", 8, "failed"))
+    spec = lb.ObjectiveSpec(("gsm8k",), ("max",))
+    ranked = lb.rank_rows(rows, spec)
+    lb.baseline_gains(ranked, spec)
+    by = {r.trial_id: r for r in ranked}
+    assert by["p8"].gain["objective"] == pytest.approx(0.05)       # vs lora r8 (0.25 > full 0.20)
+    assert by["p8"].gain_baseline["objective"] == "unit/l8"
+    assert by["p4"].gain["objective"] == pytest.approx(-0.02)      # vs full (0.20 > lora r4 0.10)
+    assert by["p4"].gain_baseline["objective"] == "unit/full"
+    assert by["p2"].gain["objective"] == pytest.approx(0.30)       # no lora r2: full counts
+    assert by["l8"].gain == {} and by["full"].gain == {}          # baselines get no gain
+    assert by["l8"].is_baseline and by["full"].is_baseline and not by["p8"].is_baseline
+    # A minimised objective: lower is better, so a lower PLoRA value is a positive gain.
+    spec_min = lb.ObjectiveSpec(("gsm8k",), ("min",))
+    lb.baseline_gains(lb.rank_rows(rows, spec_min), spec_min)
+    assert by["p8"].gain["objective"] == pytest.approx(-0.10)      # 0.30 vs best-min full 0.20
+
+
+def test_pareto_gain_is_per_metric_against_each_metrics_best_baseline() -> None:
+    rows = _rows(record("p", "plora", 8, gsm8k=0.3, mmlu=0.4), record("l", "lora", 8, gsm8k=0.2,
+                 mmlu=0.45), record("f", "full", gsm8k=0.25, mmlu=0.3))
+    spec = lb.ObjectiveSpec(("gsm8k", "mmlu"), ("max", "max"), None, True)
+    ranked = lb.rank_rows(rows, spec)
+    lb.baseline_gains(ranked, spec)
+    p = next(r for r in ranked if r.trial_id == "p")
+    assert p.gain == pytest.approx({"gsm8k": 0.05, "mmlu": -0.05})
+    assert p.gain_baseline == {"gsm8k": "unit/f", "mmlu": "unit/l"}
+
+
+def test_nice_ticks_cover_the_range_with_round_steps() -> None:
+    assert lb.nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    t = lb.nice_ticks(0.113, 0.471)
+    assert t[0] <= 0.113 and t[-1] >= 0.471 and len(t) <= 8
+    assert lb.nice_ticks(3.0, 3.0)[0] < 3.0 < lb.nice_ticks(3.0, 3.0)[-1]
+
+
+def test_json_for_script_cannot_close_the_script_element() -> None:
+    text = lb.json_for_script({"p": "</script><script>alert(1)</script><!--", "q": "\u2028"})
+    assert "</" not in text and "<!--" not in text and "\u2028" not in text
+    assert json.loads(text) == {"p": "</script><script>alert(1)</script><!--", "q": "\u2028"}
+
+
+# --------------------------------------------------------------------------- reading records
+
+
+def test_bad_search_directories_get_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(lb.LeaderboardError, match="nothing there"):
+        lb.build_leaderboard([tmp_path / "missing"])
+    (tmp_path / "s").mkdir()
+    with pytest.raises(lb.LeaderboardError, match=r"/s: expected a search directory \(with search\.json\)"):
+        lb.build_leaderboard([tmp_path / "s"])
+    (tmp_path / "s" / "search.json").write_text("{not json")
+    with pytest.raises(lb.LeaderboardError, match=r"search\.json: not valid JSON"):
+        lb.build_leaderboard([tmp_path / "s"])
+    assert lb.leaderboard_command([str(tmp_path / "s")], None) == 2
+
+
+def test_corrupt_and_invalid_records_are_skipped_and_named(tmp_path: Path) -> None:
+    d = small_search(tmp_path, study=False)
+    (d / "trials" / "half.json").write_text('{"trial_id": "half", "sta')  # a non-atomic crash
+    (d / "trials" / "odd.json").write_text(json.dumps(record("odd", status="paused")))
+    (d / "trials" / ".t10.json.tmp").write_text("{")  # an atomic write in progress
+    board = lb.build_leaderboard([d])
+    assert len(board.rows) == 9
+    assert any("half.json: skipped, not valid JSON" in w for w in board.warnings)
+    assert any("odd.json: status: expected one of completed" in w and "'paused'" in w
+               for w in board.warnings)
+    assert not any(".tmp" in w for w in board.warnings)
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def test_publish_writes_all_files_consistently(tmp_path: Path) -> None:
+    d = small_search(tmp_path)
+    out = lb.publish(d)
+    assert out == d / "leaderboard"
+    assert sorted(os.listdir(out)) == sorted(lb.OUTPUT_FILES)  # and no temp files left
+    data = json.loads((out / "leaderboard.json").read_text())
+    assert [r["trial_id"] for r in data["rows"]] == ["t1", "t4", "t2", "t6", "t3", "t5", "t7",
+                                                     "t8", "t9"]
+    assert data["best"] == {"search": "unit", "trial_id": "t1"}
+    t1 = data["rows"][0]
+    assert t1["gain_over_baseline"]["objective"] == pytest.approx(0.05)
+    assert t1["params"] == {"lora.rank": 8, "optim.lr": 1e-4, "plora.momentum": 0.1}
+    for key in ("status", "reason", "objectives", "proxy", "final_loss", "accelerator_hours",
+                "wall_time_s", "num_unloads", "delta_effective_rank", "checkpoint_path",
+                "model_path", "loss_curve"):
+        assert key in t1
+    assert data["rows"][-1]["reason"] == "RuntimeError: worker died"
+    with open(out / "leaderboard.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["trial_id"] for r in rows] == [r["trial_id"] for r in data["rows"]]
+    assert float(rows[0]["objective.mmlu_stem"]) == pytest.approx(0.42)
+    assert rows[0]["param.plora.momentum"] == "0.1"
+    assert rows[3]["baseline"] == "True" and rows[3]["method"] == "full"
+    md = (out / "leaderboard.md").read_text()
+    assert md.count("\n| ") == 1 + 9 and "Best: **unit/t1**" in md
+    page = (out / "index.html").read_text()
+    assert page.count("<tr ") == 9 and page.count("<svg") == 4
+
+
+def test_best_config_yaml_is_a_runnable_run_config(tmp_path: Path) -> None:
+    out = lb.publish(small_search(tmp_path))
+    text = (out / "best_config.yaml").read_text()
+    assert text.startswith("# Best configuration") and "plora-ray train best_config.yaml" in text
+    assert "search" not in yaml.safe_load(text)
+    cfg = load_config(out / "best_config.yaml")
+    assert cfg.method == "plora" and cfg.lora.rank == 8 and cfg.plora.momentum == 0.1
+    assert cfg.optim.lr == 1e-4 and cfg.search is None
+
+
+def test_best_config_comment_cannot_inject_yaml_keys(tmp_path: Path) -> None:
+    rec = record("x\nmethod: full", gsm8k=0.3, search="evil\nseed: 99")
+    d = make_search_dir(tmp_path, "evil\nseed: 99", [rec], study=False, dirname="evil")
+    text = (lb.publish(d) / "best_config.yaml").read_text()
+    cfg = load_config(d / "leaderboard" / "best_config.yaml")
+    assert cfg.method == "plora" and cfg.seed == 0, text
+
+
+def test_importances_from_the_study_and_graceful_with_too_few_trials(tmp_path: Path) -> None:
+    board = lb.build_leaderboard([small_search(tmp_path / "a")])
+    imps, why = lb.param_importances(board.searches[0])
+    # plora.momentum is conditional (absent from lora/full trials): Optuna rates only the
+    # parameters present in every completed trial.
+    assert why is None and set(imps["gsm8k"]) == {"lora.rank", "optim.lr"}
+    assert sum(imps["gsm8k"].values()) == pytest.approx(1.0)
+    one = make_search_dir(tmp_path / "b", "one", [record("only", gsm8k=0.2)])
+    board = lb.build_leaderboard([one])
+    imps, why = lb.param_importances(board.searches[0])
+    assert imps == {} and "at least 2 completed trials" in why
+    assert "not available: needs at least 2" in lb.render_html(board)
+    # A missing SQLite file is reported, not created.
+    nodb = make_search_dir(tmp_path / "c", "nodb", [record("a", gsm8k=0.2)], study=False)
+    imps, why = lb.param_importances(lb.build_leaderboard([nodb]).searches[0])
+    assert "does not exist" in why and not (nodb / "study.db").exists()
+
+
+def test_atomic_write_failure_midway_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "board" / "index.html"
+    lb.atomic_write(target, [b"old ", b"board"])
+    assert target.read_text() == "old board"
+
+    def crashing() -> Any:
+        yield b"new half"
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        lb.atomic_write(target, crashing())
+    assert target.read_text() == "old board"
+    assert os.listdir(target.parent) == ["index.html"]
+    assert oct(target.stat().st_mode & 0o777) != oct(0o600)  # readable like any published file
+
+
+def test_killed_publisher_leaves_complete_files(tmp_path: Path) -> None:
+    """A search driver killed (SIGKILL) while publishing leaves every file whole and readable."""
+    recs = [record(f"t{i:03d}", "plora" if i % 3 else "lora", 8, gsm8k=(i % 17) / 20,
+                   mmlu=(i % 11) / 12, minute=i) for i in range(150)]
+    d = make_search_dir(tmp_path, "big", recs, study=False)
+    lb.publish(d)
+    code = "import sys\nfrom plora_ray.leaderboard import publish\nwhile True: publish(sys.argv[1])"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(d)])
+    try:
+        time.sleep(3.0)
+    finally:
+        proc.kill()
+        proc.wait()
+    out = d / "leaderboard"
+    assert sorted(n for n in os.listdir(out) if not n.endswith(".tmp")) == sorted(lb.OUTPUT_FILES)
+    assert len(json.loads((out / "leaderboard.json").read_text())["rows"]) == 150
+    assert (out / "index.html").read_text().rstrip().endswith("</html>")
+    assert len((out / "leaderboard.csv").read_text().splitlines()) == 151
+    assert load_config(out / "best_config.yaml").method == "plora"
+
+
+def test_stale_temp_files_of_a_killed_writer_are_cleaned_up(tmp_path: Path) -> None:
+    d = small_search(tmp_path, study=False)
+    out = lb.publish(d)
+    old, fresh = out / ".index.html.abc123.tmp", out / ".leaderboard.json.def456.tmp"
+    old.write_text("<html><body>half")
+    fresh.write_text("{")  # may belong to a publisher running right now: left alone
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    lb.publish(d)
+    assert not old.exists() and fresh.exists()
+
+
+def test_merge_two_searches_keeps_every_entry_and_names_its_search(tmp_path: Path) -> None:
+    a = small_search(tmp_path / "r1", "alpha")
+    b = make_search_dir(tmp_path / "r2", "beta", [
+        record("t1", "plora", 8, gsm8k=0.50, mmlu=0.3, search="beta", minute=2),
+        record("t2", "lora", 8, gsm8k=0.45, mmlu=0.3, search="beta", minute=3)])
+    out = tmp_path / "merged"
+    assert lb.leaderboard_command([str(a), str(b)], str(out)) == 0
+    data = json.loads((out / "leaderboard.json").read_text())
+    assert data["ranked_globally"] is True
+    assert len(data["rows"]) == 11
+    assert {(r["search"], r["trial_id"]) for r in data["rows"]} == (
+        {("alpha", f"t{i}") for i in range(1, 10)} | {("beta", "t1"), ("beta", "t2")})
+    assert [(r["search"], r["trial_id"]) for r in data["rows"][:3]] == [
+        ("beta", "t1"), ("beta", "t2"), ("alpha", "t1")]
+    # beta's PLoRA r8 is compared with the best r8 baseline of both searches (beta/t2).
+    assert data["rows"][0]["gain_baseline"]["objective"] == "beta/t2"
+    page = (out / "index.html").read_text()
+    assert page.count("<tr ") == 11 and ">alpha<" in page and ">beta<" in page
+    # The same search given twice is read once; a storage root expands to its searches.
+    assert lb.leaderboard_command([str(tmp_path / "r1"), str(a)], str(out)) == 0
+    assert len(json.loads((out / "leaderboard.json").read_text())["rows"]) == 9
+
+
+def test_merge_of_searches_with_different_objectives_ranks_each_by_its_own(tmp_path: Path) -> None:
+    a = small_search(tmp_path / "r1", "by_gsm8k", study=False)
+    b = make_search_dir(tmp_path / "r2", "by_pareto", [
+        record("p1", gsm8k=0.1, mmlu=0.5), record("p2", gsm8k=0.4, mmlu=0.2),
+        record("p3", gsm8k=0.05, mmlu=0.1)],
+        objective={"metrics": ["gsm8k", "mmlu"], "directions": ["max", "max"], "pareto": True},
+        study=False)
+    board = lb.build_leaderboard([a, b])
+    assert not board.ranked_globally
+    assert [r.search for r in board.rows] == ["by_gsm8k"] * 9 + ["by_pareto"] * 3
+    assert [(r.trial_id, r.rank, r.front) for r in board.rows[9:]] == [
+        ("p2", 1, 0), ("p1", 2, 0), ("p3", 3, 1)]
+
+
+def test_same_search_name_in_two_storages_is_kept_apart(tmp_path: Path) -> None:
+    a = make_search_dir(tmp_path / "r1", "smoke", [record("t1", gsm8k=0.2)], study=False)
+    b = make_search_dir(tmp_path / "r2", "smoke", [record("t1", gsm8k=0.3)], study=False)
+    board = lb.build_leaderboard([a, b])
+    assert [r.label for r in board.rows] == ["smoke#2/t1", "smoke/t1"]
+
+
+def test_cloud_storage_code_path_via_pyarrow_filesystem(tmp_path: Path) -> None:
+    """The object-store branch (one PUT per file) on pyarrow's local filesystem."""
+    import pyarrow.fs as pafs
+
+    store = lb._Store(str(tmp_path / "bucket"), filesystem=pafs.LocalFileSystem())
+    store.write_atomic("leaderboard/index.html", [b"<html>", b"</html>"])
+    assert store.read_text("leaderboard", "index.html") == "<html></html>"
+    assert store.list_names("leaderboard") == ["index.html"]
+    assert store.is_dir("leaderboard") and not store.exists("nothing")
+    # A file:// URI is a local path and goes through the temp-file + rename path.
+    d = small_search(tmp_path / "uri", study=False)
+    assert lb.publish(f"file://{d}") == d / "leaderboard"
+
+
+def test_user_text_is_escaped_in_html_markdown_and_csv(tmp_path: Path) -> None:
+    evil = "<script>window.__pwned=1</script>"
+    rec = record("t<b>1", gsm8k=0.3, reason=evil, params={"lora.rank": 8, "tag": evil,
+                                                          "formula": "=HYPERLINK(\"x\")"})
+    d = make_search_dir(tmp_path, "s<i>x", [rec], study=False)
+    out = lb.publish(d)
+    page = (out / "index.html").read_text()
+    assert "window.__pwned" in page and "<script>window" not in page
+    assert "t<b>1" not in page and "s<i>x" not in page
+    assert page.count("<script") == 2  # the JSON data block and the sorting script, nothing else
+    md = (out / "leaderboard.md").read_text()
+    assert "<script>" not in md and "&lt;script&gt;" in md
+    with open(out / "leaderboard.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert row["param.formula"].startswith("'=")
+
+
+def test_nan_objectives_do_not_break_the_board(tmp_path: Path) -> None:
+    rec = record("t1", gsm8k=0.3)
+    rec["final_loss"] = float("nan")
+    rec["proxy"] = float("inf")
+    d = make_search_dir(tmp_path, "s", [rec, record("t2", gsm8k=0.1)], study=False)
+    out = lb.publish(d)
+    data = json.loads((out / "leaderboard.json").read_text())
+    assert data["rows"][0]["final_loss"] is None and math.isfinite(data["rows"][1]["final_loss"])
