@@ -1,0 +1,660 @@
+"""Evaluation: GSM8K, MMLU and ARC through lm-evaluation-harness, plus a cheap NLL proxy.
+
+Three entry points:
+
+- ``evaluate_model(model, tokenizer, ev)``: the in-memory model (inside a trial). The model is
+  wrapped in lm-eval's ``HFLM`` and the tasks of ``plora_ray.tasks`` (the stock lm-eval task
+  configs on the local data) run through ``lm_eval.evaluator.evaluate``. With ``world_size > 1``
+  and ``ev.sharded`` the documents are split across ranks: see ``ShardedLM``.
+- ``proxy_nll(model, tokenizer, ev)``: mean per-token negative log-likelihood of the reference
+  GSM8K solutions given the question (``gsm8k_nll``) and of the MMLU gold answer letters
+  (``mmlu_nll``); no generation, so it is cheap enough for early-stopping rungs.
+- ``eval_command(args)``: ``plora-ray eval --model DIR ...`` on an exported checkpoint.
+
+The flat ``objectives`` map holds plain floats: ``gsm8k`` (exact match, strict-match filter),
+``gsm8k_flexible`` (flexible-extract), ``mmlu`` and ``mmlu_{humanities,stem,social_sciences,other}``
+(acc, subject accuracies weighted by subject size as lm-eval's mmlu group does), ``arc_easy``,
+``arc_challenge`` (acc) with ``_norm`` variants (acc_norm), ``gsm8k_nll`` and ``mmlu_nll``.
+
+ARC caveat: the shipped ARC items are padded or cut to exactly 4 choices (3-choice items carry a
+duplicated option, 5-choice items lose the fifth), so about 0.5% of ARC items cannot score exactly
+as the stock ``arc_easy``/``arc_challenge`` tasks would on the hub data.
+
+Backend: ``ev.backend`` is ``"hf"`` (transformers forward passes through ``HFLM``). lm-eval's vLLM
+backend (``lm_eval.models.vllm_causallms.VLLM``) is the speed anchor for generation on GPUs; it
+loads a model from a directory, so it fits ``eval_command`` on an exported checkpoint: adding it
+means a ``"vllm"`` value here, constructing ``VLLM(pretrained=DIR, ...)`` instead of ``HFLM`` and
+the ``vllm`` package in the environment. The tasks are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from plora_ray.config import EvalConfig, ModelConfig
+from plora_ray.tasks import (
+    TASK_NAMES,
+    DataError,
+    as_task_dict,
+    build_tasks,
+    check_data,
+    check_task_names,
+    stock_config,
+)
+from plora_ray.tasks.local_data import data_root, mmlu_subjects, read_gsm8k, read_mmlu
+
+if TYPE_CHECKING:
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import LM
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# No dataset hub is reachable from this project's machines; never try one.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+log = logging.getLogger(__name__)
+
+# Seeds lm-eval's simple_evaluate uses by default (random 0; numpy, torch, few-shot 1234), so a
+# run here samples the same few-shot examples as `lm_eval --tasks ...` would.
+RANDOM_SEED, OTHER_SEED = 0, 1234
+
+# objective name -> (result entry, metric key) in lm-eval's results["results"].
+OBJECTIVE_KEYS: dict[str, tuple[str, str]] = {
+    "gsm8k": ("gsm8k", "exact_match,strict-match"),
+    "gsm8k_flexible": ("gsm8k", "exact_match,flexible-extract"),
+    "mmlu": ("mmlu", "acc,none"),
+    "mmlu_humanities": ("mmlu_humanities", "acc,none"),
+    "mmlu_stem": ("mmlu_stem", "acc,none"),
+    "mmlu_social_sciences": ("mmlu_social_sciences", "acc,none"),
+    "mmlu_other": ("mmlu_other", "acc,none"),
+    "arc_easy": ("arc_easy", "acc,none"),
+    "arc_easy_norm": ("arc_easy", "acc_norm,none"),
+    "arc_challenge": ("arc_challenge", "acc,none"),
+    "arc_challenge_norm": ("arc_challenge", "acc_norm,none"),
+}
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation returns.
+
+    Attributes:
+        objectives: flat ``{name: float}`` (see the module docstring).
+        results: lm-eval's results structure (results, groups, group_subtasks, configs, versions,
+            n-shot, higher_is_better, n-samples) plus a ``config`` entry with our settings.
+        seconds: wall time of the whole evaluation.
+        seconds_per_task: wall time per top-level task, and ``proxy_nll``.
+    """
+
+    objectives: dict[str, float]
+    results: dict[str, Any]
+    seconds: float
+    seconds_per_task: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """lm-eval's structure plus ``objectives``, ``seconds``, ``seconds_per_task``."""
+        return {**self.results, "objectives": dict(self.objectives), "seconds": self.seconds,
+                "seconds_per_task": dict(self.seconds_per_task)}
+
+
+# --------------------------------------------------------------------------- lm-eval models
+
+
+def _local_hflm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                max_gen_toks: int) -> LM:
+    """lm-eval's HFLM around an in-memory model, with our default generation cap."""
+    from lm_eval.models.huggingface import HFLM
+
+    class LocalHFLM(HFLM):
+        # HFLM's default cap on generated tokens is a fixed 256; a task's own max_gen_toks in
+        # its generation_kwargs still wins over this, as in lm-eval.
+        @property
+        def max_gen_toks(self) -> int:
+            return max_gen_toks
+
+    return LocalHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _shard_of(requests: list[Instance], world_size: int) -> list[int]:
+    """Rank of each request: documents (task, doc_id) dealt round-robin in first-seen order.
+
+    Whole documents, not single requests, go to a rank, because HFLM scores the choices of a
+    multiple-choice document that share a context in one forward pass.
+    """
+    owner: dict[tuple[str | None, int | None], int] = {}
+    out = []
+    for r in requests:
+        key = (r.task_name, r.doc_id)
+        if key not in owner:
+            owner[key] = len(owner) % world_size
+        out.append(owner[key])
+    return out
+
+
+def _make_sharded_lm(inner: LM, rank: int, world_size: int) -> LM:
+    from lm_eval.api.model import LM
+
+    class ShardedLM(LM):
+        """Scores this rank's share of the documents with ``inner`` and gathers all answers.
+
+        lm-eval builds every request on every rank (this LM reports rank 0 of 1), so the
+        few-shot contexts are exactly those of a single-process run; each rank runs only the
+        requests of its documents through the model, the responses are exchanged with
+        ``torch.distributed.all_gather_object``, and every rank applies lm-eval's filters and
+        metrics to the full set. lm-eval 0.4.13's own data parallelism is not used: HFLM drops it
+        for a model passed as an instance (rank 0 of 1), it needs ``accelerate launch``, and it
+        builds few-shot contexts per rank, so 5-shot GSM8K prompts would change with the number
+        of ranks.
+        """
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def _run(self, method: str, requests: list[Instance], **kw: Any) -> list[Any]:
+            import torch.distributed as dist
+
+            owners = _shard_of(requests, world_size)
+            mine = [i for i, o in enumerate(owners) if o == rank]
+            outs = getattr(self.inner, method)([requests[i] for i in mine], **kw) if mine else []
+            gathered: list[Any] = [None] * world_size
+            dist.all_gather_object(gathered, list(zip(mine, outs, strict=True)))
+            result: list[Any] = [None] * len(requests)
+            seen = 0
+            for part in gathered:
+                for i, out in part:
+                    result[i] = out
+                    seen += 1
+            if seen != len(requests):
+                raise RuntimeError(f"sharded evaluation: gathered {seen} responses for "
+                                   f"{len(requests)} requests (ranks built different requests)")
+            return result
+
+        def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Any]:
+            return self._run("loglikelihood", requests, disable_tqdm=disable_tqdm)
+
+        def loglikelihood_rolling(self, requests: list[Instance],
+                                  disable_tqdm: bool = False) -> list[Any]:
+            return self._run("loglikelihood_rolling", requests, disable_tqdm=disable_tqdm)
+
+        def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Any]:
+            return self._run("generate_until", requests, disable_tqdm=disable_tqdm)
+
+        def apply_chat_template(self, chat_history: list[dict[str, str]],
+                                add_generation_prompt: bool = True) -> str:
+            return self.inner.apply_chat_template(chat_history, add_generation_prompt)
+
+        @property
+        def tokenizer_name(self) -> str:
+            return self.inner.tokenizer_name
+
+        def chat_template(self, chat_template: bool | str = False) -> str | None:
+            return self.inner.chat_template(chat_template)
+
+    return ShardedLM()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def fixed_subsample(name: str, n: int, limit: int | None, seed: int) -> list[int] | None:
+    """Sorted document indices of a fixed-seed subsample of ``limit`` out of ``n`` (None: all).
+
+    The generator is seeded from ``(seed, name)`` as a string (hashed with SHA-512 by
+    ``random``), so every process and every run picks the same documents for a task.
+    """
+    if limit is None or limit >= n:
+        return None
+    return sorted(random.Random(f"{seed}:{name}").sample(range(n), limit))
+
+
+@contextlib.contextmanager
+def _preserved_rng_and_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluation seeds the global RNGs and sets eval mode; give the trainer both back."""
+    import numpy as np
+
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        model.train(was_training)
+
+
+def _check_distributed(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank/world_size: expected 0 <= rank < world_size, found rank={rank}, "
+                         f"world_size={world_size}")
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"world_size={world_size} needs an initialized torch.distributed "
+                               "process group (Ray Train workers have one)")
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise ValueError(f"rank/world_size ({rank}/{world_size}) differ from the process "
+                             f"group's ({dist.get_rank()}/{dist.get_world_size()})")
+
+
+def _broadcast(obj: Any, rank: int) -> Any:
+    import torch.distributed as dist
+
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def objectives_from_results(results: dict[str, Any]) -> dict[str, float]:
+    """The flat objectives (plain floats) found in an lm-eval results structure."""
+    out: dict[str, float] = {}
+    table = results.get("results", {})
+    for name, (entry, key) in OBJECTIVE_KEYS.items():
+        value = table.get(entry, {}).get(key)
+        if isinstance(value, (int, float)):
+            out[name] = float(value)
+    return out
+
+
+def _merge_results(into: dict[str, Any], part: dict[str, Any]) -> None:
+    for key, value in part.items():
+        if isinstance(value, dict):
+            into.setdefault(key, {}).update(value)
+        else:
+            into[key] = value
+
+
+def _validate(ev: EvalConfig) -> None:
+    check_task_names(list(ev.tasks))
+    if ev.backend != "hf":
+        raise ValueError(f"eval.backend: expected 'hf', found {ev.backend!r}")
+    if ev.limit is not None and ev.limit < 1:
+        raise ValueError(f"eval.limit: expected an integer >= 1 or null, found {ev.limit!r}")
+    if ev.batch_size < 1:
+        raise ValueError(f"eval.batch_size: expected an integer >= 1, found {ev.batch_size!r}")
+    unknown = [k for k in ev.num_fewshot if k not in TASK_NAMES]
+    if unknown:
+        raise ValueError(f"eval.num_fewshot: unknown task {', '.join(map(repr, unknown))}; "
+                         f"expected names from {', '.join(TASK_NAMES)}")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ev: EvalConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> EvalResult:
+    """Run the lm-eval tasks of ``ev.tasks`` (and the NLL proxy) on an in-memory model.
+
+    Call it on every rank. With ``world_size > 1`` and ``ev.sharded`` each rank scores a
+    deterministic share of the documents and all ranks get the same result; without
+    ``ev.sharded`` rank 0 scores everything and broadcasts the result. Under DeepSpeed ZeRO-3
+    the parameters are partitioned and a forward pass is a collective: pass an unpartitioned
+    model (the ranks here run different numbers of forward passes).
+
+    The model's train/eval mode and the global RNG states are restored afterwards.
+
+    Args:
+        model: a causal LM (transformers ``PreTrainedModel``, or a peft model around one).
+        tokenizer: its tokenizer (with a chat template when ``ev.chat_format``).
+        ev: the eval settings (tasks, num_fewshot, limit + limit_seed, chat_format, batch_size,
+            max_gen_toks, data_dir, backend, sharded, proxy_samples).
+        rank: this process's rank in the default torch.distributed group.
+        world_size: the group's size.
+
+    Returns:
+        EvalResult with lm-eval's results, flat objectives and wall times.
+
+    Raises:
+        ValueError: an unknown task or backend, ARC few-shot, bad rank/world_size.
+        DataError: a missing data file or column (raised before any forward pass).
+        RuntimeError: world_size > 1 without an initialized process group.
+    """
+    from lm_eval.evaluator import evaluate
+
+    _validate(ev)
+    _check_distributed(rank, world_size)
+    start = time.perf_counter()
+    # Build (and so validate) every task before the model does any work.
+    tasks = build_tasks(list(ev.tasks), ev.data_dir, dict(ev.num_fewshot))
+    sharded = world_size > 1 and ev.sharded
+    runs_here = sharded or rank == 0
+
+    payload: tuple[dict[str, Any], dict[str, float], dict[str, float]] | None = None
+    if runs_here:
+        results: dict[str, Any] = {}
+        seconds: dict[str, float] = {}
+        with _preserved_rng_and_mode(model):
+            lm = _local_hflm(model, tokenizer, ev.batch_size, ev.max_gen_toks)
+            if sharded:
+                lm = _make_sharded_lm(lm, rank, world_size)
+            # One evaluate() per top-level task, so each task's wall time is its own.
+            for name, obj in tasks.items():
+                t0 = time.perf_counter()
+                task_dict = as_task_dict(obj)
+                samples = {}
+                for leaf_name, leaf in task_dict["tasks"].items():
+                    leaf.set_fewshot_seed(seed=OTHER_SEED)
+                    idx = fixed_subsample(leaf_name, len(leaf.eval_docs), ev.limit, ev.limit_seed)
+                    if idx is not None:
+                        samples[leaf_name] = idx
+                random.seed(RANDOM_SEED)
+                import numpy as np
+
+                np.random.seed(OTHER_SEED)
+                torch.manual_seed(OTHER_SEED)
+                part = evaluate(
+                    lm=lm,
+                    task_dict=task_dict,
+                    samples=samples or None,
+                    log_samples=False,
+                    apply_chat_template=ev.chat_format,
+                    fewshot_as_multiturn=ev.chat_format,
+                )
+                assert part is not None  # our LMs report rank 0, so every rank gets results
+                _merge_results(results, dict(part))
+                seconds[name] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            proxy = proxy_nll(model, tokenizer, ev, rank=rank if sharded else 0,
+                              world_size=world_size if sharded else 1)
+            if proxy:
+                seconds["proxy_nll"] = time.perf_counter() - t0
+        results["config"] = {
+            "backend": ev.backend, "batch_size": ev.batch_size, "limit": ev.limit,
+            "limit_seed": ev.limit_seed, "num_fewshot": dict(ev.num_fewshot),
+            "chat_format": ev.chat_format, "max_gen_toks": ev.max_gen_toks,
+            "data_dir": str(data_root(ev.data_dir)), "world_size": world_size,
+            "sharded": sharded, "lm_eval_version": _lm_eval_version(),
+            "model": getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
+        }
+        objectives = objectives_from_results(results)
+        objectives.update(proxy)
+        payload = (results, objectives, seconds)
+    if world_size > 1 and not sharded:
+        payload = _broadcast(payload, rank)
+    assert payload is not None
+    results, objectives, seconds = payload
+    return EvalResult(objectives=objectives, results=results,
+                      seconds=time.perf_counter() - start, seconds_per_task=seconds)
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+# --------------------------------------------------------------------------- proxy objective
+
+
+def _proxy_pairs(ev: EvalConfig, tokenizer: PreTrainedTokenizerBase
+                 ) -> dict[str, list[tuple[str, str]]]:
+    """(context, continuation) text pairs per proxy, prompts rendered from the stock configs."""
+    from lm_eval.utils import apply_template
+
+    root = data_root(ev.data_dir)
+    docs: dict[str, list[tuple[str, str, str]]] = {}  # key -> (context, delimiter, answer)
+    if "gsm8k" in ev.tasks:
+        cfg = stock_config("gsm8k/gsm8k.yaml")
+        rows = read_gsm8k(root, "test")
+        idx = fixed_subsample("gsm8k_nll", len(rows), ev.proxy_samples, ev.limit_seed)
+        picked = rows if idx is None else [rows[i] for i in idx]
+        docs["gsm8k_nll"] = [(apply_template(cfg["doc_to_text"], d), " ",
+                              apply_template(cfg["doc_to_target"], d)) for d in picked]
+    if "mmlu" in ev.tasks:
+        cfg = stock_config("mmlu/default/_default_template_yaml")
+        letters = cfg["doc_to_choice"]
+        pool: list[tuple[str, dict[str, Any]]] = []
+        for subject in mmlu_subjects(root):
+            pool.extend((subject, d) for d in read_mmlu(root, "test", subject))
+        idx = fixed_subsample("mmlu_nll", len(pool), ev.proxy_samples, ev.limit_seed)
+        picked_m = pool if idx is None else [pool[i] for i in idx]
+        out = []
+        for subject, d in picked_m:
+            description = stock_config(f"mmlu/default/mmlu_{subject}.yaml").get("description", "")
+            out.append((description + apply_template(cfg["doc_to_text"], d), " ",
+                        letters[d["answer"]]))
+        docs["mmlu_nll"] = out
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    for key, items in docs.items():
+        if ev.chat_format:
+            # The training chat format: the prompt as the user turn, the answer as the
+            # assistant turn, scored on everything the template puts after the generation prompt.
+            pairs[key] = []
+            for ctx, _, answer in items:
+                user = [{"role": "user", "content": ctx}]
+                prefix = tokenizer.apply_chat_template(user, add_generation_prompt=True,
+                                                       tokenize=False)
+                full = tokenizer.apply_chat_template(
+                    user + [{"role": "assistant", "content": answer}], tokenize=False)
+                if not full.startswith(prefix):
+                    raise ValueError("eval.chat_format: the tokenizer's chat template does not "
+                                     "extend the generation prompt with the assistant turn")
+                pairs[key].append((prefix, full[len(prefix):]))
+        else:
+            pairs[key] = [(ctx, delim + answer) for ctx, delim, answer in items]
+    return pairs
+
+
+def _sum_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+             pairs: list[tuple[str, str]], batch_size: int, chat: bool) -> tuple[float, int]:
+    """Summed NLL of the continuation tokens and their count, batched with left padding."""
+    device = next(model.parameters()).device
+    max_len = int(getattr(getattr(model, "config", None), "max_position_embeddings", 4096))
+    encoded = []
+    for ctx, cont in pairs:
+        # As HFLM does: the context with the tokenizer's special tokens (unless the chat
+        # template already wrote them), the continuation without.
+        c_ids = tokenizer(ctx, add_special_tokens=not chat)["input_ids"]
+        a_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        ids = (c_ids + a_ids)[-max_len:]
+        encoded.append((ids, min(len(a_ids), len(ids) - 1)))
+    encoded.sort(key=lambda x: len(x[0]))
+    total, count = 0.0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.no_grad():
+        for b in range(0, len(encoded), batch_size):
+            batch = encoded[b:b + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            keep = max(n for _, n in batch) + 1
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, (ids, _) in enumerate(batch):
+                input_ids[i, width - len(ids):] = torch.tensor(ids)
+                mask[i, width - len(ids):] = 1
+            # Left padding puts every continuation at the end, so only the last `keep` positions
+            # need logits (a vocabulary-sized row per position is most of the memory).
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                        position_ids=position_ids.to(device), logits_to_keep=keep)
+            logp = torch.log_softmax(out.logits.float(), dim=-1)
+            for i, (ids, n) in enumerate(batch):
+                if n <= 0:
+                    continue
+                # logits at position t predict token t+1; the last n tokens are the continuation.
+                targets = torch.tensor(ids[-n:], device=logp.device)
+                rows = logp[i, keep - 1 - n: keep - 1]
+                total -= float(rows.gather(-1, targets[:, None]).sum())
+                count += n
+    return total, count
+
+
+def proxy_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ev: EvalConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, float]:
+    """Mean per-token NLL of reference answers: ``gsm8k_nll`` and ``mmlu_nll``; no generation.
+
+    ``gsm8k_nll``: the reference solutions of a fixed-seed subsample of ``ev.proxy_samples``
+    GSM8K test problems, given the 0-shot stock prompt (``Question: ...\\nAnswer:``).
+    ``mmlu_nll``: the gold answer letter of ``ev.proxy_samples`` MMLU test questions (over all
+    subjects), given the 0-shot stock prompt. Each is computed for the task present in
+    ``ev.tasks``; token-weighted over the subsample. With ``ev.chat_format`` the prompt is the
+    user turn of the tokenizer's chat template and the answer the assistant turn.
+    With ``world_size > 1`` (call on every rank) each rank scores every world_size-th document and
+    the sums are gathered with ``all_gather_object``; every rank returns the same numbers.
+
+    Args:
+        model: the causal LM.
+        tokenizer: its tokenizer.
+        ev: eval settings (tasks, proxy_samples, limit_seed, chat_format, batch_size, data_dir).
+        rank: this process's rank.
+        world_size: number of ranks.
+
+    Returns:
+        ``{"gsm8k_nll": float, "mmlu_nll": float}`` for the tasks present; ``{}`` when
+        ``ev.proxy_samples`` is 0.
+
+    Raises:
+        DataError: a missing data file or column.
+        ValueError: a chat template that cannot separate prompt and answer.
+    """
+    _check_distributed(rank, world_size)
+    if ev.proxy_samples == 0:
+        return {}
+    pairs = _proxy_pairs(ev, tokenizer)
+    sums: dict[str, tuple[float, int]] = {}
+    with _preserved_rng_and_mode(model):
+        for key, items in pairs.items():
+            sums[key] = _sum_nll(model, tokenizer, items[rank::world_size], ev.batch_size,
+                                 ev.chat_format)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, sums)
+        sums = {k: (sum(g[k][0] for g in gathered), sum(g[k][1] for g in gathered)) for k in sums}
+    return {k: total / count for k, (total, count) in sums.items() if count > 0}
+
+
+# --------------------------------------------------------------------------- command line
+
+_WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin",
+                    "pytorch_model-*.bin", "model.safetensors.index.json",
+                    "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_dir(path: str | os.PathLike[str]) -> Path:
+    """Raise FileNotFoundError naming what a Hugging Face model directory lacks.
+
+    Args:
+        path: the ``--model`` directory.
+
+    Raises:
+        FileNotFoundError: no directory, no config.json, no weights, or no tokenizer files.
+    """
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise FileNotFoundError(f"--model: expected a model directory, found no directory at "
+                                f"{str(d)!r}")
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"--model {d}: expected config.json, found none")
+    if not any(any(d.glob(p)) for p in _WEIGHT_PATTERNS):
+        raise FileNotFoundError(f"--model {d}: expected weights (model.safetensors or "
+                                f"pytorch_model.bin, or sharded with an index), found none")
+    if not any((d / f).is_file() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"--model {d}: expected a tokenizer ({' or '.join(_TOKENIZER_FILES)}),"
+                                f" found none")
+    return d
+
+
+def _checkpoint_dtype(model_dir: Path) -> str:
+    """The dtype saved in config.json (lm-eval's dtype='auto'), as a ModelConfig.dtype name."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def eval_command(args: Any) -> int:
+    """``plora-ray eval``: evaluate an exported model directory; print a table, write JSON.
+
+    Args:
+        args: parsed arguments with model, tasks (comma-separated), num_fewshot, limit,
+            batch_size, chat_format, data_dir, out.
+
+    Returns:
+        0 on success, 2 on bad input (message on stderr, before the model is loaded).
+    """
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    from plora_ray.model import load_model, load_tokenizer
+
+    names = [t.strip() for t in str(args.tasks).split(",") if t.strip()]
+    defaults = EvalConfig()
+    if args.num_fewshot is not None:
+        shots = dict.fromkeys(names, args.num_fewshot)
+    else:
+        shots = {k: v for k, v in defaults.num_fewshot.items() if k in names}
+    ev = EvalConfig(tasks=names, num_fewshot=shots, limit=args.limit, batch_size=args.batch_size,
+                    chat_format=bool(args.chat_format), data_dir=args.data_dir)
+    try:
+        _validate(ev)
+        check_data(names, ev.data_dir)
+        model_dir = check_model_dir(args.model)
+        if any(n.startswith("arc_") and shots.get(n, 0) > 0 for n in names):
+            raise ValueError("--num-fewshot: ARC runs 0-shot here (only its test split is "
+                             "shipped); evaluate ARC separately with --num-fewshot 0")
+        mcfg = ModelConfig(path=str(model_dir), dtype=_checkpoint_dtype(model_dir))  # type: ignore[arg-type]
+        tokenizer = load_tokenizer(mcfg)
+        model = load_model(mcfg)
+    except (ValueError, FileNotFoundError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    result = evaluate_model(model, tokenizer, ev)
+    print(make_table(result.results))
+    if "groups" in result.results:
+        print(make_table(result.results, "groups"))
+    width = max(len(k) for k in result.objectives) if result.objectives else 10
+    print("objectives:")
+    for k, v in result.objectives.items():
+        print(f"  {k:<{width}}  {v:.4f}")
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds_per_task.items())
+          + f"; total {result.seconds:.1f}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.as_dict(), indent=2, default=handle_non_serializable))
+        print(f"wrote {out}")
+    return 0
+
+
+__all__ = [
+    "OBJECTIVE_KEYS",
+    "EvalResult",
+    "check_model_dir",
+    "eval_command",
+    "evaluate_model",
+    "fixed_subsample",
+    "objectives_from_results",
+    "proxy_nll",
+]

@@ -1,0 +1,353 @@
+"""lm-eval tasks on the local benchmark files, derived at run time from the installed lm-eval.
+
+Each task starts from the stock YAML of the installed lm-evaluation-harness
+(``lm_eval/tasks/gsm8k/gsm8k.yaml``, ``mmlu/default/mmlu_<subject>.yaml``,
+``arc/arc_easy.yaml``, ``arc/arc_challenge.yaml``), loaded with lm-eval's own YAML loader so
+``include:`` chains resolve exactly as lm-eval resolves them. Only the dataset fields change:
+``custom_dataset`` (lm-eval's hook for local data) returns the local rows converted to the hub
+schema (``local_data``), so prompts, few-shot construction, generation settings, filters and
+metrics are the stock ones. MMLU's group tree (``mmlu`` -> stem/other/social_sciences/humanities
+-> 57 subjects, acc aggregated with ``weight_by_size``) is built from the stock group YAMLs.
+
+Differences from the stock tasks, forced by the data we ship:
+- ARC has only its test split here, so ARC few-shot is refused (the stock tasks draw shots from
+  the train split); ARC items are padded or cut to 4 choices (about 0.5% of items differ).
+- MMLU has no validation split (the stock task does not use one).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from plora_ray.tasks.local_data import (
+    DataError,
+    data_root,
+    mmlu_subjects,
+    read_arc,
+    read_gsm8k,
+    read_mmlu,
+)
+
+if TYPE_CHECKING:
+    import datasets
+    from lm_eval.api.group import Group
+    from lm_eval.api.task import ConfigurableTask, Task
+
+# No dataset hub is reachable from this project's machines; never try one.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TASK_NAMES = ("gsm8k", "mmlu", "arc_easy", "arc_challenge")
+
+# The stock config files, relative to lm_eval/tasks/.
+_STOCK_FILES = {
+    "gsm8k": "gsm8k/gsm8k.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+}
+_MMLU_DIR = "mmlu/default"
+
+log = logging.getLogger(__name__)
+
+
+def stock_tasks_dir() -> Path:
+    """The ``lm_eval/tasks`` folder of the installed lm-eval."""
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).resolve().parent
+
+
+def stock_config(relpath: str) -> dict[str, Any]:
+    """A stock task/group YAML of the installed lm-eval, includes resolved, as lm-eval loads it.
+
+    Args:
+        relpath: path under ``lm_eval/tasks``, e.g. ``gsm8k/gsm8k.yaml``.
+
+    Raises:
+        FileNotFoundError: the installed lm-eval has no such config (a different version).
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    path = stock_tasks_dir() / relpath
+    if not path.is_file():
+        import lm_eval
+
+        raise FileNotFoundError(
+            f"lm-eval {getattr(lm_eval, '__version__', '?')} has no task config {relpath!r} "
+            f"(looked in {path.parent}); plora-ray derives its tasks from lm-eval 0.4.x configs"
+        )
+    return dict(load_yaml(path, resolve_func=True))
+
+
+def check_task_names(names: list[str]) -> None:
+    """Raise ValueError naming each unknown task and the known ones."""
+    unknown = [n for n in names if n not in TASK_NAMES]
+    if unknown:
+        raise ValueError(f"eval.tasks: unknown task {', '.join(map(repr, unknown))}; expected "
+                         f"names from {', '.join(TASK_NAMES)}")
+    if not names:
+        raise ValueError(f"eval.tasks: expected at least one of {', '.join(TASK_NAMES)}, found none")
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class LocalDataset:
+    """lm-eval's ``custom_dataset`` hook: the local rows of one task as a ``DatasetDict``.
+
+    lm-eval calls it as ``custom_dataset(**metadata, **dataset_kwargs)``; those kwargs are unused.
+    It prints as a short description (lm-eval writes the config into its results), and deep
+    copies share the rows (lm-eval's config dump deep-copies every field).
+    """
+
+    def __init__(self, name: str, root: Path, splits: dict[str, list[dict[str, Any]]]) -> None:
+        self.name, self.root, self.splits = name, root, splits
+
+    def __call__(self, **_: Any) -> datasets.DatasetDict:
+        import datasets
+
+        return datasets.DatasetDict(
+            {k: datasets.Dataset.from_list(v) for k, v in self.splits.items()})
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LocalDataset:
+        return self
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
+        return f"plora_ray local data for {self.name} from {self.root} ({sizes})"
+
+
+def local_splits(name: str, root: Path) -> dict[str, list[dict[str, Any]]]:
+    """The hub-schema rows of one leaf task, keyed by the split names the stock config uses.
+
+    Args:
+        name: ``gsm8k``, ``arc_easy``, ``arc_challenge`` or ``mmlu_<subject>``.
+        root: data directory.
+
+    Raises:
+        DataError: a missing or malformed file.
+        ValueError: an unknown task name.
+    """
+    if name == "gsm8k":
+        return {"train": read_gsm8k(root, "train"), "test": read_gsm8k(root, "test")}
+    if name in ("arc_easy", "arc_challenge"):
+        return {"test": read_arc(root, name)}
+    if name.startswith("mmlu_"):
+        subject = name[len("mmlu_"):]
+        return {"test": read_mmlu(root, "test", subject), "dev": read_mmlu(root, "dev", subject)}
+    raise ValueError(f"no local data for task {name!r}")
+
+
+def check_data(names: list[str], data_dir: str | os.PathLike[str] | None) -> Path:
+    """Read and validate every file the tasks need (cached), before any model work.
+
+    Returns:
+        The data directory used.
+
+    Raises:
+        ValueError: an unknown task name.
+        DataError: a missing file or column (the message names file, line and column).
+    """
+    check_task_names(names)
+    root = data_root(data_dir)
+    for name in names:
+        if name == "mmlu":
+            subjects = mmlu_subjects(root)
+            expected = set(mmlu_subject_categories())
+            missing = sorted(expected - set(subjects))
+            if missing:
+                raise DataError(f"{root / 'mmlu' / 'test'}: expected a test file for each of the "
+                                f"{len(expected)} MMLU subjects, missing {', '.join(missing)}")
+            for s in subjects:
+                local_splits(f"mmlu_{s}", root)
+        else:
+            local_splits(name, root)
+    return root
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def leaf_task_config(name: str, stock: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The stock config of one leaf task with its dataset pointed at the local rows.
+
+    Args:
+        name: the task name (``gsm8k``, ``arc_easy``, ``mmlu_anatomy``...).
+        stock: the stock config (``stock_config``).
+        root: data directory.
+    """
+    cfg = dict(stock)
+    # Structural keys that lm-eval's TaskFactory also strips before building a task.
+    for key in ("tag", "group", "task_list"):
+        cfg.pop(key, None)
+    cfg["task"] = name
+    splits = local_splits(name, root)
+    cfg["custom_dataset"] = LocalDataset(name, root, splits)
+    cfg["dataset_path"] = str(root)
+    cfg["dataset_kwargs"] = None
+    # Only splits that exist locally; ARC ships test only (the stock config also names train and
+    # validation, which lm-eval would try to index).
+    for key in ("training_split", "validation_split", "test_split"):
+        if cfg.get(key) is not None and cfg[key] not in splits:
+            cfg[key] = None
+    cfg["metadata"] = {**(cfg.get("metadata") or {}),
+                       "config_source": str(stock_tasks_dir() / _stock_file_of(name)),
+                       "data_source": str(root)}
+    return cfg
+
+
+def _stock_file_of(name: str) -> str:
+    if name.startswith("mmlu_"):
+        return f"{_MMLU_DIR}/{name}.yaml"
+    return _STOCK_FILES[name]
+
+
+def build_leaf_task(name: str, root: Path, num_fewshot: int | None = None) -> ConfigurableTask:
+    """One lm-eval ``ConfigurableTask`` from its stock config on local data.
+
+    Args:
+        name: ``gsm8k``, ``arc_easy``, ``arc_challenge`` or ``mmlu_<subject>``.
+        root: data directory.
+        num_fewshot: shots; None keeps the stock default (gsm8k 5, others 0).
+
+    Raises:
+        ValueError: few-shot requested for ARC (no train split is shipped).
+        DataError: a missing or malformed data file.
+    """
+    from lm_eval.api.task import ConfigurableTask
+
+    cfg = leaf_task_config(name, stock_config(_stock_file_of(name)), root)
+    if num_fewshot is not None:
+        cfg["num_fewshot"] = num_fewshot
+    elif cfg.get("num_fewshot") is None:
+        cfg["num_fewshot"] = 0  # lm-eval's simple_evaluate does the same for tasks without one
+    if name.startswith("arc_") and cfg["num_fewshot"] > 0:
+        raise ValueError(f"eval.num_fewshot.{name}: expected 0 (only the ARC test split is "
+                         f"shipped, the stock task draws shots from train), found {cfg['num_fewshot']}")
+    # lm-eval warns once per task that custom_dataset kwargs can come from --metadata; that
+    # advice is for its CLI and would print 57 times for MMLU.
+    task_log = logging.getLogger("lm_eval.api.task")
+    level = task_log.level
+    task_log.setLevel(logging.ERROR)
+    try:
+        return ConfigurableTask(config=cfg)
+    finally:
+        task_log.setLevel(level)
+
+
+@functools.lru_cache(maxsize=1)
+def _mmlu_index() -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Stock MMLU configs: groups by name, and each subject task's tag (its category)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    groups: dict[str, dict[str, Any]] = {}
+    tags: dict[str, str] = {}
+    for path in sorted((stock_tasks_dir() / _MMLU_DIR).glob("*.yaml")):
+        cfg = load_yaml(path, resolve_func=False, recursive=True)
+        if "group" in cfg:
+            groups[cfg["group"]] = dict(cfg)
+        elif "task" in cfg:
+            tag = cfg.get("tag")
+            tags[cfg["task"]] = tag if isinstance(tag, str) else tag[0]
+    if "mmlu" not in groups:
+        raise FileNotFoundError(f"no 'mmlu' group config under {stock_tasks_dir() / _MMLU_DIR}")
+    return groups, tags
+
+
+def mmlu_subject_categories() -> dict[str, str]:
+    """``{subject: category group}`` from the stock configs, e.g. ``anatomy: mmlu_stem``."""
+    groups, tags = _mmlu_index()
+    tag_to_group = {}
+    for gname, g in groups.items():
+        for child in g.get("task", []):
+            if isinstance(child, str) and child not in groups:
+                tag_to_group[child] = gname
+    return {task[len("mmlu_"):]: tag_to_group[tag] for task, tag in tags.items()}
+
+
+def build_mmlu(root: Path, num_fewshot: int | None = None) -> Group:
+    """The stock ``mmlu`` group tree with every subject task on local data.
+
+    Args:
+        root: data directory.
+        num_fewshot: shots per subject (from the dev split, first-n as in lm-eval); None: 0.
+
+    Raises:
+        DataError: a missing or malformed MMLU file.
+    """
+    from lm_eval.api.group import Group
+    from lm_eval.config.group import GroupConfig
+
+    groups, tags = _mmlu_index()
+
+    def build(gname: str) -> Group:
+        gcfg = dict(groups[gname])
+        children = gcfg.pop("task", [])
+        group = Group.from_config(GroupConfig(**gcfg))
+        for child in children:
+            if child in groups:
+                group.add(build(child))
+            else:
+                # A tag: lm-eval expands it to its tasks in sorted order.
+                for task in sorted(t for t, tag in tags.items() if tag == child):
+                    group.add(build_leaf_task(task, root, num_fewshot))
+        return group
+
+    return build("mmlu")
+
+
+def build_tasks(
+    names: list[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    num_fewshot: dict[str, int] | None = None,
+) -> dict[str, Task | Group]:
+    """Top-level tasks by name (``mmlu`` is a Group), ready for ``lm_eval.evaluator.evaluate``.
+
+    Args:
+        names: task names from ``TASK_NAMES``.
+        data_dir: directory with gsm8k/, mmlu/, arc/; None: the bundled copy.
+        num_fewshot: shots per top-level name; a name missing here keeps lm-eval's default.
+
+    Raises:
+        ValueError: an unknown task name or ARC few-shot.
+        DataError: a missing or malformed data file.
+    """
+    root = check_data(names, data_dir)
+    shots = num_fewshot or {}
+    out: dict[str, Task | Group] = {}
+    for name in names:
+        if name == "mmlu":
+            out[name] = build_mmlu(root, shots.get("mmlu"))
+        else:
+            out[name] = build_leaf_task(name, root, shots.get(name))
+    return out
+
+
+def as_task_dict(obj: Task | Group) -> dict[str, Any]:
+    """``{"tasks", "groups", "group_map"}`` as lm-eval's ``TaskManager.load`` returns it."""
+    from lm_eval.tasks import TaskManager
+
+    # An empty index (no default task folders scanned): load() only flattens our objects.
+    return dict(TaskManager(include_defaults=False).load([obj]))
+
+
+__all__ = [
+    "TASK_NAMES",
+    "DataError",
+    "LocalDataset",
+    "as_task_dict",
+    "build_leaf_task",
+    "build_mmlu",
+    "build_tasks",
+    "check_data",
+    "check_task_names",
+    "leaf_task_config",
+    "local_splits",
+    "mmlu_subject_categories",
+    "stock_config",
+    "stock_tasks_dir",
+]
