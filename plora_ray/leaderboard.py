@@ -43,6 +43,7 @@ import os
 import re
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -426,7 +427,9 @@ def baseline_gains(rows: list[Row], spec: ObjectiveSpec) -> None:
         if r.method != "plora" or r.status != "completed":
             continue
         peers = [b for b in baselines if b.method == "full" or b.lora_rank == r.lora_rank]
-        for m, d in zip(spec.metrics, spec.directions):
+        # Per-metric gains matter when there are several metrics; one metric is the objective.
+        per_metric = spec.pareto or len(spec.metrics) > 1
+        for m, d in zip(spec.metrics if per_metric else (), spec.directions):
             have = [b for b in peers if m in b.objectives]
             if m not in r.objectives or not have:
                 continue
@@ -772,11 +775,12 @@ def _fmt_gain(v: float | None) -> str:
     return "" if v is None else f"{v:+.4g}"
 
 
-def _param_keys(rows: Sequence[Row]) -> list[str]:
+def _param_keys(rows: Sequence[Row], table: bool = False) -> list[str]:
+    """Sampled parameter names; the table leaves out ``method`` (it has its own column)."""
     keys: list[str] = []
     for r in rows:
         for k in r.params:
-            if k not in keys:
+            if k not in keys and not (table and k == "method"):
                 keys.append(k)
     return sorted(keys)
 
@@ -964,10 +968,12 @@ class _Axes:
     """A linear x/y frame in an SVG of fixed size: ticks, grid, axis labels, title."""
 
     def __init__(self, title: str, xlabel: str, ylabel: str, xs: Sequence[float],
-                 ys: Sequence[float], left: int = 62, width: int = _W, height: int = _H) -> None:
+                 ys: Sequence[float], left: int = 62, legend_width: int = 150,
+                 height: int = _H) -> None:
         self.title, self.xlabel, self.ylabel = title, xlabel, ylabel
-        self.width, self.height = width, height
-        self.l, self.r, self.t, self.b = left, 18, 34, 46
+        # The legend gets its own column right of the frame, so it never hides a point.
+        self.width, self.height = _W + legend_width, height
+        self.l, self.r, self.t, self.b = left, 18 + legend_width, 34, 46
         self.xt = nice_ticks(min(xs, default=0.0), max(xs, default=1.0))
         self.yt = nice_ticks(min(ys, default=0.0), max(ys, default=1.0))
 
@@ -978,6 +984,10 @@ class _Axes:
     def y(self, v: float) -> float:
         lo, hi = self.yt[0], self.yt[-1]
         return self.height - self.b - (v - lo) / (hi - lo) * (self.height - self.t - self.b)
+
+    @property
+    def legend_x(self) -> float:
+        return self.width - self.r + 22
 
     def open(self, plot_id: str) -> list[str]:
         w, h = self.width, self.height
@@ -1026,11 +1036,16 @@ def _legend(items: Sequence[tuple[str, str, str]], x: float, y: float) -> list[s
 
 
 def _empty_plot(plot_id: str, title: str, message: str) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="plot empty" id="{plot_id}" '
-            f'viewBox="0 0 {_W} 120" width="{_W}" height="120" role="img">'
+    # SVG text does not wrap by itself; a long reason (a path) is cut into lines.
+    lines = textwrap.wrap(message, 80, break_long_words=True)[:6] or [""]
+    height = 70 + 17 * len(lines)
+    spans = "".join(f'<tspan x="{_W / 2}" dy="{0 if i == 0 else 17}">{_e(line)}</tspan>'
+                    for i, line in enumerate(lines))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="plot empty" id="{_e(plot_id)}" '
+            f'viewBox="0 0 {_W} {height}" width="{_W}" height="{height}" role="img">'
             f'<title>{_e(title)}</title>'
             f'<text x="{_W / 2}" y="22" class="ptitle" text-anchor="middle">{_e(title)}</text>'
-            f'<text x="{_W / 2}" y="70" class="note" text-anchor="middle">{_e(message)}</text>'
+            f'<text x="{_W / 2}" y="56" class="note" text-anchor="middle">{spans}</text>'
             '</svg>')
 
 
@@ -1114,7 +1129,7 @@ def plot_objective_over_time(board: Board) -> str:
             legend.append((name, color, "circle"))
     if series and series[0][2] is not None or len(series) == 1:
         legend = _method_legend([p[2] for p in allpts]) + legend
-    out += _legend(legend, ax.l + 14, ax.t + 14)
+    out += _legend(legend, ax.legend_x, ax.t + 8)
     out.append("</svg>")
     return "\n".join(out)
 
@@ -1149,7 +1164,7 @@ def plot_gsm8k_vs_mmlu(board: Board) -> str:
                f"MMLU {_fmt(x)}" + (" — on the front" if f == 0 else ""))
         out.append(_marker(r, ax.x(x), ax.y(y), tip, ring=f == 0))
     legend = _method_legend(rows) + [("Pareto front", "#111", "line")]
-    out += _legend(legend, ax.width - ax.r - 120, ax.t + 14)
+    out += _legend(legend, ax.legend_x, ax.t + 8)
     out.append("</svg>")
     return "\n".join(out)
 
@@ -1237,7 +1252,7 @@ def plot_loss_curves(board: Board) -> str:
         return _empty_plot(pid, title, "no trial has a loss curve yet")
     xs = [p[0] for r in top for p in r.loss_curve]
     ys = [p[1] for r in top for p in r.loss_curve]
-    ax = _Axes(title, "optimizer step", "training loss", xs, ys)
+    ax = _Axes(title, "optimizer step", "training loss", xs, ys, legend_width=230)
     out = ax.open(pid)
     legend = []
     for k, r in enumerate(top):
@@ -1247,8 +1262,8 @@ def plot_loss_curves(board: Board) -> str:
         out.append(f'<path class="curve" d="{d}" fill="none" stroke="{color}" stroke-width="1.8">'
                    f'<title>{_e(r.label)} (#{r.rank}, {_e(r.method)})</title></path>')
         label = f"#{r.rank} {r.label} ({r.method})"
-        legend.append((label if len(label) <= 40 else label[:39] + "…", color, "line"))
-    out += _legend(legend, ax.width - ax.r - 190, ax.t + 14)
+        legend.append((label if len(label) <= 34 else label[:33] + "…", color, "line"))
+    out += _legend(legend, ax.legend_x, ax.t + 8)
     out.append("</svg>")
     return "\n".join(out)
 
@@ -1287,7 +1302,7 @@ def _cell(text: str, sort_value: Any = None, cls: str = "", title: str | None = 
 
 def _columns(board: Board) -> list[tuple[str, str, str, Callable[[Row], str]]]:
     """Table columns: (header, type num|text, tooltip, cell renderer)."""
-    pkeys, mkeys, gkeys = _param_keys(board.rows), _metric_keys(board), _gain_keys(board)
+    pkeys, mkeys, gkeys = _param_keys(board.rows, True), _metric_keys(board), _gain_keys(board)
     multi = len(board.searches) > 1
     cols: list[tuple[str, str, str, Callable[[Row], str]]] = []
 
