@@ -1,0 +1,877 @@
+"""One training run on Ray Train: the worker loop, the TorchTrainer around it, ``plora-ray train``.
+
+Read top to bottom:
+
+* ``train_loop_per_worker`` is what every Ray Train worker runs: model + tokenizer, LoRA (or full
+  fine-tuning), data, one DeepSpeed engine per worker, the PLoRA schedule, reports, checkpoints,
+  the evaluation at the end and the export of the merged model.
+* ``run_training`` builds the ``TorchTrainer`` (Train v2) for a run config, runs it, cleans up and
+  returns a ``RunResult``. It works from the command line and inside a Ray Tune trial (the trial
+  function calls it; metrics reach Tune through ``TuneReportCallback``, the documented
+  Train-inside-Tune pattern of Ray 2.5x+).
+* ``train_command`` is ``plora-ray train FILE [--set k=v ...] [--output DIR] [--resume]``.
+
+Output directory layout (``DIR``)::
+
+    config.yaml        the validated run config (all defaults filled in)
+    metrics.jsonl      one JSON object per report (rank 0), the final one with "status"
+    ray/               Ray Train's run storage: checkpoint_manager_snapshot.json and the kept
+                       checkpoints ray/step_NNNNNN/ (see plora_ray.checkpoint for their content)
+    model/             the merged model in the Hugging Face layout (safetensors, config, tokenizer)
+    eval_results.json  lm-eval results of the final evaluation
+    result.json        the RunResult
+
+Resume: Ray Train restores the newest checkpoint of ``DIR/ray`` when a trainer with the same
+storage path and name starts; ``--resume`` does exactly that (and refuses nothing: with no
+checkpoint the run starts from step 0). Without ``--resume`` an existing run in ``DIR`` is an
+error, so an old run is never continued by accident. Inside one ``run_training`` call,
+``max_failures`` lets Ray restart failed workers from the newest checkpoint.
+
+Exactness of a resumed run: every piece of state that feeds the next step is restored -- the
+backbone (replayed from the compact unload records), trainable weights and their fp32 masters,
+Adam moments, the LR schedule, PLoRA's counters, the data position and every RNG -- so a run
+killed mid-stage and resumed reproduces the uninterrupted run's losses and weights bit for bit
+(``tests/test_train.py`` checks it with 2 workers, ZeRO-2, on CPU).
+
+Fault injection for tests: ``PLORA_FAULT_AT_STEP=k`` (read on the driver) makes every worker raise
+right after step ``k``'s report and checkpoint, in a run that did not start from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plora_ray.config import ConfigError, RunConfig, dump_config, load_config
+
+# Ray 2.50-2.5x need this to select Train v2; from Ray 2.60 it is the default. Set before any
+# ray.train import.
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+RAY_RUN_NAME = "ray"
+METRICS_FILE = "metrics.jsonl"
+FAULT_ENV = "PLORA_FAULT_AT_STEP"
+# One file per worker group (port): what /dev/shm names its DeepSpeed buffers carry.
+PROCESS_GROUP_DIR = ".process_groups"
+
+__all__ = ["DivergenceGuard", "RunResult", "run_training", "train_command",
+           "train_loop_per_worker"]
+
+
+# --------------------------------------------------------------------------- small pure pieces
+
+
+class DivergenceGuard:
+    """Stops a run whose loss is NaN/inf or jumps above a multiple of its running mean.
+
+    The running mean is over the last ``window`` step losses before the current one; the first
+    step has no mean and is only checked for being finite.
+
+    Args:
+        multiple: ``train.divergence_loss_multiple`` (> 1).
+        window: ``train.divergence_window`` (>= 1).
+    """
+
+    def __init__(self, multiple: float, window: int) -> None:
+        self.multiple = float(multiple)
+        self.window = int(window)
+        self.history: deque[float] = deque(maxlen=self.window)
+
+    def check(self, loss: float) -> str | None:
+        """Record ``loss``; return why the run diverged, or None when it did not."""
+        if not math.isfinite(loss):
+            return f"loss is {loss} (not finite)"
+        if self.history:
+            mean = sum(self.history) / len(self.history)
+            if loss > self.multiple * mean:
+                return (f"loss {loss:.4g} > train.divergence_loss_multiple {self.multiple:g} x "
+                        f"running mean {mean:.4g} over the last {len(self.history)} steps")
+        self.history.append(float(loss))
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = deque((float(x) for x in state["history"]), maxlen=self.window)
+
+
+def total_steps(cfg: RunConfig, train_rows: int) -> int:
+    """Optimizer steps of a run: ``train.epochs`` over the rows, capped by ``train.max_steps``."""
+    steps = max(1, math.floor(cfg.train.epochs * train_rows / cfg.batch.global_batch))
+    if cfg.train.max_steps is not None:
+        steps = min(steps, cfg.train.max_steps)
+    return steps
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    """Checks that need more than the schema: raised before Ray starts.
+
+    Raises:
+        ConfigError: a combination the trainer cannot run.
+    """
+    problems = []
+    if not cfg.deepspeed.enabled and cfg.resources.num_workers != 1:
+        problems.append(
+            "deepspeed.enabled: expected true when resources.num_workers > 1 (the plain-torch "
+            f"fallback runs one worker), found false with num_workers={cfg.resources.num_workers}")
+    if cfg.deepspeed.enabled:
+        from plora_ray.engine import deepspeed_config
+
+        try:
+            deepspeed_config(cfg, cfg.resources.num_workers)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError(problems)
+
+
+# --------------------------------------------------------------------------- the worker loop
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _mean_over_ranks(value: float, world: int) -> float:
+    """The mean of a float over all ranks (every rank gets the same bits)."""
+    import torch
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
+class _Run:
+    """The state of one worker's training run (a class only to keep ``run`` readable)."""
+
+    def __init__(self, loop_cfg: dict[str, Any]) -> None:
+        import ray.train
+
+        from plora_ray.config import config_from_dict
+
+        self.cfg: RunConfig = config_from_dict(loop_cfg["config"])
+        self.out = Path(loop_cfg["output_dir"])
+        self.fault_at: int | None = loop_cfg.get("fault_at_step")
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world = ctx.get_world_size()
+        self.metrics_path = self.out / METRICS_FILE
+
+    # ---- setup
+
+    def setup(self) -> None:
+        import torch
+
+        from plora_ray.checkpoint import BackboneRecorder, full_backbone_bytes
+        from plora_ray.data import Batcher, build_datasets
+        from plora_ray.model import load_model, load_tokenizer
+        from plora_ray.plora import (PLoRA, TorchParamAccess, add_with_rounding, attach_lora,
+                                     lora_pairs, make_lr_scheduler)
+
+        cfg = self.cfg
+        _seed_everything(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model)
+        model = load_model(cfg.model, seed=cfg.seed, vocab_size=len(self.tokenizer))
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+            if cfg.method != "full":
+                model.enable_input_require_grads()  # LoRA: inputs of checkpointed blocks need grads
+        model = attach_lora(model, cfg.lora, cfg.method)
+        self.full_backbone_bytes = full_backbone_bytes(model)
+        self.train_set, self.held_set, self.data_stats = build_datasets(cfg, self.tokenizer)
+        self.batcher = Batcher(self.train_set, cfg.batch.micro_batch, self.rank, self.world,
+                               cfg.seed)
+        self.total_steps = total_steps(cfg, len(self.train_set))
+        stage_len = self.total_steps
+        if cfg.method == "plora":
+            per = cfg.plora.unload_every
+            stage_len = per if cfg.plora.unload_unit == "steps" else -(-per // cfg.batch.global_batch)
+        self.grad_accum = cfg.grad_accum
+        if cfg.deepspeed.enabled:
+            from plora_ray.engine import DeepSpeedParamAccess, build_engine
+
+            self.engine, self.optimizer, self.scheduler = build_engine(
+                model, cfg, self.world, stage_length_steps=stage_len)
+            self.module = self.engine.module
+            self.access: Any = DeepSpeedParamAccess(self.engine)
+        else:
+            self.engine = None
+            self.module = model
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            o = cfg.optim
+            self.optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                               weight_decay=o.weight_decay)
+            self.scheduler = make_lr_scheduler(self.optimizer, o, stage_len)
+            self.access = TorchParamAccess(self.optimizer)
+        self.plora: PLoRA | None = None
+        self.recorder: BackboneRecorder | None = None
+        if cfg.method == "plora":
+            pairs = lora_pairs(self.module)
+            names = {id(p): n for n, p in self.module.named_parameters()}
+            self.recorder = BackboneRecorder(
+                self.access, pairs, names, self._generator_for, add_with_rounding,
+                coef_for=lambda pr: (1.0 - float(cfg.plora.momentum)) * pr.scaling,
+                rounding=cfg.plora.merge_rounding)
+            self.plora = PLoRA(self.module, cfg.plora, cfg.batch.global_batch, cfg.seed,
+                               self.recorder, scheduler=self.scheduler)
+        self.guard = DivergenceGuard(cfg.train.divergence_loss_multiple,
+                                     cfg.train.divergence_window)
+        self.step = 0
+        self.elapsed_before = 0.0  # training seconds of earlier attempts (resume)
+        self.last_unload: dict[str, Any] = {}
+        self.proxy: dict[str, float] = {}
+        self.restored_from: str | None = None
+        self.backbone_delta_bytes = 0
+
+    def _generator_for(self, unload_index: int, layer_index: int, device: Any = "cpu") -> Any:
+        """The generator PLoRA's unload uses for this layer's rounding (see plora.unload)."""
+        import torch
+
+        from plora_ray.plora import derive_seed
+
+        g = torch.Generator(device=device)
+        g.manual_seed(derive_seed(self.cfg.seed, unload_index, layer_index, "merge"))
+        return g
+
+    # ---- checkpoints
+
+    def restore(self, directory: Path) -> None:
+        """Continue from a checkpoint directory (all ranks)."""
+        import torch
+
+        from plora_ray.checkpoint import STATE_FILE, load_backbone, replay_backbone, restore_rng
+        from plora_ray.plora import add_with_rounding
+
+        state = json.loads((directory / STATE_FILE).read_text())
+        if state["world_size"] != self.world:
+            raise ValueError(f"resume: expected resources.num_workers={state['world_size']} as in "
+                             f"the checkpoint {directory}, found {self.world}")
+        if self.plora is not None and self.recorder is not None:
+            self.plora.load_state_dict(torch.load(directory / "plora_state.pt", weights_only=False))
+            records, digests = load_backbone(directory / "backbone")
+            replay_backbone(self.module, records, self.access, self._generator_for,
+                            add_with_rounding, digests)
+            self.recorder.records = records
+        if self.engine is not None:
+            load_path, _ = self.engine.load_checkpoint(
+                str(directory / "deepspeed"), tag="engine", load_module_strict=False,
+                load_optimizer_states=True, load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError(f"resume: DeepSpeed could not load {directory / 'deepspeed'}")
+        else:
+            blob = torch.load(directory / "trainable.pt", weights_only=False)
+            missing = self.module.load_state_dict(blob["model"], strict=False)
+            if missing.unexpected_keys:
+                raise ValueError(f"resume: unexpected weights {missing.unexpected_keys[:3]}")
+            self.optimizer.load_state_dict(blob["optimizer"])
+            self.scheduler.load_state_dict(blob["scheduler"])
+        self.batcher.load_state_dict(state["batcher"])
+        self.guard.load_state_dict(state["divergence"])
+        self.step = int(state["step"])
+        self.elapsed_before = float(state["elapsed_s"])
+        self.last_unload = state.get("last_unload", {})
+        self.proxy = state.get("proxy", {})
+        restore_rng(torch.load(directory / f"rng_rank{self.rank}.pt", weights_only=False))
+        self.restored_from = str(directory)
+        if self.rank == 0:
+            _truncate_metrics(self.metrics_path, self.step)
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Write this rank's part of a checkpoint (collective: every rank calls it)."""
+        import torch
+
+        from plora_ray.checkpoint import (STATE_FILE, backbone_digests, capture_rng,
+                                          save_backbone, write_json)
+
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.engine is not None:
+            # Frozen weights are excluded: the backbone is restored from the base model plus the
+            # compact unload records (full fine-tuning trains every weight, so it stores them).
+            self.engine.save_checkpoint(str(directory / "deepspeed"), tag="engine", save_latest=False,
+                                        exclude_frozen_parameters=self.cfg.method != "full")
+        elif self.rank == 0:
+            trainable = {n: p.detach().clone() for n, p in self.module.named_parameters()
+                         if p.requires_grad}
+            torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, directory / "trainable.pt")
+        torch.save(capture_rng(), directory / f"rng_rank{self.rank}.pt")
+        stage3 = self.cfg.deepspeed.enabled and self.cfg.deepspeed.zero_stage == 3
+        if self.plora is not None and self.recorder is not None and (self.rank == 0 or stage3):
+            # Digests of every weight an unload changed; gathering them is collective under ZeRO-3.
+            names = sorted({ld.name for rec in self.recorder.records for ld in rec.layers})
+            digests = backbone_digests(self.module, names, self.access)
+            if self.rank == 0:
+                self.backbone_delta_bytes = save_backbone(self.recorder.records, digests,
+                                                          directory / "backbone")
+                torch.save(self.plora.state_dict(), directory / "plora_state.pt")
+        if self.rank == 0:
+            write_json(directory / STATE_FILE, {
+                "step": self.step, "world_size": self.world,
+                "batcher": self.batcher.state_dict(),
+                "divergence": self.guard.state_dict(),
+                "elapsed_s": self.elapsed(),
+                "last_unload": self.last_unload, "proxy": self.proxy,
+                "method": self.cfg.method,
+            })
+            (directory / "config.yaml").write_text(dump_config(self.cfg))
+            self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+
+    # ---- reporting
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self.t_start)
+
+    def report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
+        """Append to metrics.jsonl (rank 0) and report to Ray Train (all ranks), with a
+        checkpoint when asked."""
+        import ray.train
+
+        if self.rank == 0:
+            with open(self.metrics_path, "a") as fh:
+                fh.write(json.dumps(metrics, default=_json_scalar) + "\n")
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f"plora_ckpt_r{self.rank}_"))
+        try:
+            self.save_checkpoint(tmp)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                             checkpoint_dir_name=f"step_{self.step:06d}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def step_metrics(self, loss: float, lr: float, tokens_per_s: float, unload: bool,
+                     checkpoint: bool) -> dict[str, Any]:
+        ranks = self.last_unload.get("effective_rank") or {}
+        return {
+            "step": self.step,
+            "samples": self.batcher.samples_seen,
+            "tokens": self.batcher.tokens_seen,
+            "epoch": round(self.batcher.epochs_done, 4),
+            "loss": loss,
+            "lr": lr,
+            "stage": self.plora.num_unloads if self.plora is not None else 0,
+            "tokens_per_s": tokens_per_s,
+            "merge_rel_error": self.last_unload.get("merge_rel_error"),
+            "cumulative_rel_error": self.last_unload.get("cumulative_rel_error"),
+            "backbone_exceptions": self.last_unload.get("backbone_exceptions"),
+            "effective_rank": (sum(ranks.values()) / len(ranks)) if ranks else None,
+            "effective_rank_layers": ranks,
+            "unload": unload,
+            "checkpoint": checkpoint,
+            "elapsed_s": round(self.elapsed(), 3),
+            "status": "running",
+            **self.proxy,
+        }
+
+    # ---- the loop
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; (mean loss over ranks, lr)."""
+        import torch
+
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.module.train()
+        total = 0.0
+        for _ in range(self.grad_accum):
+            batch = self.batcher.next_micro_batch()
+            if self.engine is not None:
+                loss = self.engine(**batch, use_cache=False).loss
+                self.engine.backward(loss)
+                self.engine.step()  # an optimizer step (and LR step) at the accumulation boundary
+            else:
+                loss = self.module(**batch, use_cache=False).loss
+                (loss / self.grad_accum).backward()
+            total += float(loss.detach().float())
+        if self.engine is None:
+            if self.cfg.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.module.parameters() if p.requires_grad],
+                    self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return _mean_over_ranks(total / self.grad_accum, self.world), lr
+
+    def run(self) -> None:
+        import ray.train
+
+        cfg = self.cfg
+        self.setup()
+        ckpt = ray.train.get_checkpoint()
+        self.t_start = time.perf_counter()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                self.restore(Path(d))
+        if self.rank == 0:
+            (self.out / "data_stats.json").write_text(
+                json.dumps(self.data_stats.as_dict(), indent=1, default=_json_scalar))
+        last_t, last_tokens = time.perf_counter(), self.batcher.tokens_seen
+        diverged: str | None = None
+        every = cfg.checkpoint.every_steps
+        while self.step < self.total_steps:
+            loss, lr = self.train_step()
+            self.step += 1
+            diverged = self.guard.check(loss)
+            unload = False
+            if diverged is None and self.plora is not None and self.plora.due(
+                    self.step, self.batcher.samples_seen):
+                self.unload()
+                unload = True
+            ckpt_due = diverged is None and (
+                (unload and cfg.checkpoint.at_unload) or bool(every and self.step % every == 0))
+            if (self.step % cfg.train.log_every == 0 or unload or ckpt_due or diverged
+                    or self.step == self.total_steps):
+                tps = (self.batcher.tokens_seen - last_tokens) / max(time.perf_counter() - last_t, 1e-9)
+                self.report(self.step_metrics(loss, lr, tps, unload, ckpt_due), checkpoint=ckpt_due)
+                # The next interval's throughput excludes this report's checkpoint and proxy time.
+                last_t, last_tokens = time.perf_counter(), self.batcher.tokens_seen
+            if diverged is not None:
+                break
+            if self.fault_at is not None and self.step == self.fault_at and self.restored_from is None:
+                raise RuntimeError(f"{FAULT_ENV}={self.fault_at}: injected fault after step "
+                                   f"{self.step}")
+        self.finish(diverged)
+
+    def unload(self) -> None:
+        """PLoRA unload with its backbone change recorded; the proxy objective if configured."""
+        assert self.plora is not None and self.recorder is not None
+        self.recorder.begin_unload(self.plora.num_unloads, self.step)
+        rep = self.plora.unload(self.step, self.batcher.samples_seen)
+        rec = self.recorder.end_unload()
+        self.last_unload = {**rep.as_dict(), "backbone_exceptions": rec.num_exceptions}
+        if self.cfg.eval.proxy_samples > 0:
+            self.proxy = self.compute_proxy()
+
+    def compute_proxy(self) -> dict[str, float]:
+        from plora_ray.evaluate import proxy_nll
+
+        sharded = self.cfg.eval.sharded
+        self.module.eval()
+        out = proxy_nll(self.module, self.tokenizer, self.cfg.eval,
+                        rank=self.rank if sharded else 0, world_size=self.world if sharded else 1)
+        return {k: float(v) for k, v in out.items()}
+
+    def finish(self, diverged: str | None) -> None:
+        """Final evaluation, export and the final report (all ranks)."""
+        from plora_ray.checkpoint import export_model
+
+        cfg = self.cfg
+        final: dict[str, Any] = {
+            "step": self.step, "samples": self.batcher.samples_seen,
+            "tokens": self.batcher.tokens_seen, "final": True,
+            "num_unloads": self.plora.num_unloads if self.plora is not None else 0,
+            "full_backbone_bytes": self.full_backbone_bytes,
+            "backbone_delta_bytes": self.backbone_delta_bytes,
+        }
+        ranks = self.last_unload.get("effective_rank") or {}
+        final["effective_rank"] = (sum(ranks.values()) / len(ranks)) if ranks else None
+        final["effective_rank_layers"] = ranks
+        if diverged is not None:
+            final.update(status="diverged", diverged_step=self.step, reason=diverged)
+        else:
+            final["status"] = "completed"
+            if self.plora is not None:
+                ranks = self.plora.delta_effective_rank()
+                final["effective_rank"] = (sum(ranks.values()) / len(ranks)) if ranks else None
+                final["effective_rank_layers"] = ranks
+            objectives: dict[str, float] = {}
+            if cfg.eval.at_end:
+                from plora_ray.evaluate import evaluate_model
+
+                sharded = cfg.eval.sharded
+                self.module.eval()
+                if sharded or self.rank == 0:
+                    res = evaluate_model(self.module, self.tokenizer, cfg.eval,
+                                         rank=self.rank if sharded else 0,
+                                         world_size=self.world if sharded else 1)
+                    objectives = {k: float(v) for k, v in res.objectives.items()}
+                    final["eval_seconds"] = res.seconds
+                    if self.rank == 0:
+                        (self.out / "eval_results.json").write_text(
+                            json.dumps(res.results, indent=1, default=_json_scalar))
+            if cfg.eval.proxy_samples > 0 and not any(k in objectives for k in self.proxy):
+                self.proxy = self.compute_proxy()
+            objectives = {**self.proxy, **objectives}
+            final.update(objectives)
+            final["objectives"] = objectives
+            if cfg.checkpoint.export_model:
+                stage3 = cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3
+                if self.rank == 0 or stage3:
+                    export_model(self.module, self.tokenizer, self.out / "model",
+                                 access=self.access if stage3 else None, write=self.rank == 0)
+                final["model_path"] = str(self.out / "model")
+        final["elapsed_s"] = round(self.elapsed(), 3)
+        self.report(final, checkpoint=False)
+
+
+def _json_scalar(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the reports up to ``step`` (a resumed run re-reports what follows)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if rec.get("status") == "running" and int(rec.get("step", 0)) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs (``TorchTrainer(train_loop_per_worker, ...)``).
+
+    Args:
+        loop_cfg: ``{"config": RunConfig.to_dict(), "output_dir": str, "fault_at_step": int|None}``.
+    """
+    import ray.train
+
+    from plora_ray.engine import cleanup_shm
+
+    ctx = ray.train.get_context()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    out = Path(loop_cfg["output_dir"])
+    if ctx.get_world_rank() == 0 and port:
+        d = out / PROCESS_GROUP_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{port}.json").write_text(json.dumps({"addr": addr, "port": port}))
+    # What DeepSpeed's own launcher sets: all ranks of this node. With it, DeepSpeed's CPU
+    # backend uses its shared-memory all-reduce when every rank is on one node.
+    os.environ.setdefault("LOCAL_SIZE", str(ctx.get_local_world_size()))
+    try:
+        _Run(loop_cfg).run()
+    finally:
+        if port:
+            cleanup_shm(addr, port)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class RunResult:
+    """What a training run produced; ``as_dict()`` is written to ``DIR/result.json``."""
+
+    status: str  # completed | diverged | failed
+    output_dir: str
+    metrics: dict[str, Any] = field(default_factory=dict)  # the final report
+    objectives: dict[str, float] = field(default_factory=dict)
+    metrics_path: str = ""
+    checkpoint_path: str | None = None
+    model_path: str | None = None
+    wall_time_s: float = 0.0
+    num_unloads: int = 0
+    delta_effective_rank: float | None = None
+    final_loss: float | None = None
+    checkpoint_bytes: int | None = None
+    backbone_delta_bytes: int | None = None
+    full_backbone_bytes: int | None = None
+    diverged_step: int | None = None
+    reason: str | None = None
+    loss_curve: list[list[float]] = field(default_factory=list)
+    shm_removed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The reports of a run's metrics.jsonl (lines cut short by a kill are skipped)."""
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    for line in p.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
+class _MetricsTail:
+    """Follows metrics.jsonl on the driver and hands each new report to a callback."""
+
+    def __init__(self, path: Path, callback: Callable[[dict[str, Any]], None] | None) -> None:
+        self.path = path
+        self.callback = callback
+        self.pos = path.stat().st_size if path.is_file() else 0
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> _MetricsTail:
+        if self.callback is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.callback is not None:
+            self.stop_event.set()
+            self.thread.join(timeout=5)
+            self.poll()
+
+    def _loop(self) -> None:
+        while not self.stop_event.wait(0.5):
+            self.poll()
+
+    def poll(self) -> None:
+        if self.callback is None or not self.path.is_file():
+            return
+        size = self.path.stat().st_size
+        if size < self.pos:  # truncated by a resume
+            self.pos = size
+            return
+        with open(self.path) as fh:
+            fh.seek(self.pos)
+            chunk = fh.read()
+        complete = chunk[: chunk.rfind("\n") + 1]
+        self.pos += len(complete.encode())
+        for line in complete.splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                self.callback(json.loads(line))
+
+
+def _ensure_ray(cfg: RunConfig) -> bool:
+    """Connect to Ray: the running one, RAY_ADDRESS, or a new local head. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        return True
+    r = cfg.resources
+    # The Train controller takes 0 CPUs; the driver needs one, each worker its share.
+    need = math.ceil(r.num_workers * r.cpus_per_worker) + 1
+    ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1),
+             num_gpus=math.ceil(r.num_workers * r.gpus_per_worker) if r.gpus_per_worker else None,
+             include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=True, logging_level="warning")
+    return True
+
+
+def _cleanup_run_shm(out: Path, before: set[str]) -> list[str]:
+    """Remove /dev/shm buffers this run's worker groups created (their names carry the group's
+    MASTER_ADDR and MASTER_PORT); files that existed before the run are never touched."""
+    from plora_ray.engine import cleanup_shm
+
+    removed: list[str] = []
+    d = out / PROCESS_GROUP_DIR
+    if d.is_dir():
+        for f in sorted(d.glob("*.json")):
+            with contextlib.suppress(json.JSONDecodeError, KeyError):
+                pg = json.loads(f.read_text())
+                removed += [p for p in cleanup_shm(pg["addr"], pg["port"]) if p not in before]
+    return removed
+
+
+def _shm_snapshot() -> set[str]:
+    with contextlib.suppress(OSError):
+        return {str(p) for p in Path("/dev/shm").iterdir()}
+    return set()
+
+
+def run_training(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
+                 report: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
+                 max_failures: int = 0) -> RunResult:
+    """Train one run on Ray Train and return what it produced.
+
+    Starts a local Ray (loopback, no dashboard) when none is connected and ``RAY_ADDRESS`` is
+    unset, and shuts down only what it started. Inside a Ray Tune trial, metrics go to Tune as
+    well (``TuneReportCallback``), every report's keys as in metrics.jsonl.
+
+    Args:
+        cfg: a validated run config.
+        output_dir: DIR (see the module docstring for its layout).
+        report: called on the driver with each report (a dict, as in metrics.jsonl) as it lands.
+        resume: continue from the newest checkpoint in DIR (from step 0 when there is none).
+        max_failures: worker failures Ray Train recovers from (from the newest checkpoint).
+
+    Raises:
+        ConfigError: a config the trainer cannot run (before Ray starts).
+        FileExistsError: DIR already holds a run and ``resume`` is False.
+    """
+    check_run_config(cfg)
+    out = Path(output_dir).resolve()
+    snapshot = out / RAY_RUN_NAME / "checkpoint_manager_snapshot.json"
+    if snapshot.exists() and not resume:
+        raise FileExistsError(f"{out} already holds a run ({snapshot.name} in {snapshot.parent}); "
+                              "pass --resume to continue it or choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    metrics_path = out / METRICS_FILE
+    if not resume and metrics_path.exists():
+        metrics_path.unlink()
+    fault = os.environ.get(FAULT_ENV)
+    t0 = time.perf_counter()
+    started = _ensure_ray(cfg)
+    shm_before = _shm_snapshot()
+    status, reason, result = "failed", None, None
+    removed: list[str] = []
+    try:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        r = cfg.resources
+        use_gpu = r.gpus_per_worker > 0
+        resources = {"CPU": r.cpus_per_worker}
+        if use_gpu:
+            resources["GPU"] = r.gpus_per_worker
+        callbacks = []
+        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+        if _in_tune_session():
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            callbacks.append(TuneReportCallback())
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.to_dict(), "output_dir": str(out),
+                               "fault_at_step": int(fault) if fault else None},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RayRunConfig(
+                name=RAY_RUN_NAME, storage_path=str(out), callbacks=callbacks,
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                failure_config=FailureConfig(max_failures=max_failures)),
+        )
+        with _MetricsTail(metrics_path, report):
+            try:
+                result = trainer.fit()
+            except Exception as exc:  # WorkerGroupError / ControllerError: the run failed
+                reason = f"{type(exc).__name__}: {exc}"
+    finally:
+        removed = _cleanup_run_shm(out, shm_before)
+        if started:
+            import ray
+
+            ray.shutdown()
+    records = read_metrics(metrics_path)
+    final = next((m for m in reversed(records) if m.get("final")), None)
+    if final is not None and reason is None:
+        status = final["status"]
+    else:
+        final = {"status": "failed", "reason": reason or "the run ended without a final report",
+                 "final": True}
+        with open(metrics_path, "a") as fh:
+            fh.write(json.dumps(final) + "\n")
+        if report is not None:
+            report(final)
+        reason = final["reason"]
+    losses = [[m["step"], m["loss"]] for m in records if m.get("status") == "running"]
+    ckpt_path = result.checkpoint.path if result is not None and result.checkpoint else None
+    if ckpt_path is None:
+        kept = sorted((out / RAY_RUN_NAME).glob("step_*"))
+        ckpt_path = str(kept[-1]) if kept else None
+    from plora_ray.checkpoint import dir_bytes
+
+    res = RunResult(
+        status=status, output_dir=str(out), metrics=final,
+        objectives=final.get("objectives") or {}, metrics_path=str(metrics_path),
+        checkpoint_path=ckpt_path,
+        model_path=final.get("model_path"),
+        wall_time_s=time.perf_counter() - t0,
+        num_unloads=int(final.get("num_unloads") or 0),
+        delta_effective_rank=final.get("effective_rank"),
+        final_loss=losses[-1][1] if losses else None,
+        checkpoint_bytes=dir_bytes(ckpt_path) if ckpt_path else None,
+        backbone_delta_bytes=(dir_bytes(Path(ckpt_path) / "backbone")
+                              if ckpt_path and cfg.method == "plora" else None),
+        full_backbone_bytes=final.get("full_backbone_bytes"),
+        diverged_step=final.get("diverged_step"),
+        reason=final.get("reason") if status != "completed" else None,
+        loss_curve=losses, shm_removed=removed)
+    (out / "result.json").write_text(json.dumps(res.as_dict(), indent=1, default=_json_scalar))
+    return res
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _progress_line(m: dict[str, Any]) -> str:
+    if m.get("final"):
+        bits = [f"[{m.get('status')}]"]
+        if m.get("step") is not None:
+            bits.append(f"step {m['step']}")
+        if m.get("reason"):
+            bits.append(str(m["reason"]).splitlines()[0][:200])
+        for k, v in (m.get("objectives") or {}).items():
+            bits.append(f"{k}={v:.4g}")
+        return "  ".join(bits)
+    bits = [f"step {m['step']:>6}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
+            f"stage {m['stage']}", f"samples {m['samples']}", f"{m['tokens_per_s']:.0f} tok/s"]
+    if m.get("unload"):
+        bits.append(f"UNLOAD merge_err {m['merge_rel_error']:.2e} "
+                    f"rank {m['effective_rank']}")
+    if m.get("checkpoint"):
+        bits.append("ckpt")
+    return "  ".join(bits)
+
+
+def train_command(file: str, overrides: dict[str, Any] | None, output: str | None,
+                  resume: bool = False) -> int:
+    """``plora-ray train FILE [--set k=v ...] [--output DIR] [--resume]``.
+
+    Validates the config (a ConfigError, exit 2, before Ray starts), trains, prints a line per
+    report, and returns 0 when the run completed, 1 otherwise.
+
+    Raises:
+        ConfigError: the config is invalid (the CLI prints it).
+    """
+    cfg = load_config(file, overrides)
+    check_run_config(cfg)
+    out = Path(output) if output else Path("runs") / Path(file).stem
+    print(f"plora-ray train: {file} -> {out} ({cfg.method}, {cfg.resources.num_workers} "
+          f"worker(s), {'DeepSpeed ZeRO-' + str(cfg.deepspeed.zero_stage) if cfg.deepspeed.enabled else 'plain torch'})",
+          flush=True)
+
+    def show(m: dict[str, Any]) -> None:
+        print(_progress_line(m), flush=True)
+
+    try:
+        res = run_training(cfg, out, report=show, resume=resume)
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if res.status == "failed" and res.reason:
+        print(res.reason, file=sys.stderr)
+    print(f"done in {res.wall_time_s:.1f} s: status {res.status}; metrics {res.metrics_path}"
+          + (f"; model {res.model_path}" if res.model_path else "")
+          + (f"; checkpoint {res.checkpoint_path} ({res.checkpoint_bytes} bytes)"
+             if res.checkpoint_path else ""), flush=True)
+    return 0 if res.status == "completed" else 1
