@@ -785,12 +785,15 @@ def _param_keys(rows: Sequence[Row], table: bool = False) -> list[str]:
     return sorted(keys)
 
 
-def _metric_keys(board: Board) -> list[str]:
-    """Objective columns: the standard ones any trial has, then other metrics of the specs."""
+def _metric_keys(board: Board, every: bool = False) -> list[str]:
+    """Objective columns: the standard ones any trial has, then other metrics of the specs, then
+    (``every``) whatever else the records hold (NLLs), except the final loss (its own column)."""
     present = {k for r in board.rows for k in r.objectives}
     keys = [m for m in OBJECTIVE_METRICS if m in present]
     for s in board.searches:
         keys.extend(m for m in s.spec.metrics if m not in keys)
+    if every:
+        keys.extend(sorted(present - set(keys) - {"final_loss"}))
     return keys
 
 
@@ -818,7 +821,7 @@ def _csv_safe(v: Any) -> Any:
 
 def render_csv(board: Board) -> str:
     """One line per trial, in board order; params and objectives as their own columns."""
-    pkeys, mkeys, gkeys = _param_keys(board.rows), _metric_keys(board), _gain_keys(board)
+    pkeys, mkeys, gkeys = _param_keys(board.rows), _metric_keys(board, True), _gain_keys(board)
     header = (["rank", "search", "trial_id", "status", "reason", "method", "lora_rank", "baseline",
                "pareto_front", "score"] + [f"param.{k}" for k in pkeys]
               + [f"objective.{k}" for k in mkeys] + [f"gain.{k}" for k in gkeys]
@@ -941,7 +944,8 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
         return [0.0, 1.0]
     if hi <= lo:
         pad = abs(lo) * 0.1 or 0.5
-        lo, hi = lo - pad, hi + pad
+        # Accuracies and losses are never negative: keep a range of non-negative values there.
+        lo, hi = (lo - pad if lo - pad >= 0 or lo < 0 else 0.0), hi + pad
     step = _nice_step(hi - lo, n)
     start = math.floor(lo / step + 1e-9) * step
     ticks = []
@@ -955,6 +959,8 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _tick_label(v: float, ticks: list[float]) -> str:
+    if v == 0:
+        return "0"  # also keeps "-0.0" off the axis
     step = (ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
     decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 0
     if step > 0 and abs(step / 10 ** math.floor(math.log10(step)) - 2.5) < 1e-9:

@@ -220,6 +220,8 @@ def test_nice_ticks_cover_the_range_with_round_steps() -> None:
     t = lb.nice_ticks(0.113, 0.471)
     assert t[0] <= 0.113 and t[-1] >= 0.471 and len(t) <= 8
     assert lb.nice_ticks(3.0, 3.0)[0] < 3.0 < lb.nice_ticks(3.0, 3.0)[-1]
+    # Every trial scoring 0 (a tiny model on GSM8K): no negative accuracies on the axis.
+    assert lb.nice_ticks(0.0, 0.0)[0] == 0.0 and lb.nice_ticks(0.0, 0.0)[-1] > 0
 
 
 def test_json_for_script_cannot_close_the_script_element() -> None:
@@ -455,3 +457,90 @@ def test_nan_objectives_do_not_break_the_board(tmp_path: Path) -> None:
     out = lb.publish(d)
     data = json.loads((out / "leaderboard.json").read_text())
     assert data["rows"][0]["final_loss"] is None and math.isfinite(data["rows"][1]["final_loss"])
+
+
+# --------------------------------------------------------------------------- a real smoke search
+
+SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+
+
+def finished_smoke_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The search directory of ``plora-ray search search_spaces/smoke.yaml``, run once per pytest
+    session: any test module calling this gets the same finished search (it is cached in the
+    session's base temp directory), so the leaderboard and search tests pay for one search.
+
+    The search runs as the user runs it (the console script, its own local Ray: RAY_ADDRESS=local
+    so it never joins a cluster someone else started).
+    """
+    storage = tmp_path_factory.getbasetemp() / "smoke-search"
+    search_dir, done, log = storage / "smoke", storage / "FINISHED", storage / "search.log"
+    if done.exists():
+        return search_dir
+    if log.exists():
+        pytest.fail(f"the smoke search already failed in this session; see {log}")
+    storage.mkdir(parents=True, exist_ok=True)
+    script = Path(sys.executable).with_name("plora-ray")
+    cmd = ([str(script)] if script.exists() else [sys.executable, "-m", "plora_ray.cli"]) + [
+        "search", str(SMOKE_YAML), "--storage", str(storage), "--name", "smoke"]
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=1500,
+                              cwd=storage)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}; log {log}:\n{tail}")
+    done.write_text("ok\n")
+    return search_dir
+
+
+@pytest.fixture(scope="session")
+def smoke_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return finished_smoke_search(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_board_from_a_real_finished_smoke_search(smoke_search: Path, tmp_path: Path) -> None:
+    d = smoke_search
+    records = {p.stem: json.loads(p.read_text()) for p in (d / "trials").glob("*.json")}
+    assert len(records) >= 2
+    meta = json.loads((d / "search.json").read_text())
+    # The search published the board itself (after each trial and at its end).
+    published = d / "leaderboard"
+    assert set(lb.OUTPUT_FILES) <= set(os.listdir(published))
+    data = json.loads((published / "leaderboard.json").read_text())
+    assert {r["trial_id"] for r in data["rows"]} == set(records)
+    assert [r["rank"] for r in data["rows"]] == list(range(1, len(records) + 1))
+    # Rebuilt with the CLI: the same trials in the same order.
+    from plora_ray.cli import main
+
+    assert main(["leaderboard", str(d), "--out", str(tmp_path / "board")]) == 0
+    again = json.loads((tmp_path / "board" / "leaderboard.json").read_text())
+    assert [r["trial_id"] for r in again["rows"]] == [r["trial_id"] for r in data["rows"]]
+    # Ranking follows the search's own objective.
+    spec = lb.parse_objective_spec(meta, "search.json")
+    done = [r for r in data["rows"] if r["status"] == "completed"]
+    assert done, "the smoke search should complete at least one trial"
+    if spec.pareto:
+        assert done[0]["pareto_front"] and all(
+            not r["pareto_front"] for r in done if r["front"] and r["front"] > 0)
+    else:
+        vals = [records[r["trial_id"]]["objective_value"] for r in done]
+        assert vals == sorted(vals, reverse=spec.scalar_direction == "max")
+    for row in data["rows"]:
+        rec = records[row["trial_id"]]
+        assert row["status"] == rec["status"] and row["params"] == rec["params"]
+        assert row["baseline"] == (rec["method"] in ("lora", "full"))
+        if rec["status"] == "completed":
+            assert row["objectives"]["gsm8k"] == rec["objectives"]["gsm8k"]
+            assert row["objectives"]["mmlu_stem"] == rec["objectives"]["mmlu_stem"]
+            assert row["final_loss"] is not None and row["wall_time_s"] > 0
+            assert row["model_path"] and row["loss_curve"]
+    # The best config is the best trial's run config and loads as a run config.
+    best = records[data["best"]["trial_id"]]
+    cfg = load_config(published / "best_config.yaml")
+    expected = config_from_dict({k: v for k, v in best["config"].items() if k != "search"})
+    assert cfg.to_dict() == expected.to_dict()
+    with open(published / "leaderboard.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(records)
+    page = (published / "index.html").read_text()
+    assert page.count("<tr ") == len(records)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from plora_ray import leaderboard as lb
-from test_leaderboard import make_search_dir, record, small_search
+from test_leaderboard import finished_smoke_search, make_search_dir, record, small_search
 
 EVIL = "<script>window.__pwned=1</script>"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -271,4 +271,25 @@ def test_screenshot_of_the_page(loaded: Browser, tmp_path: Path) -> None:
     loaded.screenshot(shot)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     if os.environ.get("PLORA_SCREENSHOT_DIR"):  # to look at it: PLORA_SCREENSHOT_DIR=/tmp/x
+        shutil.copy(shot, Path(os.environ["PLORA_SCREENSHOT_DIR"]) / shot.name)
+
+
+@pytest.mark.slow
+def test_board_of_a_real_smoke_search_in_the_browser(
+        browser: Browser, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    d = finished_smoke_search(tmp_path_factory)  # the session's one smoke search
+    n = len(list((d / "trials").glob("*.json")))
+    browser.open((d / "leaderboard" / "index.html").as_uri())
+    assert browser.errors() == []
+    assert browser.eval("document.querySelectorAll('#board tbody tr').length") == n
+    assert browser.eval("document.querySelectorAll('svg.plot').length") >= 4
+    assert browser.eval("document.querySelectorAll('#plot-loss path.curve').length") >= 1
+    browser.click("#board th:nth-child(2)")  # trial id
+    ids = browser.eval("[...document.querySelectorAll('#board tbody tr')].map(r => r.cells[1]"
+                       ".textContent)")
+    assert ids == sorted(ids)
+    shot = tmp_path / "smoke_leaderboard.png"
+    browser.eval("window.scrollTo(0, 0)")
+    browser.screenshot(shot)
+    if os.environ.get("PLORA_SCREENSHOT_DIR"):
         shutil.copy(shot, Path(os.environ["PLORA_SCREENSHOT_DIR"]) / shot.name)
