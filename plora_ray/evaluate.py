@@ -143,7 +143,17 @@ def _shard_of(requests: list[Instance], world_size: int) -> list[int]:
     return out
 
 
-def _make_sharded_lm(inner: LM, rank: int, world_size: int) -> LM:
+def shard_lm(inner: LM, rank: int, world_size: int) -> LM:
+    """Wrap an lm-eval LM so this rank scores only its share of documents (see ShardedLM).
+
+    Call the wrapped LM's methods on every rank of the default process group with the same
+    requests (lm-eval builds them deterministically); each rank returns all responses.
+
+    Args:
+        inner: the model (e.g. HFLM) that scores this rank's requests.
+        rank: this process's rank.
+        world_size: the number of ranks.
+    """
     from lm_eval.api.model import LM
 
     class ShardedLM(LM):
@@ -221,14 +231,13 @@ def fixed_subsample(name: str, n: int, limit: int | None, seed: int) -> list[int
 
 
 @contextlib.contextmanager
-def _preserved_rng_and_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Evaluation seeds the global RNGs and sets eval mode; give the trainer both back."""
+def _preserved_rng() -> Iterator[None]:
+    """lm-eval seeds the global RNGs (and datasets draws from them); give the trainer its
+    random, numpy and torch streams back untouched."""
     import numpy as np
 
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    was_training = model.training
-    model.eval()
     try:
         yield
     finally:
@@ -237,6 +246,15 @@ def _preserved_rng_and_mode(model: torch.nn.Module) -> Iterator[None]:
         torch.set_rng_state(torch_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
         model.train(was_training)
 
 
@@ -299,6 +317,71 @@ def _validate(ev: EvalConfig) -> None:
 # --------------------------------------------------------------------------- evaluation
 
 
+def run_tasks(lm: LM, ev: EvalConfig, tasks: dict[str, Any] | None = None
+              ) -> tuple[dict[str, Any], dict[str, float]]:
+    """Evaluate ``ev.tasks`` with any lm-eval LM through ``lm_eval.evaluator.evaluate``.
+
+    Seeds as lm-eval's ``simple_evaluate`` does (so few-shot examples match a stock run), runs one
+    ``evaluate()`` per top-level task (so each task's wall time is its own), and applies the
+    fixed-seed ``ev.limit`` subsample to every leaf task (each MMLU subject gets ``limit``
+    documents, as lm-eval's ``--limit`` does). This is where another backend plugs in: pass an
+    lm-eval ``VLLM`` instead of ``HFLM``.
+
+    Args:
+        lm: an ``lm_eval.api.model.LM``.
+        ev: eval settings (tasks, num_fewshot, limit, limit_seed, chat_format, data_dir).
+        tasks: prebuilt tasks (``plora_ray.tasks.build_tasks``); built from ``ev`` when None.
+
+    Returns:
+        (lm-eval's results structure merged over the tasks, wall seconds per task).
+
+    Raises:
+        ValueError: an unknown task or ARC few-shot.
+        DataError: a missing data file or column.
+    """
+    if tasks is None:
+        _validate(ev)
+        tasks = build_tasks(list(ev.tasks), ev.data_dir, dict(ev.num_fewshot))
+    results: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    with _preserved_rng():
+        for name, obj in tasks.items():
+            _run_one(lm, ev, name, obj, results, seconds)
+    return results, seconds
+
+
+def _run_one(lm: LM, ev: EvalConfig, name: str, obj: Any, results: dict[str, Any],
+             seconds: dict[str, float]) -> None:
+    """One top-level task through lm_eval.evaluator.evaluate, merged into ``results``."""
+    import numpy as np
+    from lm_eval.evaluator import evaluate
+
+    t0 = time.perf_counter()
+    task_dict = as_task_dict(obj)
+    samples = {}
+    for leaf_name, leaf in task_dict["tasks"].items():
+        leaf.set_fewshot_seed(seed=OTHER_SEED)
+        idx = fixed_subsample(leaf_name, len(leaf.eval_docs), ev.limit, ev.limit_seed)
+        if idx is not None:
+            samples[leaf_name] = idx
+    random.seed(RANDOM_SEED)
+    np.random.seed(OTHER_SEED)
+    torch.manual_seed(OTHER_SEED)
+    part = evaluate(
+        lm=lm,
+        task_dict=task_dict,
+        samples=samples or None,
+        log_samples=False,
+        apply_chat_template=ev.chat_format,
+        fewshot_as_multiturn=ev.chat_format,
+    )
+    if part is None:
+        raise RuntimeError(f"lm-eval returned no results for {name} on rank {lm.rank}; pass "
+                           "an LM that reports rank 0 (shard_lm does)")
+    _merge_results(results, dict(part))
+    seconds[name] = time.perf_counter() - t0
+
+
 def evaluate_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -333,10 +416,14 @@ def evaluate_model(
         DataError: a missing data file or column (raised before any forward pass).
         RuntimeError: world_size > 1 without an initialized process group.
     """
-    from lm_eval.evaluator import evaluate
-
     _validate(ev)
     _check_distributed(rank, world_size)
+    with _preserved_rng():
+        return _evaluate_model(model, tokenizer, ev, rank, world_size)
+
+
+def _evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ev: EvalConfig,
+                    rank: int, world_size: int) -> EvalResult:
     start = time.perf_counter()
     # Build (and so validate) every task before the model does any work.
     tasks = build_tasks(list(ev.tasks), ev.data_dir, dict(ev.num_fewshot))
@@ -345,38 +432,11 @@ def evaluate_model(
 
     payload: tuple[dict[str, Any], dict[str, float], dict[str, float]] | None = None
     if runs_here:
-        results: dict[str, Any] = {}
-        seconds: dict[str, float] = {}
-        with _preserved_rng_and_mode(model):
+        with _eval_mode(model):
             lm = _local_hflm(model, tokenizer, ev.batch_size, ev.max_gen_toks)
             if sharded:
-                lm = _make_sharded_lm(lm, rank, world_size)
-            # One evaluate() per top-level task, so each task's wall time is its own.
-            for name, obj in tasks.items():
-                t0 = time.perf_counter()
-                task_dict = as_task_dict(obj)
-                samples = {}
-                for leaf_name, leaf in task_dict["tasks"].items():
-                    leaf.set_fewshot_seed(seed=OTHER_SEED)
-                    idx = fixed_subsample(leaf_name, len(leaf.eval_docs), ev.limit, ev.limit_seed)
-                    if idx is not None:
-                        samples[leaf_name] = idx
-                random.seed(RANDOM_SEED)
-                import numpy as np
-
-                np.random.seed(OTHER_SEED)
-                torch.manual_seed(OTHER_SEED)
-                part = evaluate(
-                    lm=lm,
-                    task_dict=task_dict,
-                    samples=samples or None,
-                    log_samples=False,
-                    apply_chat_template=ev.chat_format,
-                    fewshot_as_multiturn=ev.chat_format,
-                )
-                assert part is not None  # our LMs report rank 0, so every rank gets results
-                _merge_results(results, dict(part))
-                seconds[name] = time.perf_counter() - t0
+                lm = shard_lm(lm, rank, world_size)
+            results, seconds = run_tasks(lm, ev, tasks)
             t0 = time.perf_counter()
             proxy = proxy_nll(model, tokenizer, ev, rank=rank if sharded else 0,
                               world_size=world_size if sharded else 1)
@@ -541,7 +601,7 @@ def proxy_nll(
         return {}
     pairs = _proxy_pairs(ev, tokenizer)
     sums: dict[str, tuple[float, int]] = {}
-    with _preserved_rng_and_mode(model):
+    with _preserved_rng(), _eval_mode(model):
         for key, items in pairs.items():
             sums[key] = _sum_nll(model, tokenizer, items[rank::world_size], ev.batch_size,
                                  ev.chat_format)
@@ -657,4 +717,6 @@ __all__ = [
     "fixed_subsample",
     "objectives_from_results",
     "proxy_nll",
+    "run_tasks",
+    "shard_lm",
 ]
