@@ -192,6 +192,7 @@ class _Run:
                                      lora_pairs, make_lr_scheduler)
 
         cfg = self.cfg
+        t0 = time.perf_counter()
         _seed_everything(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         model = load_model(cfg.model, seed=cfg.seed, vocab_size=len(self.tokenizer))
@@ -202,7 +203,9 @@ class _Run:
                 model.enable_input_require_grads()  # LoRA: inputs of checkpointed blocks need grads
         model = attach_lora(model, cfg.lora, cfg.method)
         self.full_backbone_bytes = full_backbone_bytes(model)
+        t1 = time.perf_counter()
         self.train_set, self.held_set, self.data_stats = build_datasets(cfg, self.tokenizer)
+        t2 = time.perf_counter()
         self.batcher = Batcher(self.train_set, cfg.batch.micro_batch, self.rank, self.world,
                                cfg.seed)
         self.total_steps = total_steps(cfg, len(self.train_set))
@@ -240,6 +243,9 @@ class _Run:
                                self.recorder, scheduler=self.scheduler)
         self.guard = DivergenceGuard(cfg.train.divergence_loss_multiple,
                                      cfg.train.divergence_window)
+        # Where a run's fixed cost goes (reported once, in the final report).
+        self.setup_seconds = {"model_s": round(t1 - t0, 3), "data_s": round(t2 - t1, 3),
+                              "engine_s": round(time.perf_counter() - t2, 3)}
         self.step = 0
         self.elapsed_before = 0.0  # training seconds of earlier attempts (resume)
         self.last_unload: dict[str, Any] = {}
@@ -470,10 +476,10 @@ class _Run:
     def compute_proxy(self) -> dict[str, float]:
         from plora_ray.evaluate import proxy_nll
 
-        sharded = self.cfg.eval.sharded
-        self.module.eval()
-        out = proxy_nll(self.module, self.tokenizer, self.cfg.eval,
-                        rank=self.rank if sharded else 0, world_size=self.world if sharded else 1)
+        # Every rank calls it (documents are sharded across ranks and gathered); it restores the
+        # model's mode and the RNG states, so the training that follows is unchanged.
+        out = proxy_nll(self.module, self.tokenizer, self.cfg.eval, rank=self.rank,
+                        world_size=self.world)
         return {k: float(v) for k, v in out.items()}
 
     def finish(self, diverged: str | None) -> None:
@@ -503,17 +509,15 @@ class _Run:
             if cfg.eval.at_end:
                 from plora_ray.evaluate import evaluate_model
 
-                sharded = cfg.eval.sharded
-                self.module.eval()
-                if sharded or self.rank == 0:
-                    res = evaluate_model(self.module, self.tokenizer, cfg.eval,
-                                         rank=self.rank if sharded else 0,
-                                         world_size=self.world if sharded else 1)
-                    objectives = {k: float(v) for k, v in res.objectives.items()}
-                    final["eval_seconds"] = res.seconds
-                    if self.rank == 0:
-                        (self.out / "eval_results.json").write_text(
-                            json.dumps(res.results, indent=1, default=_json_scalar))
+                # Every rank calls it: with eval.sharded the documents are split across ranks,
+                # otherwise rank 0 scores them all and broadcasts.
+                res = evaluate_model(self.module, self.tokenizer, cfg.eval, rank=self.rank,
+                                     world_size=self.world)
+                objectives = {k: float(v) for k, v in res.objectives.items()}
+                final["eval_seconds"] = round(res.seconds, 3)
+                if self.rank == 0:
+                    (self.out / "eval_results.json").write_text(
+                        json.dumps(res.as_dict(), indent=1, default=_json_scalar))
             if cfg.eval.proxy_samples > 0 and not any(k in objectives for k in self.proxy):
                 self.proxy = self.compute_proxy()
             objectives = {**self.proxy, **objectives}
@@ -526,6 +530,7 @@ class _Run:
                                  access=self.access if stage3 else None, write=self.rank == 0)
                 final["model_path"] = str(self.out / "model")
         final["elapsed_s"] = round(self.elapsed(), 3)
+        final["setup_seconds"] = self.setup_seconds
         self.report(final, checkpoint=False)
 
 
@@ -578,7 +583,12 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         _Run(loop_cfg).run()
     finally:
         if port:
-            cleanup_shm(addr, port)
+            # Unlinking while a peer still maps the buffer is safe: the mapping outlives the name.
+            removed = cleanup_shm(addr, port)
+            if removed:
+                d = out / PROCESS_GROUP_DIR
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"{port}.removed.rank{ctx.get_world_rank()}").write_text("\n".join(removed))
 
 
 # --------------------------------------------------------------------------- the driver
@@ -677,10 +687,11 @@ def _ensure_ray(cfg: RunConfig) -> bool:
     r = cfg.resources
     # The Train controller takes 0 CPUs; the driver needs one, each worker its share.
     need = math.ceil(r.num_workers * r.cpus_per_worker) + 1
+    # No dashboard (nothing listens beyond Ray's own services). Ray resolves a loopback
+    # node address to the machine's own IP anyway, so none is passed.
     ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1),
              num_gpus=math.ceil(r.num_workers * r.gpus_per_worker) if r.gpus_per_worker else None,
-             include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=True, logging_level="warning")
+             include_dashboard=False, log_to_driver=False, logging_level="warning")
     return True
 
 
@@ -692,11 +703,16 @@ def _cleanup_run_shm(out: Path, before: set[str]) -> list[str]:
     removed: list[str] = []
     d = out / PROCESS_GROUP_DIR
     if d.is_dir():
+        # What the workers removed themselves at their end ...
+        for f in sorted(d.glob("*.removed.rank*")):
+            removed += f.read_text().split()
+        # ... and what a worker killed before its cleanup left behind.
         for f in sorted(d.glob("*.json")):
             with contextlib.suppress(json.JSONDecodeError, KeyError):
                 pg = json.loads(f.read_text())
                 removed += [p for p in cleanup_shm(pg["addr"], pg["port"]) if p not in before]
-    return removed
+        shutil.rmtree(d, ignore_errors=True)
+    return sorted(set(removed))
 
 
 def _shm_snapshot() -> set[str]:
