@@ -552,6 +552,16 @@ def _check_values_against_schema(spec: SearchSpec, base: dict[str, Any], source:
                                  problems: list[str]) -> None:
     """Build the run config with each param's extreme values, so an out-of-range bound (momentum
     1.5) fails here with the run config's own message instead of in trial 7 on the cluster."""
+    def run_problems(overrides: dict[str, Any]) -> list[str]:
+        try:
+            config_from_dict(base, None, overrides=overrides)
+        except ConfigError as exc:
+            return exc.problems
+        return []
+
+    # Problems of the base config itself (a model.path on another machine) are the run config's
+    # to report; only problems a value adds are the param's.
+    known = set(run_problems({}))
     for p in spec.params:
         where = f"search.params.{p.key}"
         if p.distribution == "choice":
@@ -561,10 +571,9 @@ def _check_values_against_schema(spec: SearchSpec, base: dict[str, Any], source:
             if p.is_int:
                 probes = [int(round(x)) for x in probes if x is not None]
         for v in probes:
-            try:
-                config_from_dict(base, source, overrides={p.key: v})
-            except ConfigError as exc:
-                mine = [m for m in exc.problems if m.startswith(p.key)] or exc.problems
+            new = [m for m in run_problems({p.key: v}) if m not in known]
+            if new:
+                mine = [m for m in new if m.startswith(p.key)] or new
                 problems.append(f"{where}: value {v!r} makes an invalid run config: {mine[0]}")
                 break
 
@@ -957,13 +966,10 @@ def build_record(*, trial_id: str, ctx: TrialContext, params: dict[str, Any],
     cfg = config or {}
     objectives = dict(result.get("objectives") or {})
     if not objectives:
+        # Only the trainer's final report holds objectives; step reports carry the proxy only.
         for rec in reversed(metrics):
-            if isinstance(rec.get("objectives"), dict):
+            if rec.get("final") and isinstance(rec.get("objectives"), dict):
                 objectives = dict(rec["objectives"])
-                break
-            found = {m: rec[m] for m in OBJECTIVE_METRICS if m in rec and m != "final_loss"}
-            if found and rec.get("status"):
-                objectives = found
                 break
     curve = [[m["step"], m["loss"]] for m in metrics if "step" in m and m.get("loss") is not None]
     final_loss = result.get("final_loss")
@@ -1036,14 +1042,6 @@ def _final_metrics(record: dict[str, Any], objective: ObjectiveSpec) -> dict[str
     return out
 
 
-def _train_callbacks() -> list[Any]:
-    """Ray Train callbacks forwarding the workers' reports (loss, proxy, samples) to this Tune
-    trial, so ASHA sees the proxy while the trial trains (the Train-inside-Tune pattern)."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    return [TuneReportCallback()]
-
-
 def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
     """One Tune trial: the run config with the sampled dotted keys, trained by the trainer.
 
@@ -1074,8 +1072,11 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
         tune.report(_final_metrics(rec, ctx.objective))
         return
     runner = _load_runner(ctx.runner)
-    resume = os.path.isdir(os.path.join(run_dir, "checkpoints"))
-    result = _result_dict(runner(cfg, run_dir, report=_train_callbacks(), resume=resume))
+    # A retried or resumed trial continues from its own newest checkpoint (Ray Train's snapshot
+    # in <run_dir>/ray); the trainer forwards its reports to this Tune trial by itself
+    # (TuneReportCallback when it runs inside a Tune session).
+    resume = os.path.isfile(os.path.join(run_dir, "ray", "checkpoint_manager_snapshot.json"))
+    result = _result_dict(runner(cfg, run_dir, report=None, resume=resume))
     status = str(result.get("status") or "completed")
     if status not in TERMINAL_STATUSES:
         status = "failed"
