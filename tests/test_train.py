@@ -1,0 +1,289 @@
+"""Training on Ray: `plora-ray train` end to end, exact resume, /dev/shm cleanup, divergence.
+
+The end-to-end tests start one local Ray head for the module (3 CPUs: the driver plus two
+workers) and run the real TorchTrainer, DeepSpeed and PLoRA on a tiny seeded LLaMA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from plora_ray import cli
+from plora_ray.config import ConfigError, config_from_dict, load_config
+from plora_ray.train import (
+    FAULT_ENV,
+    DivergenceGuard,
+    _truncate_metrics,
+    read_metrics,
+    run_training,
+    total_steps,
+)
+
+# Two workers, ZeRO-2 in bf16, unload every 3 steps, a checkpoint every 2 steps and at each
+# unload (steps 2, 3, 4, 6, 8), 8 steps, a tiny evaluation at the end.
+TINY_YAML = """\
+seed: 0
+method: plora
+model:
+  tiny: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2,
+         num_key_value_heads: 2}
+  dtype: bfloat16
+data:
+  sources: [{path: "bundled:gsm8k"}]
+  max_length: 96
+  held_out: 4
+  max_samples: 64
+lora: {rank: 4, alpha: 8}
+plora: {unload_every: 3, unload_unit: steps, momentum: 0.1, merge_rounding: stochastic}
+optim: {lr: 1.0e-3}
+batch: {global_batch: 4, micro_batch: 2}
+train: {max_steps: 8, log_every: 2}
+deepspeed: {enabled: true, zero_stage: 2, bf16: true}
+resources: {num_workers: 2, cpus_per_worker: 1}
+eval: {tasks: [gsm8k], num_fewshot: {gsm8k: 0}, limit: 2, max_gen_toks: 4, batch_size: 2,
+       proxy_samples: 2}
+checkpoint: {at_unload: true, every_steps: 2, keep: 2}
+"""
+
+RUN_KEYS = {"step", "samples", "tokens", "loss", "lr", "stage", "tokens_per_s",
+            "merge_rel_error", "effective_rank", "unload", "elapsed_s", "status"}
+
+
+def _shm_names() -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir()} if Path("/dev/shm").is_dir() else set()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
+             logging_level="warning")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY_YAML)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(ray_head, tiny_yaml, tmp_path_factory):
+    """An uninterrupted run through the CLI: (output dir, exit code, stdout, shm before)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    before = _shm_names()
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["train", str(tiny_yaml), "--output", str(out)])
+    return out, rc, buf.getvalue(), before
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_train_command_writes_metrics_checkpoints_and_a_loadable_model(reference_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, rc, stdout, _ = reference_run
+    assert rc == 0, stdout
+    records = read_metrics(out / "metrics.jsonl")
+    running = [r for r in records if r["status"] == "running"]
+    assert [r["step"] for r in running] == [2, 3, 4, 6, 8]
+    for r in running:
+        assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
+        assert r["loss"] > 0 and r["tokens_per_s"] > 0 and r["tokens"] > 0
+    assert [r["step"] for r in running if r["unload"]] == [3, 6]
+    assert [r["stage"] for r in running] == [0, 1, 1, 2, 2]
+    assert [r["samples"] for r in running] == [8, 12, 16, 24, 32]
+    unload = next(r for r in running if r["unload"])
+    assert 0 <= unload["merge_rel_error"] < 1 and unload["effective_rank"] >= 1
+    assert unload["backbone_exceptions"] == 0  # the compact record replays bit for bit
+    assert "gsm8k_nll" in unload  # the proxy, computed at each unload
+    final = records[-1]
+    assert final["final"] and final["status"] == "completed" and final["num_unloads"] == 2
+    assert {"gsm8k", "gsm8k_flexible", "gsm8k_nll"} <= set(final["objectives"])
+    # A line of progress per report.
+    assert stdout.count("\nstep ") + stdout.startswith("step ") >= len(running)
+    assert "[completed]" in stdout
+
+    # checkpoint.keep = 2 of the checkpoints at steps 2, 3, 4, 6, 8.
+    kept = sorted(p.name for p in (out / "ray").glob("step_*"))
+    assert kept == ["step_000006", "step_000008"]
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "completed" and result["num_unloads"] == 2
+    assert result["checkpoint_bytes"] > result["backbone_delta_bytes"] > 0
+    assert (out / "ray" / "step_000008" / "backbone" / "unload_0001.safetensors").is_file()
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    ids = tok("Question: 2+2?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+@pytest.mark.slow
+def test_run_removes_the_dev_shm_buffers_it_created(reference_run):
+    out, rc, _, before = reference_run
+    assert rc == 0
+    removed = json.loads((out / "result.json").read_text())["shm_removed"]
+    # Two ranks on one node: DeepSpeed created one buffer per rank, and the run removed them.
+    assert len(removed) == 2, removed
+    assert all(Path(p).name.startswith("deepspeed_allreduce_buffer_") for p in removed)
+    left = _shm_names() - before
+    assert not {Path(p).name for p in removed} & left
+    assert not [n for n in left if n.startswith("deepspeed_allreduce_buffer_")]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_losses_and_weights(reference_run, tiny_yaml,
+                                                            tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    ref_out, rc, _, _ = reference_run
+    assert rc == 0
+    out = tmp_path / "run"
+    # Killed after step 5: the newest checkpoint is step 4, one step into stage 1 (unload at 3).
+    monkeypatch.setenv(FAULT_ENV, "5")
+    assert cli.main(["train", str(tiny_yaml), "--output", str(out)]) == 1
+    failed = read_metrics(out / "metrics.jsonl")
+    assert failed[-1]["status"] == "failed" and "injected fault" in failed[-1]["reason"]
+    assert [r["step"] for r in failed if r.get("status") == "running"] == [2, 3, 4]
+    monkeypatch.delenv(FAULT_ENV)
+    # Without --resume the directory is refused; with it the run continues from step 4.
+    assert cli.main(["train", str(tiny_yaml), "--output", str(out)]) == 2
+    assert cli.main(["train", str(tiny_yaml), "--output", str(out), "--resume"]) == 0
+
+    ref = read_metrics(ref_out / "metrics.jsonl")
+    got = read_metrics(out / "metrics.jsonl")
+    curve = lambda rs: [(r["step"], r["loss"], r["lr"], r["samples"], r["tokens"])  # noqa: E731
+                        for r in rs if r.get("status") == "running"]
+    assert curve(got) == curve(ref)
+    assert got[-1]["objectives"] == ref[-1]["objectives"]
+    a = load_file(ref_out / "model" / "model.safetensors")
+    b = load_file(out / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)), k
+
+
+@pytest.mark.slow
+def test_divergence_stops_the_run_with_its_status_and_step(ray_head, tmp_path):
+    data = {
+        "model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "num_key_value_heads": 2},
+                  "dtype": "float32"},
+        "data": {"max_length": 64, "held_out": 2, "max_samples": 64},
+        # Full fine-tuning at a learning rate no model survives: after one step the logits are
+        # huge and the loss jumps from ~7.6 (ln 2048) to ~1000.
+        "method": "full",
+        "optim": {"lr": 10.0, "grad_clip": None},
+        "batch": {"global_batch": 4, "micro_batch": 4},
+        "train": {"max_steps": 6, "log_every": 1, "divergence_loss_multiple": 3.0,
+                  "divergence_window": 4},
+        # The plain-torch fallback (one worker, no DeepSpeed) runs the same loop.
+        "deepspeed": {"enabled": False},
+        "eval": {"at_end": False, "proxy_samples": 0},
+        "checkpoint": {"at_unload": False, "export_model": True},
+    }
+    cfg = config_from_dict(data)
+    res = run_training(cfg, tmp_path / "run")
+    assert res.status == "diverged", res
+    assert res.diverged_step is not None and 1 < res.diverged_step < 6
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert records[-1]["status"] == "diverged"
+    assert records[-1]["diverged_step"] == res.diverged_step
+    assert "loss" in records[-1]["reason"]
+    assert records[-2]["step"] == res.diverged_step  # the diverging step was reported
+    assert res.model_path is None and not (tmp_path / "run" / "model").exists()
+
+
+# --------------------------------------------------------------------------- before Ray
+
+
+def test_bad_config_fails_before_ray_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_YAML.replace("lora: {rank: 4, alpha: 8}", "lora: {rank: 0, alpah: 8}"))
+    # A Ray address nobody listens on: reaching Ray at all would fail differently.
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, "-m", "plora_ray.cli", "train", str(bad), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "lora.rank" in proc.stderr and "lora.alpah" in proc.stderr
+    assert str(bad) in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_config_the_trainer_cannot_run_is_rejected_before_ray(tmp_path):
+    cfg = config_from_dict({"resources": {"num_workers": 2}, "deepspeed": {"enabled": False},
+                            "batch": {"global_batch": 8, "micro_batch": 4}})
+    with pytest.raises(ConfigError, match="deepspeed.enabled"):
+        run_training(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_directory_needs_resume(tmp_path, tiny_yaml):
+    (tmp_path / "run" / "ray").mkdir(parents=True)
+    (tmp_path / "run" / "ray" / "checkpoint_manager_snapshot.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_training(load_config(tiny_yaml), tmp_path / "run")
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_divergence_guard_flags_nan_inf_and_a_jump_over_the_running_mean():
+    g = DivergenceGuard(multiple=3.0, window=3)
+    assert g.check(2.0) is None and g.check(1.0) is None
+    assert "running mean 1.5" in g.check(4.6)  # 4.6 > 3 x 1.5
+    assert "not finite" in DivergenceGuard(5.0, 2).check(float("nan"))
+    assert "not finite" in DivergenceGuard(5.0, 2).check(float("inf"))
+    # Only the last `window` losses count: an early high loss leaves the window.
+    g = DivergenceGuard(multiple=2.0, window=2)
+    for loss in (10.0, 1.0, 1.0):
+        assert g.check(loss) is None
+    assert g.check(2.5) is not None
+    wide = DivergenceGuard(multiple=2.0, window=3)
+    for loss in (10.0, 1.0, 1.0):
+        wide.check(loss)
+    assert wide.check(2.5) is None
+    restored = DivergenceGuard(multiple=2.0, window=3)
+    restored.load_state_dict(wide.state_dict())
+    assert list(restored.history) == list(wide.history)
+
+
+def test_total_steps_follows_epochs_and_max_steps():
+    cfg = config_from_dict({"batch": {"global_batch": 8, "micro_batch": 4},
+                            "train": {"epochs": 2.0}})
+    assert total_steps(cfg, 100) == 25
+    cfg = config_from_dict({"batch": {"global_batch": 8, "micro_batch": 4},
+                            "train": {"epochs": 2.0, "max_steps": 10}})
+    assert total_steps(cfg, 100) == 10
+    assert total_steps(cfg, 3) == 1  # never zero steps
+
+
+def test_resume_truncates_metrics_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "status": "running"} for s in (2, 4, 6)]
+    lines.append({"status": "failed", "final": True})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 8, "sta')
+    _truncate_metrics(path, 4)
+    assert [r["step"] for r in read_metrics(path)] == [2, 4]
