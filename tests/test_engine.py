@@ -1,0 +1,244 @@
+"""DeepSpeed engine and PLoRA's unload under ZeRO 0-3: a real engine against a plain-torch reference.
+
+The multi-rank runs happen in ``tests/ds_worker.py`` processes (gloo, a free port each launch);
+one launch per world size loops over every (stage, dtype) case, because DeepSpeed's import and
+process-group setup dominate the cost. Both launches start once per session (module fixtures).
+
+Tolerances (relative Frobenius error of all tensors of a kind, e.g. every lora_B, concatenated):
+
+* fp32: 1e-4. The two runs differ only in summation order (all-reduce vs sequential micro
+  batches, ZeRO-3's reduce-scatter), ~1e-6 measured.
+* bf16: 2e-2 for LoRA parameters and backbone, 5e-2 for Adam moments. DeepSpeed reduces
+  gradients in bf16 (the reference accumulates in fp32 from the same bf16 micro-batch
+  gradients), which perturbs each gradient by ~0.4%, and ZeRO-3 accumulates in a different
+  order; the perturbation grows over the steps, more in the second moment (squared gradients)
+  than in the parameters. Measured: <= 1.2e-2 (parameters), <= 3e-2 (moments) at two ranks;
+  exactly 0 at stages 0-2 on one rank. A forgotten master write, moment reset or step reset
+  shows up as errors of order 1 (the negative control below measures it).
+
+Adam step counts must be equal exactly in every case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plora_ray.config import ConfigError, config_from_dict
+
+WORKER = Path(__file__).with_name("ds_worker.py")
+FP32_TOL = 1e-4
+BF16_PARAM_TOL = 2e-2
+BF16_STATE_TOL = 5e-2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _shm_names() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir()} if shm.is_dir() else set()
+
+
+def _cases(world: int) -> list[dict[str, Any]]:
+    cases = []
+    for stage in (0, 1, 2, 3):
+        for bf16 in (False, True):
+            # Each stage sees both momenta (m = 0 re-initialises A; m > 0 keeps m·ΔW), each dtype
+            # too, and the two world sizes swap them.
+            momentum = 0.5 if (stage + bf16 + world) % 2 else 0.0
+            cases.append({"name": f"z{stage}_{'bf16' if bf16 else 'fp32'}_w{world}",
+                          "stage": stage, "bf16": bf16, "momentum": momentum})
+    if world == 1:
+        cases.append({"name": "control_module_only_z2_bf16", "stage": 2, "bf16": True,
+                      "momentum": 0.0, "module_only": True})
+        cases.append({"name": "control_module_only_z3_fp32", "stage": 3, "bf16": False,
+                      "momentum": 0.5, "module_only": True})
+        cases.append({"name": "probe_undo_z2_bf16", "stage": 2, "bf16": True, "momentum": 0.0,
+                      "probe_undo": True})
+    return cases
+
+
+def _launch(world: int, tmp: Path) -> dict[str, Any]:
+    """Run ds_worker.py on ``world`` ranks; return per-case results and the shm bookkeeping."""
+    cases = _cases(world)
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   # What DeepSpeed's launcher (and our Ray worker) sets: DeepSpeed's CPU backend
+                   # then opens its shared-memory all-reduce buffers in /dev/shm.
+                   LOCAL_SIZE=str(world), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), str(tmp / "cases.json"), str(tmp)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=600)
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        from plora_ray.engine import cleanup_shm
+
+        removed = cleanup_shm("127.0.0.1", port)
+    for rank, (proc, out) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{out[-6000:]}"
+    results = {c["name"]: json.loads((tmp / f"{c['name']}.json").read_text()) for c in cases}
+    # Only this launch's names: other runs on the machine may create their own meanwhile.
+    mine = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_"
+    return {"results": results, "cases": cases, "shm_removed": removed,
+            "shm_left": sorted(n for n in _shm_names() if n.startswith(mine))}
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _launch(1, tmp_path_factory.mktemp("ds_w1"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _launch(2, tmp_path_factory.mktemp("ds_w2"))
+
+
+def _check_matches_reference(run: dict[str, Any]) -> None:
+    failures = []
+    for case in run["cases"]:
+        if case.get("module_only") or case.get("probe_undo"):
+            continue
+        r = run["results"][case["name"]]
+        assert r["unloads"] == 2, (case["name"], r)
+        for kind, err in r["rel_err"].items():
+            if case["bf16"]:
+                tol = BF16_STATE_TOL if kind.startswith("exp_avg") else BF16_PARAM_TOL
+            else:
+                tol = FP32_TOL
+            if not err <= tol:
+                failures.append(f"{case['name']}: {kind} rel err {err:.3g} > {tol}")
+        if not r["steps_equal"]:
+            failures.append(f"{case['name']}: Adam step counts differ from the reference")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_deepspeed_unloads_match_torch_reference_every_zero_stage_one_rank(one_rank):
+    _check_matches_reference(one_rank)
+    # Stage 0 bf16 goes through FP16_UnfusedOptimizer, whose construction step we undo; the
+    # step counts (1 after the last unload) prove the reset reached the real optimizer state.
+    r = one_rank["results"]["z0_bf16_w1"]
+    assert r["optimizer"] == "FP16_UnfusedOptimizer" and r["steps"] == [1.0]
+    assert one_rank["results"]["z2_bf16_w1"]["optimizer"] == "DeepSpeedZeroOptimizer"
+
+
+@pytest.mark.slow
+def test_deepspeed_unloads_match_torch_reference_every_zero_stage_two_ranks(two_ranks):
+    _check_matches_reference(two_ranks)
+    for dtype in ("fp32", "bf16"):
+        r = two_ranks["results"][f"z3_{dtype}_w2"]
+        # ZeRO-3 really partitioned the frozen backbone: each rank holds half.
+        assert r["zero3_local_numel"] * 2 == r["zero3_full_numel"], r
+        # The same global batch of 8 as 2 ranks x 2 micro x 2 accumulation steps.
+        assert r["gas"] == 2
+
+
+@pytest.mark.slow
+def test_module_only_writes_are_undone_negative_control(one_rank):
+    """Writing LoRA values only into the module (not the fp32 master) must fail the comparison."""
+    for name in ("control_module_only_z2_bf16", "control_module_only_z3_fp32"):
+        r = one_rank["results"][name]
+        worst = max(r["rel_err"]["lora_A"], r["rel_err"]["lora_B"])
+        assert worst > 10 * BF16_PARAM_TOL, (name, r["rel_err"])
+    probe = one_rank["results"]["probe_undo_z2_bf16"]
+    assert probe["module_abs_max_right_after_write"] == 0.0  # the write did reach the module
+    # ...and one optimizer step later the module holds the master's value again, which went on
+    # from B's old value: one step from the old B, far from the 0 that was written.
+    assert probe["module_equals_master_after_step"], probe
+    assert probe["after_step_rel_distance_from_old"] < 0.5, probe
+    assert probe["after_step_norm"] > 0.5 * probe["old_norm"], probe
+
+
+@pytest.mark.slow
+def test_deepspeed_runs_leave_no_shm_files(one_rank, two_ranks):
+    for world, run in ((1, one_rank), (2, two_ranks)):
+        # One buffer per rank was created (LOCAL_SIZE set), so the check below is not vacuous...
+        assert len(run["shm_removed"]) == world, run["shm_removed"]
+        # ...and cleanup_shm removed every one of them.
+        assert run["shm_left"] == [], run["shm_left"]
+
+
+# --------------------------------------------------------------------------- config (no ranks)
+
+
+def _cfg(**sections: Any):
+    data: dict[str, Any] = {"model": {"tiny": {}}}
+    data.update(sections)
+    return config_from_dict(data)
+
+
+def test_deepspeed_config_carries_run_config_settings():
+    from plora_ray.engine import deepspeed_config
+
+    cfg = _cfg(batch={"global_batch": 24, "micro_batch": 4},
+               optim={"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1,
+                      "grad_clip": 0.5},
+               deepspeed={"zero_stage": 3, "bf16": True, "offload_optimizer": True,
+                          "offload_param": True})
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 24
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    params = ds["optimizer"]["params"]
+    assert ds["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True
+    assert (params["lr"], params["betas"], params["eps"], params["weight_decay"]) == (
+        3e-4, [0.9, 0.95], 1e-6, 0.1)
+    fp32 = deepspeed_config(_cfg(model={"tiny": {}, "dtype": "float32"},
+                                 deepspeed={"zero_stage": 0, "bf16": False},
+                                 optim={"grad_clip": None}), 1)
+    assert fp32["bf16"] == {"enabled": False} and fp32["gradient_clipping"] == 0.0
+    assert "offload_optimizer" not in fp32["zero_optimization"]
+    merged = deepspeed_config(cfg, 2, {"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    assert merged["zero_optimization"]["stage"] == 3
+    assert merged["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+@pytest.mark.parametrize(
+    ("sections", "world", "needle"),
+    [
+        ({"batch": {"global_batch": 24, "micro_batch": 4}}, 4, "batch.global_batch"),
+        ({"deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, 1,
+         "deepspeed.offload_optimizer"),
+        ({"deepspeed": {"zero_stage": 2, "offload_param": True}}, 1, "deepspeed.offload_param"),
+        ({"model": {"tiny": {}, "dtype": "bfloat16"}, "deepspeed": {"bf16": False}}, 1,
+         "deepspeed.bf16"),
+        ({"model": {"tiny": {}, "dtype": "float16"}}, 1, "model.dtype"),
+    ],
+)
+def test_deepspeed_config_rejects_bad_combinations_naming_the_key(sections, world, needle):
+    from plora_ray.engine import deepspeed_config
+
+    try:
+        cfg = _cfg(**sections)
+    except ConfigError as exc:  # the schema may already reject it; then it names the key too
+        assert needle.split(".")[0] in str(exc)
+        return
+    with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+        deepspeed_config(cfg, world)
