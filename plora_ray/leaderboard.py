@@ -31,10 +31,10 @@ HTML is escaped; the JSON embedded for the page's script cannot close its ``<scr
 
 from __future__ import annotations
 
+import base64
 import csv
 import datetime as _dt
 import hashlib
-import base64
 import html
 import io
 import json
@@ -409,7 +409,8 @@ def rank_rows(rows: list[Row], spec: ObjectiveSpec) -> list[Row]:
                                    _time_key(r.ended_at), r.trial_id))
     else:
         s = sign[spec.scalar_direction]
-        scored.sort(key=lambda r: (s * r.score, _time_key(r.ended_at), r.trial_id))  # type: ignore[operator]
+        scored.sort(key=lambda r: (s * r.score,  # type: ignore[operator]
+                                   _time_key(r.ended_at), r.trial_id))
     rest.sort(key=lambda r: (_STATUS_ORDER.get(r.status, 9),
                              r.proxy if r.proxy is not None else math.inf,
                              _time_key(r.ended_at), r.trial_id))
@@ -442,7 +443,9 @@ def baseline_gains(rows: list[Row], spec: ObjectiveSpec) -> None:
             have = [b for b in peers if b.score is not None]
             if have:
                 d = spec.scalar_direction
-                best = (max if d == "max" else min)(have, key=lambda b: b.score)  # type: ignore[arg-type, return-value]
+                scores = [b.score for b in have]
+                i = scores.index(max(scores) if d == "max" else min(scores))  # type: ignore[type-var]
+                best = have[i]
                 diff = r.score - best.score  # type: ignore[operator]
                 r.gain["objective"] = diff if d == "max" else -diff
                 r.gain_baseline["objective"] = best.label
@@ -483,7 +486,9 @@ class _Store:
             else os.path.join(self.base, *parts)
 
     def _p(self, *parts: str) -> str:
-        return "/".join([self.base, *parts]) if self.fs is not None else os.path.join(self.base, *parts)
+        if self.fs is not None:
+            return "/".join([self.base, *parts])
+        return os.path.join(self.base, *parts)
 
     def is_dir(self, *parts: str) -> bool:
         if self.fs is None:
@@ -674,7 +679,8 @@ def _expand(paths: Sequence[str]) -> list[str]:
         subs = [n for n in store.list_names() if store.exists(n, "search.json")]
         if not subs:
             raise LeaderboardError(f"{store.display()}: expected a search directory (with "
-                                   "search.json) or a storage directory holding some, found neither")
+                                   "search.json) or a storage directory holding some, found "
+                                   "neither")
         out.extend(p.rstrip("/") + "/" + n for n in subs)
     return out
 
@@ -1112,7 +1118,7 @@ def plot_objective_over_time(board: Board) -> str:
     for k, (name, pts, direction) in enumerate(series):
         color = _SERIES_COLORS[k % len(_SERIES_COLORS)]
         if direction is not None:
-            # The running best is what a reader wants from "over time": is the search still improving?
+            # The running best answers what "over time" asks: is the search still improving?
             best, path = None, []
             for x, y, _ in pts:
                 if best is None or (y > best if direction == "max" else y < best):
@@ -1200,7 +1206,9 @@ def param_importances(info: SearchInfo) -> tuple[dict[str, dict[str, float]], st
         n_obj = len(study.directions)
         for i in range(n_obj):
             name = info.spec.metrics[i] if i < len(info.spec.metrics) else f"objective {i}"
-            target: Callable[[Any], float] | None = (lambda t, i=i: t.values[i]) if n_obj > 1 else None
+            target: Callable[[Any], float] | None = None
+            if n_obj > 1:
+                target = lambda t, i=i: t.values[i]  # noqa: E731
             out[name] = optuna.importance.get_param_importances(
                 study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
                 target=target)
@@ -1405,7 +1413,8 @@ def _summary(board: Board) -> str:
         for r in board.rows:
             if r.search == s.name:
                 counts[r.status] = counts.get(r.status, 0) + 1
-        tally = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items()) or "no trials yet"
+        tally = (", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items())
+                 or "no trials yet")
         parts.append(f"<li><b>{_e(s.name)}</b>: {_e(s.spec.describe())}; {tally}. "
                      f'<span class="path">{_e(s.path)}</span></li>')
     best = board.best
@@ -1422,7 +1431,8 @@ def _summary(board: Board) -> str:
         best_html = '<p class="best">No completed trial with an objective yet.</p>'
     scope = ("Trials of all searches are ranked together (same objective)."
              if board.ranked_globally or len(board.searches) == 1 else
-             "The searches have different objectives: each is ranked by its own, one after another.")
+             "The searches have different objectives: each is ranked by its own, one after "
+             "another.")
     return f'<ul class="searches">{"".join(parts)}</ul>{best_html}<p class="note">{scope}</p>'
 
 
@@ -1503,7 +1513,9 @@ def _check_best_config(board: Board) -> None:
 
 
 def publish(search_dir: str | os.PathLike[str]) -> Path | str:
-    """Rebuild ``<search_dir>/leaderboard/`` from the search's records (after each trial, at the end).
+    """Rebuild ``<search_dir>/leaderboard/`` from the search's records.
+
+    The search calls this after each finished trial and at its end.
 
     Args:
         search_dir: the search directory (local path or s3:// / gs:// URI).
@@ -1543,7 +1555,8 @@ def leaderboard_command(paths: Sequence[str], out: str | None) -> int:
           f"{where}/index.html")
     if best is not None:
         print(f"best: {best.label} ({best.method}), "
-              + ", ".join(f"{m}={_fmt(best.objectives.get(m))}" for m in board.spec_of(best).metrics)
+              + ", ".join(f"{m}={_fmt(best.objectives.get(m))}"
+                          for m in board.spec_of(best).metrics)
               + f"; config: {where}/best_config.yaml")
     return 0
 

@@ -49,7 +49,8 @@ def record(trial_id: str, method: str = "plora", rank: int = 8, status: str = "c
         "trial_id": trial_id, "search": search, "status": status, "reason": reason,
         "params": params, "config": cfg, "method": method,
         "lora_rank": None if method == "full" else rank, "objectives": objectives,
-        "objective_value": objective_value if objective_value is not None else objectives.get("gsm8k"),
+        "objective_value": (objective_value if objective_value is not None
+                            else objectives.get("gsm8k")),
         "proxy": 2.5 - (gsm8k or 0.0), "final_loss": 1.9 - (gsm8k or 0.0),
         "num_unloads": 3 if method == "plora" else 0,
         "delta_effective_rank": {"layers.0.q_proj": rank * 2, "layers.1.v_proj": rank * 2 + 1},
@@ -82,8 +83,9 @@ def make_search_dir(root: Path, name: str, records: list[dict[str, Any]], *,
     if study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         directions = ["maximize" if x == "max" else "minimize" for x in objective["directions"]]
-        st = optuna.create_study(study_name=name, storage=meta["storage_url"],
-                                 directions=directions if objective.get("pareto") else directions[:1])
+        st = optuna.create_study(
+            study_name=name, storage=meta["storage_url"],
+            directions=directions if objective.get("pareto") else directions[:1])
         for rec in records:
             numeric = {k: v for k, v in rec["params"].items() if isinstance(v, (int, float))}
             dists = {k: optuna.distributions.FloatDistribution(1e-6, 1e3) for k in numeric}
@@ -112,9 +114,12 @@ def small_search(root: Path, name: str = "unit", **kw: Any) -> Path:
         return out
 
     recs = [
-        record("t1", "plora", 8, gsm8k=0.30, mmlu=0.40, params=p(8, 1e-4, 0.1), minute=1, search=name),
-        record("t2", "plora", 8, gsm8k=0.22, mmlu=0.45, params=p(8, 3e-4, 0.5), minute=2, search=name),
-        record("t3", "plora", 4, gsm8k=0.18, mmlu=0.41, params=p(4, 2e-4, 0.2), minute=3, search=name),
+        record("t1", "plora", 8, gsm8k=0.30, mmlu=0.40, params=p(8, 1e-4, 0.1), minute=1,
+               search=name),
+        record("t2", "plora", 8, gsm8k=0.22, mmlu=0.45, params=p(8, 3e-4, 0.5), minute=2,
+               search=name),
+        record("t3", "plora", 4, gsm8k=0.18, mmlu=0.41, params=p(4, 2e-4, 0.2), minute=3,
+               search=name),
         record("t4", "lora", 8, gsm8k=0.25, mmlu=0.38, params=p(8, 1e-4), minute=4, search=name),
         record("t5", "lora", 4, gsm8k=0.10, mmlu=0.39, params=p(4, 5e-4), minute=5, search=name),
         record("t6", "full", 8, gsm8k=0.20, mmlu=0.35, params=p(8, 1e-5), minute=6, search=name),
@@ -149,7 +154,8 @@ def test_objective_spec_parsing_accepts_aliases_and_names_bad_values() -> None:
     assert s.weights == (0.7, 0.3) and s.directions == ("max", "max")
     assert s.score({"gsm8k": 0.5, "mmlu": 0.2}, None) == pytest.approx(0.41)
     with pytest.raises(lb.LeaderboardError, match=r"s\.json: objective\.directions.*'up'"):
-        lb.parse_objective_spec({"objective": {"metrics": ["gsm8k"], "directions": ["up"]}}, "s.json")
+        lb.parse_objective_spec({"objective": {"metrics": ["gsm8k"], "directions": ["up"]}},
+                                "s.json")
     with pytest.raises(lb.LeaderboardError, match="weights or pareto"):
         lb.parse_objective_spec({"objective": {"metrics": ["gsm8k", "mmlu"]}}, "s.json")
 
@@ -237,7 +243,8 @@ def test_bad_search_directories_get_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(lb.LeaderboardError, match="nothing there"):
         lb.build_leaderboard([tmp_path / "missing"])
     (tmp_path / "s").mkdir()
-    with pytest.raises(lb.LeaderboardError, match=r"/s: expected a search directory \(with search\.json\)"):
+    with pytest.raises(lb.LeaderboardError,
+                       match=r"/s: expected a search directory \(with search\.json\)"):
         lb.build_leaderboard([tmp_path / "s"])
     (tmp_path / "s" / "search.json").write_text("{not json")
     with pytest.raises(lb.LeaderboardError, match=r"search\.json: not valid JSON"):

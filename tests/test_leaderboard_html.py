@@ -218,7 +218,8 @@ def test_page_renders_without_errors_or_network_with_one_row_per_trial(loaded: B
 def test_clicking_a_column_header_sorts_the_table(loaded: Browser) -> None:
     headers = loaded.eval("[...document.querySelectorAll('#board th')].map(h => h.textContent)")
     col = headers.index("gsm8k")
-    values = f"[...document.querySelectorAll('#board tbody tr')].map(r => r.cells[{col}].textContent)"
+    values = (f"[...document.querySelectorAll('#board tbody tr')]"
+              f".map(r => r.cells[{col}].textContent)")
     before = loaded.eval(values)
     sel = f"#board th:nth-child({col + 1})"
     loaded.click(sel)
