@@ -297,6 +297,29 @@ def test_publish_writes_all_files_consistently(tmp_path: Path) -> None:
     assert page.count("<tr ") == 9 and page.count("<svg") == 4
 
 
+def test_a_search_without_finished_trials_publishes_an_empty_board(tmp_path: Path) -> None:
+    """The search may publish before its first trial ends: no rows, no best config, no crash."""
+    d = make_search_dir(tmp_path, "fresh", [], study=False)
+    os.rmdir(d / "trials")
+    out = lb.publish(d)
+    assert sorted(os.listdir(out)) == sorted(set(lb.OUTPUT_FILES) - {"best_config.yaml"})
+    assert json.loads((out / "leaderboard.json").read_text())["rows"] == []
+    page = (out / "index.html").read_text()
+    assert "no completed trial with an objective yet" in page and page.count("<svg") == 4
+
+
+def test_cli_default_output_is_the_search_leaderboard_dir(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = small_search(tmp_path / "storage", study=False)
+    from plora_ray.cli import main
+
+    # A storage root holding one search expands to it; the board goes into that search.
+    assert main(["leaderboard", str(tmp_path / "storage")]) == 0
+    assert (d / "leaderboard" / "index.html").is_file()
+    printed = capsys.readouterr().out
+    assert "9 trial(s) from 1 search(es)" in printed and "best: unit/t1 (plora)" in printed
+
+
 def test_best_config_yaml_is_a_runnable_run_config(tmp_path: Path) -> None:
     out = lb.publish(small_search(tmp_path))
     text = (out / "best_config.yaml").read_text()
