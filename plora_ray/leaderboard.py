@@ -440,13 +440,11 @@ def baseline_gains(rows: list[Row], spec: ObjectiveSpec) -> None:
             r.gain[m] = diff if d == "max" else -diff
             r.gain_baseline[m] = best.label
         if not spec.pareto and r.score is not None:
-            have = [b for b in peers if b.score is not None]
+            have = [(b.score, b) for b in peers if b.score is not None]
             if have:
                 d = spec.scalar_direction
-                scores = [b.score for b in have]
-                i = scores.index(max(scores) if d == "max" else min(scores))  # type: ignore[type-var]
-                best = have[i]
-                diff = r.score - best.score  # type: ignore[operator]
+                score, best = (max if d == "max" else min)(have, key=lambda sb: sb[0])
+                diff = r.score - score
                 r.gain["objective"] = diff if d == "max" else -diff
                 r.gain_baseline["objective"] = best.label
 
