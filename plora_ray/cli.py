@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="local path or s3:// / gs:// URI")
     p.add_argument("--name", default=None)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    # extend: a job script's own --set (model.path) and the user's --set both apply.
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", action="extend")
 
     p = sub.add_parser("leaderboard", help="rebuild the leaderboard from search directories")
     p.add_argument("paths", nargs="+")

@@ -45,6 +45,7 @@ import functools
 import importlib
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -918,6 +919,11 @@ class TrialContext:
     proxy_metric: str
     # "module:function" of the trainer; run_training unless a test or benchmark swaps it.
     runner: str = "plora_ray.train:run_training"
+    # Ray Train v2 workers hand each report over a queue of size 1 that the controller drains
+    # once per health-check interval (Ray's default 2 s), so every report can stall training up
+    # to that long; the controller reads it from its driver's (the trial driver's) environment.
+    # benchmarks/search_overhead.py measures Ray's default against this.
+    train_health_check_s: float = 0.2
 
 
 def _load_runner(path: str) -> Any:
@@ -1050,10 +1056,8 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
     """
     from ray import tune
 
-    # Ray Train v2 workers hand each report over a queue of size 1 that the controller drains
-    # every health-check interval (default 2 s), so every report could stall training up to 2 s;
-    # the controller reads this from its driver's (this process's) environment.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    driver_started = time.time()
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(ctx.train_health_check_s)
     trial_id = tune.get_context().get_trial_id()
     sdir = SearchDir(ctx.storage, ctx.name)
     done = sdir.trial_record(trial_id)
@@ -1076,7 +1080,22 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
     # in <run_dir>/ray); the trainer forwards its reports to this Tune trial by itself
     # (TuneReportCallback when it runs inside a Tune session).
     resume = os.path.isfile(os.path.join(run_dir, "ray", "checkpoint_manager_snapshot.json"))
-    result = _result_dict(runner(cfg, run_dir, report=None, resume=resume))
+    # Wall-clock times of the trainer's reports as they land (metrics.jsonl carries only the
+    # run's own elapsed seconds): the timeline benchmarks/search_overhead.py splits into fixed
+    # overhead and work.
+    seen: dict[str, float] = {}
+
+    def on_report(m: dict[str, Any]) -> None:
+        now = time.time()
+        if m.get("final"):
+            seen["final_report_at"] = now
+            return
+        if "first_report_at" not in seen and m.get("elapsed_s") is not None:
+            seen["first_report_at"] = now
+            seen["first_report_elapsed_s"] = float(m["elapsed_s"])
+        seen["last_step_at"] = now
+
+    result = _result_dict(runner(cfg, run_dir, report=on_report, resume=resume))
     status = str(result.get("status") or "completed")
     if status not in TERMINAL_STATUSES:
         status = "failed"
@@ -1086,6 +1105,20 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
     rec = build_record(trial_id=trial_id, ctx=ctx, params=params, config=cfg.to_dict(),
                        status=status, reason=reason, run_dir=run_dir, started=started,
                        result=result)
+    final = result.get("metrics") or {}
+    rec["timeline"] = {
+        "driver_started_at": driver_started,
+        # The training loop's start: the first report's arrival minus the loop time it reports.
+        "loop_started_at": (seen["first_report_at"] - seen["first_report_elapsed_s"]
+                            if "first_report_at" in seen else None),
+        "last_step_at": seen.get("last_step_at"),
+        "final_report_at": seen.get("final_report_at"),
+        "driver_ended_at": time.time(),
+        "loop_s": final.get("elapsed_s"),
+        "eval_s": final.get("eval_seconds"),
+        "setup_s": final.get("setup_seconds"),
+        "num_workers": cfg.resources.num_workers,
+    }
     sdir.write_json(f"trials/{trial_id}.json", rec)
     tune.report(_final_metrics(rec, ctx.objective))
 
@@ -1135,6 +1168,22 @@ def _build_ray_classes() -> None:
             self.sdir = SearchDir(ctx.storage, ctx.name)
             self.finished = 0
 
+        def on_step(self, iteration: int, trials: list[Any], **info: Any) -> None:
+            # A stopped trial's worker placement group outlives it (see
+            # remove_orphaned_placement_groups); sweep every few seconds of the event loop.
+            now = time.monotonic()
+            if now - getattr(self, "_last_sweep", 0.0) >= 2.0:
+                self._last_sweep = now
+                try:
+                    n = remove_orphaned_placement_groups()
+                except Exception as exc:  # noqa: BLE001 - an internal Ray API may move
+                    n = 0
+                    if not getattr(self, "_sweep_warned", False):
+                        self._sweep_warned = True
+                        print(f"warning: cannot sweep orphaned placement groups: {exc}",
+                              file=sys.stderr)
+                self.orphaned_pgs_removed = getattr(self, "orphaned_pgs_removed", 0) + n
+
         def _finish(self, trial: Any, status: str, reason: str | None) -> None:
             rec = self.sdir.trial_record(trial.trial_id)
             if rec is None:
@@ -1152,9 +1201,19 @@ def _build_ray_classes() -> None:
                                    run_dir=self.sdir.run_dir(trial.trial_id), started=started,
                                    last=last)
                 self.sdir.write_json(f"trials/{trial.trial_id}.json", rec)
+            launched = self.__dict__.get("launched", {}).get(trial.trial_id)
+            tl = rec.get("timeline")
+            if launched is not None and isinstance(tl, dict) and "launched_at" not in tl:
+                # Tune's view: when it launched the trial and saw it end.
+                tl.update(launched_at=launched, tune_ended_at=time.time())
+                self.sdir.write_json(f"trials/{trial.trial_id}.json", rec)
             self.finished += 1
             print(summary_line(rec, self.ctx.objective), flush=True)
             publish_leaderboard(self.sdir.uri)
+
+        def on_trial_start(self, iteration: int, trials: list[Any], trial: Any,
+                           **info: Any) -> None:
+            self.__dict__.setdefault("launched", {})[trial.trial_id] = time.time()
 
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
                               **info: Any) -> None:
@@ -1186,6 +1245,33 @@ def __getattr__(name: str) -> Any:
         _build_ray_classes()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def remove_orphaned_placement_groups() -> int:
+    """Remove placement groups whose creating actor is dead; returns how many.
+
+    When Tune stops a trial (ASHA, time budget) it kills the trial actor, and with it the Ray
+    Train controller that created the workers' placement group; in Ray 2.60 that group stays
+    CREATED (GCS marks ``creator_actor_dead`` but keeps it; Train's PlacementGroupCleaner needs
+    the state API, which is missing without a dashboard or when several Ray instances share a
+    machine), so its CPUs/GPUs are held until the cluster stops and the next trial's workers wait
+    forever. A non-detached group whose creator actor is dead can never be used again: removing
+    it is what Ray's fate-sharing promises.
+    """
+    import ray
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    accessor = ray._private.state.state._connect_and_get_accessor()
+    removed = 0
+    for raw in accessor.get_placement_group_table():
+        d = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        dead_creator = d.creator_actor_dead and not d.is_detached and d.creator_actor_id
+        if dead_creator and d.state in (gcs_pb2.PlacementGroupTableData.CREATED,
+                                        gcs_pb2.PlacementGroupTableData.PENDING):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(d.placement_group_id)))
+            removed += 1
+    return removed
 
 
 def _make_sampler(spec: SearchSpec) -> Any:
@@ -1286,7 +1372,8 @@ def _trial_cpus_gpus(spec: SearchSpec, cfg: RunConfig) -> tuple[float, float]:
 
 def run_search(file: str, *, storage: str | None = None, name: str | None = None,
                resume: bool = False, overrides: dict[str, Any] | None = None,
-               runner: str | None = None, verbose: int = 1) -> SearchOutcome:
+               runner: str | None = None, verbose: int = 1,
+               train_health_check_s: float | None = None) -> SearchOutcome:
     """Run (or resume) the search of a search-space YAML on the current Ray cluster.
 
     Attaches to a running Ray (``RAY_ADDRESS``, a ``ray job submit`` entrypoint, or an
@@ -1301,6 +1388,7 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
             checkpoints).
         overrides: ``--set`` dotted keys, run config and ``search.*``.
         runner: ``module:function`` of the trainer (default ``plora_ray.train:run_training``).
+        train_health_check_s: Ray Train's report polling interval in trials (default 0.2 s).
         verbose: Tune's verbosity (progress table).
 
     Raises:
@@ -1328,6 +1416,8 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
                        proxy_metric=spec.scheduler.metric if spec.scheduler.type == "asha"
                        else "gsm8k_nll",
                        runner=runner or "plora_ray.train:run_training")
+    if train_health_check_s is not None:
+        ctx.train_health_check_s = train_health_check_s
     study_storage = spec.study_storage or default_study_storage(sdir)
     if not resume:
         sdir.write_json("search.json", {
@@ -1351,14 +1441,17 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
     # Snapshot the experiment often: the window in which a killed driver loses searcher state is
     # this long (records of finished trials survive it anyway, see trial_driver).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 logging_level="WARNING")
-
     per_cpu, per_gpu = _trial_cpus_gpus(spec, cfg)
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or None
+        # A local Ray gets at least one trial's worth of CPUs even on a 2-core machine.
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING",
+                 num_cpus=None if address else max(os.cpu_count() or 1, math.ceil(per_cpu)))
+
     max_concurrent = spec.max_concurrent
     if max_concurrent is None:
-        res = ray.cluster_resources()
+        # What is free now (the job's own entrypoint excluded), not the cluster's total.
+        res = ray.available_resources()
         fits = [int(res.get("CPU", 1) // per_cpu) if per_cpu > 0 else 10**6]
         if per_gpu > 0:
             fits.append(int(res.get("GPU", 0) // per_gpu))
@@ -1405,7 +1498,6 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
                 scheduler=scheduler,
                 num_samples=spec.num_samples,
-                max_concurrent_trials=max_concurrent,
                 time_budget_s=spec.time_budget_s,
                 # Function trainables cannot be reset in Ray 2.60 (no reset_config), and the
                 # Train workers are new actors per trial anyway.

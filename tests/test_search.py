@@ -256,3 +256,91 @@ def test_search_dir_writes_records_atomically(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "s" / "trials").iterdir()] == ["abc.json"]
     sdir.write_json("trials/run.json", {"status": "running"})
     assert sdir.trial_record("run") is None and sdir.trial_record("nope") is None
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _load_head_helper():  # tests/ is not a package: load the shared head helper by path
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_jobs_helpers", ROOT / "tests" / "test_jobs.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _records(sdir: Path) -> dict[str, dict]:
+    out = {}
+    for p in sorted((sdir / "trials").glob("*.json")):
+        rec = json.loads(p.read_text())
+        out[rec["trial_id"]] = rec
+    return out
+
+
+@pytest.mark.slow
+def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(tmp_path: Path) -> None:
+    """A real search (real trainer, tiny model) on a loopback head: a point that diverges is
+    recorded as diverged and told to Optuna as FAIL; the driver is SIGKILLed after the first
+    finished trial; --resume finishes the search without re-running or losing a finished trial."""
+    helpers = _load_head_helper()
+    storage = tmp_path / "st"
+    sets = ["search.num_samples=4", "train.max_steps=4", "eval.limit=2", "eval.max_gen_toks=8",
+            "data.max_samples=64", "plora.unload_every=16", "search.scheduler.grace_period=16",
+            "search.max_concurrent=2", "train.divergence_loss_multiple=1.5",
+            # A learning rate of 30 blows the loss up within the divergence guard's window.
+            "search.params.optim.lr.high=30.0",
+            "search.points=[{method: plora, optim.lr: 30.0, lora.rank: 8, plora.momentum: 0.1, "
+            "plora.unload_every: 16}, {method: lora, optim.lr: 0.001, lora.rank: 4}]"]
+    cmd = [sys.executable, "-m", "plora_ray.cli", "search", str(SPACES / "smoke.yaml"),
+           "--storage", str(storage), "--name", "r", "--set", *sets]
+    sdir = storage / "r"
+    with helpers.ray_head(num_cpus=4) as head:
+        env = {**os.environ, "RAY_ADDRESS": head["gcs"]}
+        log1 = tmp_path / "run1.log"
+        with open(log1, "w") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            deadline = time.time() + 240
+            while time.time() < deadline and proc.poll() is None:
+                if (sdir / "trials").is_dir() and list((sdir / "trials").glob("*.json")):
+                    break
+                time.sleep(1)
+            assert proc.poll() is None, "the search ended before it could be killed:\n" + \
+                log1.read_text()[-3000:]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        before = _records(sdir)
+        assert before, log1.read_text()[-3000:]
+        time.sleep(2)
+        out = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env,
+                             cwd=ROOT, timeout=400)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    after = _records(sdir)
+    # Every trial of the budget finished exactly once; the records of before are untouched.
+    assert len(after) == 4, sorted(after)
+    for tid, rec in before.items():
+        assert after[tid] == rec
+    tune_trials = [p.name for p in sdir.iterdir() if p.name.startswith("trial_")]
+    assert len(tune_trials) == 4, tune_trials
+    statuses = {r["status"] for r in after.values()}
+    assert statuses <= {"completed", "early_stopped", "diverged", "failed"}
+    diverged = [r for r in after.values() if r["params"].get("optim.lr") == 30.0]
+    assert len(diverged) == 1 and diverged[0]["status"] == "diverged", diverged
+    assert diverged[0]["reason"] and diverged[0]["objective_value"] is None
+    lora = [r for r in after.values() if r["params"] == {"method": "lora", "optim.lr": 0.001,
+                                                          "lora.rank": 4}]
+    assert len(lora) == 1 and lora[0]["status"] == "completed"
+    assert lora[0]["objectives"]["gsm8k_nll"] == pytest.approx(lora[0]["objective_value"])
+    # The study kept every trial; the diverged one is FAIL, the finished ones COMPLETE/PRUNED.
+    study = optuna.load_study(study_name="r", storage=f"sqlite:///{sdir / 'study.db'}")
+    by_tune = {t.user_attrs.get("tune_trial_id"): t for t in study.trials
+               if t.user_attrs.get("status") != "orphaned"}
+    assert set(after) <= set(by_tune), (sorted(after), sorted(k for k in by_tune if k))
+    assert by_tune[diverged[0]["trial_id"]].state == optuna.trial.TrialState.FAIL
+    assert by_tune[lora[0]["trial_id"]].state == optuna.trial.TrialState.COMPLETE
+    assert by_tune[lora[0]["trial_id"]].value == pytest.approx(lora[0]["objective_value"])
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    # One summary line per trial finished by the resumed driver.
+    for tid in set(after) - set(before):
+        assert f"[trial {tid}]" in out.stdout

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Submit the smoke search (tiny LLaMA on CPU, a few minutes)
+# to a Ray cluster as a job:
+#
+#   jobs/smoke.sh [more plora-ray search options, e.g. --resume, --name NAME, --set k=v ...]
+#
+# RAY_ADDRESS    the cluster's job server (default http://127.0.0.1:8265: a local head).
+# PLORA_STORAGE  where the search directory goes; every node must reach it: a shared file
+#                system path or s3:// / gs:// (default: $PWD/runs/search, right for a local head).
+# Extra arguments to `ray job submit` go in RAY_JOB_ARGS (e.g. "--no-wait").
+# See jobs/README.md for running against a real cluster.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
+PLORA_STORAGE="${PLORA_STORAGE:-$PWD/runs/search}"
+# The entrypoint is the search driver (Tune + Optuna): light, but it must be scheduled somewhere;
+# trials request their own driver CPU and worker CPUs/GPUs from the search space.
+# shellcheck disable=SC2086
+exec ray job submit --address "$RAY_ADDRESS" \
+  --runtime-env jobs/runtime_env.yaml --working-dir . \
+  --entrypoint-num-cpus 0.5 ${RAY_JOB_ARGS:-} \
+  -- python -m plora_ray.cli search search_spaces/smoke.yaml --storage "$PLORA_STORAGE" "$@"
