@@ -249,6 +249,7 @@ class _Run:
         self.step = 0
         self.elapsed_before = 0.0  # training seconds of earlier attempts (resume)
         self.last_unload: dict[str, Any] = {}
+        self.last_loss: float | None = None
         self.proxy: dict[str, float] = {}
         self.restored_from: str | None = None
         self.backbone_delta_bytes = 0
@@ -298,6 +299,7 @@ class _Run:
         self.batcher.load_state_dict(state["batcher"])
         self.guard.load_state_dict(state["divergence"])
         self.step = int(state["step"])
+        self.last_loss = state.get("last_loss")
         self.elapsed_before = float(state["elapsed_s"])
         self.last_unload = state.get("last_unload", {})
         self.proxy = state.get("proxy", {})
@@ -340,7 +342,7 @@ class _Run:
                 "batcher": self.batcher.state_dict(),
                 "divergence": self.guard.state_dict(),
                 "elapsed_s": self.elapsed(),
-                "last_unload": self.last_unload, "proxy": self.proxy,
+                "last_unload": self.last_unload, "proxy": self.proxy, "last_loss": self.last_loss,
                 "method": self.cfg.method,
             })
             (directory / "config.yaml").write_text(dump_config(self.cfg))
@@ -442,6 +444,7 @@ class _Run:
         while self.step < self.total_steps:
             loss, lr = self.train_step()
             self.step += 1
+            self.last_loss = loss
             diverged = self.guard.check(loss)
             unload = False
             if diverged is None and self.plora is not None and self.plora.due(
@@ -488,7 +491,7 @@ class _Run:
 
         cfg = self.cfg
         final: dict[str, Any] = {
-            "step": self.step, "samples": self.batcher.samples_seen,
+            "step": self.step, "loss": self.last_loss, "samples": self.batcher.samples_seen,
             "tokens": self.batcher.tokens_seen, "final": True,
             "num_unloads": self.plora.num_unloads if self.plora is not None else 0,
             "full_backbone_bytes": self.full_backbone_bytes,

@@ -211,3 +211,32 @@ def test_export_writes_a_merged_model_that_from_pretrained_loads(tmp_path):
     # The merge rounds the fp32 adapter into the bf16 weights: close, not identical.
     assert torch.allclose(before, after, atol=0.05, rtol=0.05)
     assert dir_bytes(out) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (replay with CUDA generators)")
+def test_backbone_replay_on_cuda_is_bit_exact(tmp_path):
+    # On a GPU the unload merges on the device with a CUDA generator; the recorder must replay
+    # there too (a CPU generator draws other bits).
+    from plora_ray.plora import lora_pairs
+
+    model = _base(seed=7).cuda()
+    access = TorchParamAccess(None)
+    pairs = lora_pairs(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    rec = BackboneRecorder(access, pairs, names, _generator_for(7), add_with_rounding,
+                           coef_for=lambda pr: 0.9 * pr.scaling, rounding="stochastic")
+    plora = PLoRA(model, PLoRAConfig(unload_every=1, unload_unit="steps", momentum=0.1,
+                                     rank_sample_layers=0), global_batch=4, seed=7, access=rec)
+    for pr in pairs:
+        with torch.no_grad():
+            pr.B.copy_(torch.randn(pr.B.shape, device="cuda") * 0.3)
+    rec.begin_unload(0, 1)
+    plora.unload(1, 4)
+    rec.end_unload()
+    assert rec.records[0].num_exceptions == 0
+    names_ = sorted({ld.name for ld in rec.records[0].layers})
+    save_backbone(rec.records, backbone_digests(model, names_, access), tmp_path / "b")
+    records, digests = load_backbone(tmp_path / "b")
+    replay_backbone(_base(seed=7).cuda(), records, access, _generator_for(7), add_with_rounding,
+                    digests)
