@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.NAME [--quick] [--out FILE.json]``; JSON with a ``headline``."""
