@@ -51,6 +51,7 @@ from plora_ray.tasks import (
     build_tasks,
     check_data,
     check_task_names,
+    fixed_subsample,
     stock_config,
 )
 from plora_ray.tasks.local_data import data_root, mmlu_subjects, read_gsm8k, read_mmlu
@@ -219,17 +220,6 @@ def shard_lm(inner: LM, rank: int, world_size: int) -> LM:
 # --------------------------------------------------------------------------- helpers
 
 
-def fixed_subsample(name: str, n: int, limit: int | None, seed: int) -> list[int] | None:
-    """Sorted document indices of a fixed-seed subsample of ``limit`` out of ``n`` (None: all).
-
-    The generator is seeded from ``(seed, name)`` as a string (hashed with SHA-512 by
-    ``random``), so every process and every run picks the same documents for a task.
-    """
-    if limit is None or limit >= n:
-        return None
-    return sorted(random.Random(f"{seed}:{name}").sample(range(n), limit))
-
-
 @contextlib.contextmanager
 def _preserved_rng() -> Iterator[None]:
     """lm-eval seeds the global RNGs (and datasets draws from them); give the trainer its
@@ -341,7 +331,8 @@ def run_tasks(lm: LM, ev: EvalConfig, tasks: dict[str, Any] | None = None
     """
     if tasks is None:
         _validate(ev)
-        tasks = build_tasks(list(ev.tasks), ev.data_dir, dict(ev.num_fewshot))
+        tasks = build_tasks(list(ev.tasks), ev.data_dir, dict(ev.num_fewshot), ev.limit,
+                            ev.limit_seed)
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     with _preserved_rng():
@@ -361,6 +352,8 @@ def _run_one(lm: LM, ev: EvalConfig, name: str, obj: Any, results: dict[str, Any
     samples = {}
     for leaf_name, leaf in task_dict["tasks"].items():
         leaf.set_fewshot_seed(seed=OTHER_SEED)
+        # Tasks built with ev.limit hold the subsample already (then idx is None); prebuilt
+        # full tasks get the same documents through lm-eval's `samples`.
         idx = fixed_subsample(leaf_name, len(leaf.eval_docs), ev.limit, ev.limit_seed)
         if idx is not None:
             samples[leaf_name] = idx
@@ -426,7 +419,8 @@ def _evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                     rank: int, world_size: int) -> EvalResult:
     start = time.perf_counter()
     # Build (and so validate) every task before the model does any work.
-    tasks = build_tasks(list(ev.tasks), ev.data_dir, dict(ev.num_fewshot))
+    tasks = build_tasks(list(ev.tasks), ev.data_dir, dict(ev.num_fewshot), ev.limit,
+                        ev.limit_seed)
     sharded = world_size > 1 and ev.sharded
     runs_here = sharded or rank == 0
 

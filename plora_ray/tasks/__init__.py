@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,17 @@ def check_task_names(names: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------- datasets
+
+
+def fixed_subsample(name: str, n: int, limit: int | None, seed: int) -> list[int] | None:
+    """Sorted document indices of a fixed-seed subsample of ``limit`` out of ``n`` (None: all).
+
+    The generator is seeded from ``(seed, name)`` as a string (hashed with SHA-512 by
+    ``random``), so every process and every run picks the same documents for a task.
+    """
+    if limit is None or limit >= n:
+        return None
+    return sorted(random.Random(f"{seed}:{name}").sample(range(n), limit))
 
 
 class LocalDataset:
@@ -172,20 +184,30 @@ def check_data(names: list[str], data_dir: str | os.PathLike[str] | None) -> Pat
 # --------------------------------------------------------------------------- tasks
 
 
-def leaf_task_config(name: str, stock: dict[str, Any], root: Path) -> dict[str, Any]:
+def leaf_task_config(name: str, stock: dict[str, Any], root: Path, limit: int | None = None,
+                     limit_seed: int = 0) -> dict[str, Any]:
     """The stock config of one leaf task with its dataset pointed at the local rows.
 
     Args:
         name: the task name (``gsm8k``, ``arc_easy``, ``mmlu_anatomy``...).
         stock: the stock config (``stock_config``).
         root: data directory.
+        limit: keep a fixed-seed subsample of this many evaluation documents (``fixed_subsample``;
+            the few-shot pool is untouched). Subsampling the data, rather than passing lm-eval
+            ``samples``, spares lm-eval a pass over every document of the split.
+        limit_seed: the subsample's seed.
     """
     cfg = dict(stock)
     # Structural keys that lm-eval's TaskFactory also strips before building a task.
     for key in ("tag", "group", "task_list"):
         cfg.pop(key, None)
     cfg["task"] = name
-    splits = local_splits(name, root)
+    splits = dict(local_splits(name, root))
+    eval_split = cfg.get("test_split") or cfg.get("validation_split")
+    if eval_split in splits:
+        idx = fixed_subsample(name, len(splits[eval_split]), limit, limit_seed)
+        if idx is not None:
+            splits[eval_split] = [splits[eval_split][i] for i in idx]
     cfg["custom_dataset"] = LocalDataset(name, root, splits)
     cfg["dataset_path"] = str(root)
     cfg["dataset_kwargs"] = None
@@ -206,13 +228,16 @@ def _stock_file_of(name: str) -> str:
     return _STOCK_FILES[name]
 
 
-def build_leaf_task(name: str, root: Path, num_fewshot: int | None = None) -> ConfigurableTask:
+def build_leaf_task(name: str, root: Path, num_fewshot: int | None = None,
+                    limit: int | None = None, limit_seed: int = 0) -> ConfigurableTask:
     """One lm-eval ``ConfigurableTask`` from its stock config on local data.
 
     Args:
         name: ``gsm8k``, ``arc_easy``, ``arc_challenge`` or ``mmlu_<subject>``.
         root: data directory.
         num_fewshot: shots; None keeps the stock default (gsm8k 5, others 0).
+        limit: evaluate a fixed-seed subsample of this many documents (None: all).
+        limit_seed: the subsample's seed.
 
     Raises:
         ValueError: few-shot requested for ARC (no train split is shipped).
@@ -220,7 +245,7 @@ def build_leaf_task(name: str, root: Path, num_fewshot: int | None = None) -> Co
     """
     from lm_eval.api.task import ConfigurableTask
 
-    cfg = leaf_task_config(name, stock_config(_stock_file_of(name)), root)
+    cfg = leaf_task_config(name, stock_config(_stock_file_of(name)), root, limit, limit_seed)
     if num_fewshot is not None:
         cfg["num_fewshot"] = num_fewshot
     elif cfg.get("num_fewshot") is None:
@@ -269,12 +294,16 @@ def mmlu_subject_categories() -> dict[str, str]:
     return {task[len("mmlu_"):]: tag_to_group[tag] for task, tag in tags.items()}
 
 
-def build_mmlu(root: Path, num_fewshot: int | None = None) -> Group:
+def build_mmlu(root: Path, num_fewshot: int | None = None, limit: int | None = None,
+               limit_seed: int = 0) -> Group:
     """The stock ``mmlu`` group tree with every subject task on local data.
 
     Args:
         root: data directory.
         num_fewshot: shots per subject (from the dev split, first-n as in lm-eval); None: 0.
+        limit: documents per subject (a fixed-seed subsample, as lm-eval's ``--limit`` applies
+            per subject); None: all.
+        limit_seed: the subsample's seed.
 
     Raises:
         DataError: a missing or malformed MMLU file.
@@ -294,7 +323,7 @@ def build_mmlu(root: Path, num_fewshot: int | None = None) -> Group:
             else:
                 # A tag: lm-eval expands it to its tasks in sorted order.
                 for task in sorted(t for t, tag in tags.items() if tag == child):
-                    group.add(build_leaf_task(task, root, num_fewshot))
+                    group.add(build_leaf_task(task, root, num_fewshot, limit, limit_seed))
         return group
 
     return build("mmlu")
@@ -304,6 +333,8 @@ def build_tasks(
     names: list[str],
     data_dir: str | os.PathLike[str] | None = None,
     num_fewshot: dict[str, int] | None = None,
+    limit: int | None = None,
+    limit_seed: int = 0,
 ) -> dict[str, Task | Group]:
     """Top-level tasks by name (``mmlu`` is a Group), ready for ``lm_eval.evaluator.evaluate``.
 
@@ -311,6 +342,8 @@ def build_tasks(
         names: task names from ``TASK_NAMES``.
         data_dir: directory with gsm8k/, mmlu/, arc/; None: the bundled copy.
         num_fewshot: shots per top-level name; a name missing here keeps lm-eval's default.
+        limit: documents per leaf task, a fixed-seed subsample (``fixed_subsample``); None: all.
+        limit_seed: the subsample's seed.
 
     Raises:
         ValueError: an unknown task name or ARC few-shot.
@@ -321,9 +354,9 @@ def build_tasks(
     out: dict[str, Task | Group] = {}
     for name in names:
         if name == "mmlu":
-            out[name] = build_mmlu(root, shots.get("mmlu"))
+            out[name] = build_mmlu(root, shots.get("mmlu"), limit, limit_seed)
         else:
-            out[name] = build_leaf_task(name, root, shots.get(name))
+            out[name] = build_leaf_task(name, root, shots.get(name), limit, limit_seed)
     return out
 
 
@@ -345,6 +378,7 @@ __all__ = [
     "build_tasks",
     "check_data",
     "check_task_names",
+    "fixed_subsample",
     "leaf_task_config",
     "local_splits",
     "mmlu_subject_categories",
