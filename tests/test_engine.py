@@ -242,3 +242,59 @@ def test_deepspeed_config_rejects_bad_combinations_naming_the_key(sections, worl
         return
     with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
         deepspeed_config(cfg, world)
+
+
+# --------------------------------------------------------------------------- gpu_throughput
+
+
+def test_gpu_throughput_counts_llama7b_flops_without_weight_grads_of_frozen_weights():
+    import torch
+
+    from benchmarks.gpu_throughput import (LLAMA_7B, LLAMA_7B_VOCAB, build_model, count_params,
+                                           model_flops_per_step)
+    from plora_ray.config import LLAMA_LINEAR_TARGETS, LoraConfig
+    from plora_ray.plora import attach_lora
+
+    # The real 7B module structure on the meta device: shapes only, no memory.
+    model = build_model(LLAMA_7B, LLAMA_7B_VOCAB, torch.device("meta"))
+    model = attach_lora(model, LoraConfig(rank=8, alpha=16.0, targets=list(LLAMA_LINEAR_TARGETS)))
+    c = count_params(model)
+    d, ff, L, V, r = 4096, 11008, 32, 32000, 8
+    assert c["n_frozen_matmul"] == L * (4 * d * d + 3 * d * ff) + V * d  # 6.607e9
+    assert c["n_lora"] == L * r * (4 * 2 * d + 3 * (d + ff))  # 19.99e6
+    flops = model_flops_per_step(c["n_frozen_matmul"], c["n_lora"], L, d, 2048, 1)
+    per_token = flops / 2048
+    assert per_token == 4 * c["n_frozen_matmul"] + 6 * c["n_lora"] + 12 * L * d * 2048
+    # ~29.8 GFLOP per token: about 2/3 of 6·N_total (the textbook full fine-tuning count).
+    assert 29.7e9 < per_token < 29.8e9
+    assert per_token < 0.75 * 6 * c["n_total"] + 12 * L * d * 2048
+
+
+def test_gpu_throughput_peak_table_by_device_name():
+    from benchmarks.gpu_throughput import peak_bf16_tflops
+
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_bf16_tflops("NVIDIA H200") == 989.4
+    assert peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_bf16_tflops("Tesla T4") is None
+
+
+@pytest.mark.slow
+def test_gpu_throughput_quick_runs_tiny_size_on_cpu(tmp_path):
+    out = tmp_path / "gpu_throughput.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_throughput", "--quick", "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    h = result["headline"]
+    assert set(h) >= {"tokens_per_s", "mfu", "peak_memory_gb", "unload_ms", "device"}
+    assert h["device"] == "cpu" and h["mfu"] is None
+    assert any("mfu is null" in n for n in result["notes"])
+    assert h["tokens_per_s"] > 0 and h["peak_memory_gb"] > 0 and h["unload_ms"] > 0
+    assert result["flops_per_step"] > 0 and "6*N_lora" in result["flops_formula"]
+    assert all(loss == loss for loss in result["losses"])  # finite, trained under DeepSpeed bf16
