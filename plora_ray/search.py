@@ -1168,7 +1168,7 @@ def _build_ray_classes() -> None:
             self.sdir = SearchDir(ctx.storage, ctx.name)
             self.finished = 0
 
-        def on_step(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
             # A stopped trial's worker placement group outlives it (see
             # remove_orphaned_placement_groups); sweep every few seconds of the event loop.
             now = time.monotonic()
@@ -1266,7 +1266,10 @@ def remove_orphaned_placement_groups() -> int:
     removed = 0
     for raw in accessor.get_placement_group_table():
         d = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        dead_creator = d.creator_actor_dead and not d.is_detached and d.creator_actor_id
+        # A group made by a driver (Tune's trial groups) has the nil actor id (all 0xff bytes)
+        # and reads as "creator actor dead": only groups made by an actor qualify.
+        made_by_actor = bool(d.creator_actor_id) and d.creator_actor_id.strip(b"\xff") != b""
+        dead_creator = made_by_actor and d.creator_actor_dead and not d.is_detached
         if dead_creator and d.state in (gcs_pb2.PlacementGroupTableData.CREATED,
                                         gcs_pb2.PlacementGroupTableData.PENDING):
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(d.placement_group_id)))

@@ -40,14 +40,17 @@ def ray_head(num_cpus: int = 4) -> Iterator[dict[str, str]]:
            f"--ray-client-server-port={free_port()}",
            f"--dashboard-agent-listen-port={free_port()}",
            f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp}"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    # Token auth off on both sides: a loopback-only head, and clients (ray job submit, drivers)
+    # must agree with the head on the mode whatever ~/.ray holds on this machine.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if out.returncode != 0:
         shutil.rmtree(temp, ignore_errors=True)
         raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
     try:
-        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp": temp}
+        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp": temp,
+               "auth_mode": "disabled"}
     finally:
         # `ray stop` with no address stops every Ray on the machine; only stop what we started:
         # the processes whose command line names our private temp dir / session.
@@ -102,6 +105,7 @@ def test_smoke_search_submitted_as_a_ray_job_finishes_and_publishes(tmp_path: Pa
     storage = tmp_path / "storage"
     with ray_head(num_cpus=4) as head:
         env = {**os.environ, "RAY_ADDRESS": head["dashboard"], "PLORA_STORAGE": str(storage),
+               "RAY_AUTH_MODE": head["auth_mode"],
                "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
         # Shrunk with --set so the test stays within its time budget: 3 trials of 4 steps.
         cmd = ["bash", str(ROOT / "jobs" / "smoke.sh"), "--name", "job",

@@ -297,7 +297,7 @@ def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(tmp_path
            "--storage", str(storage), "--name", "r", "--set", *sets]
     sdir = storage / "r"
     with helpers.ray_head(num_cpus=4) as head:
-        env = {**os.environ, "RAY_ADDRESS": head["gcs"]}
+        env = {**os.environ, "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": head["auth_mode"]}
         log1 = tmp_path / "run1.log"
         with open(log1, "w") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
