@@ -1139,9 +1139,16 @@ def _build_ray_classes() -> None:
         PRUNED, and (3) tags each Optuna trial with its Tune trial id for the dashboard."""
 
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+            import optuna
+
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
             if all(m in result for m in metrics):
-                super().on_trial_result(trial_id, result)
+                try:
+                    super().on_trial_result(trial_id, result)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # A trial that finished after the driver's last snapshot and was told to the
+                    # study then: after --resume it replays its record; the study has it already.
+                    pass
 
         def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                               error: bool = False) -> None:
