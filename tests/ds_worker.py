@@ -55,7 +55,9 @@ def case_config(case: dict[str, Any], world: int) -> RunConfig:
                   "schedule": "warmup_restart", "warmup_steps": 2, "grad_clip": 1.0},
         "batch": {"global_batch": MICRO * GAS * world, "micro_batch": MICRO},
         "resources": {"num_workers": world},
-        "deepspeed": {"zero_stage": case["stage"], "bf16": bf16},
+        "deepspeed": {"zero_stage": case["stage"], "bf16": bf16,
+                      "offload_optimizer": bool(case.get("offload_optimizer", False)),
+                      "offload_param": bool(case.get("offload_param", False))},
     })
 
 
@@ -114,7 +116,7 @@ def snapshot(model: torch.nn.Module, access: Any) -> dict[str, torch.Tensor]:
 
 
 def run_deepspeed(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
-    from plora_ray.engine import DeepSpeedParamAccess, build_engine
+    from plora_ray.engine import DeepSpeedParamAccess, build_engine, gather_full_state_dict
 
     cfg = case_config(case, world)
     model = build_model(cfg)
@@ -148,6 +150,13 @@ def run_deepspeed(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]
     info["lr_after"] = [g["lr"] for g in engine.basic_optimizer.param_groups]
     inner = access.inner if isinstance(access, ModuleOnlyAccess) else access
     info["snapshot"] = snapshot(engine.module, inner)
+    # The export/checkpoint helper sees the same values as the access (masters, full weights).
+    full = gather_full_state_dict(engine, trainable_only=False)
+    adapter = gather_full_state_dict(engine, trainable_only=True)
+    info["gather_matches_access"] = (
+        set(full) == {n for n in info["snapshot"] if "#" not in n}
+        and set(adapter) == {n for n, p in engine.module.named_parameters() if p.requires_grad}
+        and all(torch.equal(full[n].float(), info["snapshot"][n]) for n in full))
     return info
 
 

@@ -59,6 +59,13 @@ def _cases(world: int) -> list[dict[str, Any]]:
             momentum = 0.5 if (stage + bf16 + world) % 2 else 0.0
             cases.append({"name": f"z{stage}_{'bf16' if bf16 else 'fp32'}_w{world}",
                           "stage": stage, "bf16": bf16, "momentum": momentum})
+    if world == 2:
+        # ZeRO-Offload ("cpu" is where the tensors already are here, but DeepSpeed still takes
+        # its offload code paths: CPU-side fp32 partitions and gradient buffers).
+        cases.append({"name": "z2_bf16_w2_offload_optimizer", "stage": 2, "bf16": True,
+                      "momentum": 0.5, "offload_optimizer": True})
+        cases.append({"name": "z3_bf16_w2_offload_optimizer_param", "stage": 3, "bf16": True,
+                      "momentum": 0.0, "offload_optimizer": True, "offload_param": True})
     if world == 1:
         cases.append({"name": "control_module_only_z2_bf16", "stage": 2, "bf16": True,
                       "momentum": 0.0, "module_only": True})
@@ -122,6 +129,8 @@ def _check_matches_reference(run: dict[str, Any]) -> None:
             continue
         r = run["results"][case["name"]]
         assert r["unloads"] == 2, (case["name"], r)
+        # gather_full_state_dict (checkpoints, export) returns what the access reads.
+        assert r["gather_matches_access"], case["name"]
         for kind, err in r["rel_err"].items():
             if case["bf16"]:
                 tol = BF16_STATE_TOL if kind.startswith("exp_avg") else BF16_PARAM_TOL
