@@ -49,7 +49,7 @@ MODELS: dict[str, dict[str, int]] = {
 
 def settings(quick: bool, model: str) -> dict[str, Any]:
     if model == "small":
-        return ({"limit": 4, "max_gen_toks": 32, "proxy_samples": 8, "batch_size": 8} if quick
+        return ({"limit": 2, "max_gen_toks": 32, "proxy_samples": 8, "batch_size": 8} if quick
                 else {"limit": 12, "max_gen_toks": 64, "proxy_samples": 16, "batch_size": 8})
     if quick:
         return {"limit": 8, "max_gen_toks": 64, "proxy_samples": 16, "batch_size": 8}
