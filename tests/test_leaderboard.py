@@ -492,6 +492,15 @@ def test_nan_objectives_do_not_break_the_board(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- a real smoke search
 
 SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+# The shipped smoke search, shrunk with --set to fit CI's budget (4 trials of 4 steps, a tiny
+# evaluation): the same search space, trainer, evaluation, ASHA and publishing, less compute.
+# The two fixed points make sure the board has a PLoRA trial and its LoRA baseline of the same rank.
+SMOKE_SETS = [
+    "search.num_samples=4", "train.max_steps=4", "eval.limit=2", "eval.max_gen_toks=8",
+    "data.max_samples=64", "plora.unload_every=16", "search.scheduler.grace_period=16",
+    "search.points=[{method: plora, optim.lr: 0.001, lora.rank: 8, plora.momentum: 0.1, "
+    "plora.unload_every: 16}, {method: lora, optim.lr: 0.001, lora.rank: 8}]",
+]
 
 
 def finished_smoke_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -500,7 +509,7 @@ def finished_smoke_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
     session's base temp directory), so the leaderboard and search tests pay for one search.
 
     The search runs as the user runs it (the console script, its own local Ray: RAY_ADDRESS=local
-    so it never joins a cluster someone else started).
+    so it never joins a cluster someone else started), shrunk by ``SMOKE_SETS``.
     """
     storage = tmp_path_factory.getbasetemp() / "smoke-search"
     search_dir, done, log = storage / "smoke", storage / "FINISHED", storage / "search.log"
@@ -511,8 +520,12 @@ def finished_smoke_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
     storage.mkdir(parents=True, exist_ok=True)
     script = Path(sys.executable).with_name("plora-ray")
     cmd = ([str(script)] if script.exists() else [sys.executable, "-m", "plora_ray.cli"]) + [
-        "search", str(SMOKE_YAML), "--storage", str(storage), "--name", "smoke"]
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+        "search", str(SMOKE_YAML), "--storage", str(storage), "--name", "smoke",
+        "--set", *SMOKE_SETS]
+    # Ray Train gives a worker group 60 s to start; on a loaded 2-core CI machine importing torch
+    # in a new worker can take longer, and the controller then retries without end.
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1",
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
     with open(log, "w") as out:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=1500,
                               cwd=storage)
@@ -556,6 +569,16 @@ def test_board_from_a_real_finished_smoke_search(smoke_search: Path, tmp_path: P
     else:
         vals = [records[r["trial_id"]]["objective_value"] for r in done]
         assert vals == sorted(vals, reverse=spec.scalar_direction == "max")
+    # The fixed points: a PLoRA r8 trial compared with the LoRA r8 baseline.
+    plora8 = [r for r in done if r["method"] == "plora" and r["lora_rank"] == 8]
+    lora8 = [r for r in done if r["method"] == "lora" and r["lora_rank"] == 8]
+    assert plora8 and lora8, [(r["method"], r["lora_rank"], r["status"]) for r in data["rows"]]
+    if not spec.pareto:
+        sign = 1.0 if spec.scalar_direction == "max" else -1.0
+        best_lora8 = max(lora8, key=lambda r: sign * r["score"])
+        assert plora8[0]["gain_over_baseline"]["objective"] == pytest.approx(
+            sign * (plora8[0]["score"] - best_lora8["score"]))
+        assert plora8[0]["gain_baseline"]["objective"] == f"smoke/{best_lora8['trial_id']}"
     for row in data["rows"]:
         rec = records[row["trial_id"]]
         assert row["status"] == rec["status"] and row["params"] == rec["params"]
