@@ -66,8 +66,8 @@ FAULT_ENV = "PLORA_FAULT_AT_STEP"
 # One file per worker group (port): what /dev/shm names its DeepSpeed buffers carry.
 PROCESS_GROUP_DIR = ".process_groups"
 
-__all__ = ["DivergenceGuard", "RunResult", "run_training", "train_command",
-           "train_loop_per_worker"]
+__all__ = ["DivergenceGuard", "RunResult", "cleanup_run_shm", "read_metrics", "run_training",
+           "train_command", "train_loop_per_worker"]
 
 
 # --------------------------------------------------------------------------- small pure pieces
@@ -214,6 +214,10 @@ class _Run:
             per = cfg.plora.unload_every
             stage_len = per if cfg.plora.unload_unit == "steps" else -(-per // cfg.batch.global_batch)
         self.grad_accum = cfg.grad_accum
+        # Ray Train assigns each GPU worker its device (CPU when no GPU was requested).
+        import ray.train.torch
+
+        self.device = ray.train.torch.get_device()
         if cfg.deepspeed.enabled:
             from plora_ray.engine import DeepSpeedParamAccess, build_engine
 
@@ -223,7 +227,7 @@ class _Run:
             self.access: Any = DeepSpeedParamAccess(self.engine)
         else:
             self.engine = None
-            self.module = model
+            self.module = model.to(self.device)
             trainable = [p for p in model.parameters() if p.requires_grad]
             o = cfg.optim
             self.optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -406,7 +410,7 @@ class _Run:
         self.module.train()
         total = 0.0
         for _ in range(self.grad_accum):
-            batch = self.batcher.next_micro_batch()
+            batch = {k: v.to(self.device) for k, v in self.batcher.next_micro_batch().items()}
             if self.engine is not None:
                 loss = self.engine(**batch, use_cache=False).loss
                 self.engine.backward(loss)
@@ -696,6 +700,17 @@ def _ensure_ray(cfg: RunConfig) -> bool:
              num_gpus=math.ceil(r.num_workers * r.gpus_per_worker) if r.gpus_per_worker else None,
              include_dashboard=False, log_to_driver=False, logging_level="warning")
     return True
+
+
+def cleanup_run_shm(output_dir: str | os.PathLike[str]) -> list[str]:
+    """Remove the /dev/shm buffers a run in ``output_dir`` left behind; return what was removed.
+
+    ``run_training`` calls this itself in a ``finally``. Call it after a run whose driver was
+    killed (e.g. a Tune trial stopped by its scheduler, which kills the trial's actors before
+    their cleanup runs): the run's worker groups recorded their MASTER_ADDR/PORT in
+    ``DIR/.process_groups``, which DeepSpeed's buffer names carry, so only this run's files go.
+    """
+    return _cleanup_run_shm(Path(output_dir), set())
 
 
 def _cleanup_run_shm(out: Path, before: set[str]) -> list[str]:
