@@ -127,20 +127,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # CPU seconds on the critical path (the busiest rank): what the wall time would be on
         # dedicated cores; the wall-time ratio is only meaningful on an otherwise idle machine.
         cpu_rank0 = a["cpu_s"]
-        cpu_sharded = max(ranks[0][f"{name}/sharded"]["cpu_s"], ranks[1][f"{name}/sharded"]["cpu_s"])
+        cpu_sharded = max(r[f"{name}/sharded"]["cpu_s"] for r in ranks)
         headline[f"sharded_speedup{suffix}"] = round(a["wall_s"] / b["wall_s"], 3)
         headline[f"sharded_speedup_cpu{suffix}"] = round(cpu_rank0 / cpu_sharded, 3)
         headline[f"seconds_total_rank0{suffix}"] = round(a["wall_s"], 3)
         headline[f"seconds_total_sharded{suffix}"] = round(b["wall_s"], 3)
         headline[f"objectives_equal{suffix}"] = equal
         if name == "tiny":
-            headline.update({f"seconds_{k}_rank0": round(a["seconds_per_task"][k], 3) for k in tasks})
+            headline.update({f"seconds_{k}_rank0": round(a["seconds_per_task"][k], 3)
+                             for k in tasks})
             headline.update({f"seconds_{k}_sharded": round(b["seconds_per_task"][k], 3)
                              for k in tasks})
         print_table(f"{name} model ({a['parameters']:,} parameters): seconds per task, 2 ranks, "
                     "CPU, 1 thread per rank",
                     [{"task": k, "rank0_s": a["seconds_per_task"][k],
-                      "sharded_s": b["seconds_per_task"][k], "speedup": speedups[k]} for k in tasks])
+                      "sharded_s": b["seconds_per_task"][k], "speedup": speedups[k]}
+                     for k in tasks])
         details[name] = {
             "parameters": a["parameters"],
             "seconds_per_task": {k: round(v, 3) for k, v in a["seconds_per_task"].items()},
@@ -148,8 +150,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "sharded_speedup_per_task": speedups,
             "documents": a["documents"],
             "cpu_s_rank0_mode": {"rank0": a["cpu_s"], "rank1": ranks[1][f"{name}/rank0"]["cpu_s"]},
-            "cpu_s_sharded_mode": {"rank0": b["cpu_s"], "rank1": ranks[1][f"{name}/sharded"]["cpu_s"]},
-            "load_average_1m": {"rank0_mode": a["load_average_1m"], "sharded_mode": b["load_average_1m"]},
+            "cpu_s_sharded_mode": {"rank0": b["cpu_s"],
+                                   "rank1": ranks[1][f"{name}/sharded"]["cpu_s"]},
+            "load_average_1m": {"rank0_mode": a["load_average_1m"],
+                                "sharded_mode": b["load_average_1m"]},
             "objectives_rank0": a["objectives"],
             "objectives_sharded": b["objectives"],
         }

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import random
 import sys
@@ -64,8 +63,6 @@ if TYPE_CHECKING:
 # No dataset hub is reachable from this project's machines; never try one.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-log = logging.getLogger(__name__)
 
 # Seeds lm-eval's simple_evaluate uses by default (random 0; numpy, torch, few-shot 1234), so a
 # run here samples the same few-shot examples as `lm_eval --tasks ...` would.
@@ -226,7 +223,8 @@ def _preserved_rng() -> Iterator[None]:
     random, numpy and torch streams back untouched."""
     import numpy as np
 
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    py_state, np_state = random.getstate(), np.random.get_state()
+    torch_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         yield
@@ -635,8 +633,8 @@ def check_model_dir(path: str | os.PathLike[str]) -> Path:
         raise FileNotFoundError(f"--model {d}: expected weights (model.safetensors or "
                                 f"pytorch_model.bin, or sharded with an index), found none")
     if not any((d / f).is_file() for f in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"--model {d}: expected a tokenizer ({' or '.join(_TOKENIZER_FILES)}),"
-                                f" found none")
+        raise FileNotFoundError(f"--model {d}: expected a tokenizer "
+                                f"({' or '.join(_TOKENIZER_FILES)}), found none")
     return d
 
 
@@ -676,7 +674,8 @@ def eval_command(args: Any) -> int:
         if any(n.startswith("arc_") and shots.get(n, 0) > 0 for n in names):
             raise ValueError("--num-fewshot: ARC runs 0-shot here (only its test split is "
                              "shipped); evaluate ARC separately with --num-fewshot 0")
-        mcfg = ModelConfig(path=str(model_dir), dtype=_checkpoint_dtype(model_dir))  # type: ignore[arg-type]
+        dtype: Any = _checkpoint_dtype(model_dir)
+        mcfg = ModelConfig(path=str(model_dir), dtype=dtype)
         tokenizer = load_tokenizer(mcfg)
         model = load_model(mcfg)
     except (ValueError, FileNotFoundError, DataError) as exc:

@@ -87,5 +87,6 @@ def test_arc_counts_and_hub_schema(name: str, count: int) -> None:
 
 
 def test_licenses_are_shipped_beside_the_data() -> None:
-    for name in ("gsm8k/LICENSE", "mmlu/LICENSE.hendrycks-test-MIT", "arc/LICENSE.llm-foundry-Apache-2.0"):
+    for name in ("gsm8k/LICENSE", "mmlu/LICENSE.hendrycks-test-MIT",
+                 "arc/LICENSE.llm-foundry-Apache-2.0"):
         assert (Path(BUNDLED_DATA_DIR) / name).stat().st_size > 100

@@ -1,4 +1,4 @@
-"""Evaluation: tasks equal to lm-eval's stock tasks, scoring, the tiny model end to end, errors, CLI.
+"""Evaluation: tasks equal to lm-eval's stock tasks, scoring, tiny model end to end, errors, CLI.
 
 The scoring tests use small lm-eval ``LM`` subclasses that answer requests by rule (a scripted
 generation per question, a constant letter) and run through lm-eval's real evaluator, filters
@@ -213,7 +213,8 @@ def test_local_tasks_build_the_same_requests_as_the_stock_tasks(tmp_path: Path) 
     chat = HFLM(pretrained=_TinyForChat.model(), tokenizer=tok).apply_chat_template
 
     stock = _stock_task(tmp_path, "gsm8k/gsm8k.yaml", "gsm8k",
-                        {"train": str(hub / "gsm8k_train.jsonl"), "test": str(hub / "gsm8k_test.jsonl")})
+                        {"train": str(hub / "gsm8k_train.jsonl"),
+                         "test": str(hub / "gsm8k_test.jsonl")})
     ours = build_leaf_task("gsm8k", local)
     _same_scoring_setup(ours, stock)
     for shots, template in ((0, None), (5, None), (5, chat)):
@@ -259,11 +260,13 @@ def test_mmlu_group_tree_matches_the_stock_group_configs() -> None:
     index = TaskIndex.build([stock_tasks_dir() / "mmlu" / "default"])
     tasks = build_tasks(["mmlu"], num_fewshot={"mmlu": 0})
     mmlu = tasks["mmlu"]
-    assert mmlu.child_names == ["mmlu_stem", "mmlu_other", "mmlu_social_sciences", "mmlu_humanities"]
+    assert mmlu.child_names == ["mmlu_stem", "mmlu_other", "mmlu_social_sciences",
+                                "mmlu_humanities"]
     for group in mmlu:
         stock_tag = index[group.name].cfg["task"][0]
         assert sorted(group.child_names) == sorted(index[stock_tag].tags)
-        assert [(a.metric, a.weight_by_size) for a in group.aggregate_metric_list] == [("acc", True)]
+        aggregate = [(a.metric, a.weight_by_size) for a in group.aggregate_metric_list]
+        assert aggregate == [("acc", True)]
     assert [(a.metric, a.weight_by_size) for a in mmlu.aggregate_metric_list] == [("acc", True)]
     assert len(mmlu.get_all_tasks()) == 57
     categories = mmlu_subject_categories()
@@ -440,7 +443,8 @@ def test_missing_column_names_the_file_line_and_column(tmp_path: Path) -> None:
 
     _write_jsonl(tmp_path / "arc" / "arc_easy.jsonl",
                  [{"query": "Question: x", "choices": ["a", "b", "c", "d"], "gold": 4}])
-    with pytest.raises(DataError, match=r"arc_easy\.jsonl:1: column 'gold': expected an integer 0-3"):
+    with pytest.raises(DataError,
+                       match=r"arc_easy\.jsonl:1: column 'gold': expected an integer 0-3"):
         build_leaf_task("arc_easy", tmp_path)
     with pytest.raises(DataError, match="arc_challenge.jsonl: expected the arc_challenge file"):
         build_leaf_task("arc_challenge", tmp_path)
@@ -568,7 +572,8 @@ def test_sharded_evaluation_on_two_ranks_equals_the_single_process_result(
     assert all(0 < s for s in ranks[0]["seen"] + ranks[1]["seen"])
     # The real HFLM path: the same objectives on both ranks and as a single process.
     model, tok = tiny
-    alone = evaluate_model(model, tok, EvalConfig(tasks=["arc_challenge"], limit=6, proxy_samples=5))
+    alone = evaluate_model(model, tok,
+                           EvalConfig(tasks=["arc_challenge"], limit=6, proxy_samples=5))
     assert ranks[0]["objectives"] == ranks[1]["objectives"]
     for k, v in alone.objectives.items():
         assert ranks[0]["objectives"][k] == pytest.approx(v, rel=1e-4), k

@@ -52,8 +52,6 @@ _STOCK_FILES = {
 }
 _MMLU_DIR = "mmlu/default"
 
-log = logging.getLogger(__name__)
-
 
 def stock_tasks_dir() -> Path:
     """The ``lm_eval/tasks`` folder of the installed lm-eval."""
@@ -91,7 +89,8 @@ def check_task_names(names: list[str]) -> None:
         raise ValueError(f"eval.tasks: unknown task {', '.join(map(repr, unknown))}; expected "
                          f"names from {', '.join(TASK_NAMES)}")
     if not names:
-        raise ValueError(f"eval.tasks: expected at least one of {', '.join(TASK_NAMES)}, found none")
+        raise ValueError(f"eval.tasks: expected at least one of {', '.join(TASK_NAMES)}, "
+                         "found none")
 
 
 # --------------------------------------------------------------------------- datasets
@@ -252,7 +251,8 @@ def build_leaf_task(name: str, root: Path, num_fewshot: int | None = None,
         cfg["num_fewshot"] = 0  # lm-eval's simple_evaluate does the same for tasks without one
     if name.startswith("arc_") and cfg["num_fewshot"] > 0:
         raise ValueError(f"eval.num_fewshot.{name}: expected 0 (only the ARC test split is "
-                         f"shipped, the stock task draws shots from train), found {cfg['num_fewshot']}")
+                         f"shipped, the stock task draws shots from train), found "
+                         f"{cfg['num_fewshot']}")
     # lm-eval warns once per task that custom_dataset kwargs can come from --metadata; that
     # advice is for its CLI and would print 57 times for MMLU.
     task_log = logging.getLogger("lm_eval.api.task")

@@ -169,7 +169,7 @@ def _mmlu_cached(key: tuple[str, int, int], subject: str) -> tuple[dict[str, Any
 
 
 def read_mmlu(root: Path, split: str, subject: str) -> list[dict[str, Any]]:
-    """One MMLU subject in the ``cais/mmlu`` schema: ``{"question", "subject", "choices", "answer"}``.
+    """One MMLU subject in the ``cais/mmlu`` schema: question, subject, choices, answer.
 
     Args:
         root: the data directory.
