@@ -293,8 +293,10 @@ def compare(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[
             kind = "lora_A"
         elif "lora_B" in key:
             kind = "lora_B"
+        elif "base_layer" in key:
+            kind = "backbone_targets"  # the frozen W of every LoRA layer: where unloads merge
         else:
-            kind = "backbone"
+            kind = "backbone_other"  # embeddings, norms, LM head: nothing may touch them
         kinds.setdefault(kind, ([], []))
         kinds[kind][0].append(g.flatten().float())
         kinds[kind][1].append(r.flatten().float())

@@ -4,17 +4,20 @@ The multi-rank runs happen in ``tests/ds_worker.py`` processes (gloo, a free por
 one launch per world size loops over every (stage, dtype) case, because DeepSpeed's import and
 process-group setup dominate the cost. Both launches start once per session (module fixtures).
 
-Tolerances (relative Frobenius error of all tensors of a kind, e.g. every lora_B, concatenated):
+Tolerances (relative Frobenius error of all tensors of a kind, e.g. every lora_B, concatenated;
+the kinds are lora_A, lora_B, exp_avg, exp_avg_sq, backbone_targets = the frozen W of every LoRA
+layer, where unloads merge, and backbone_other = embeddings, norms, LM head):
 
 * fp32: 1e-4. The two runs differ only in summation order (all-reduce vs sequential micro
-  batches, ZeRO-3's reduce-scatter), ~1e-6 measured.
-* bf16: 2e-2 for LoRA parameters and backbone, 5e-2 for Adam moments. DeepSpeed reduces
-  gradients in bf16 (the reference accumulates in fp32 from the same bf16 micro-batch
-  gradients), which perturbs each gradient by ~0.4%, and ZeRO-3 accumulates in a different
-  order; the perturbation grows over the steps, more in the second moment (squared gradients)
-  than in the parameters. Measured: <= 1.2e-2 (parameters), <= 3e-2 (moments) at two ranks;
-  exactly 0 at stages 0-2 on one rank. A forgotten master write, moment reset or step reset
-  shows up as errors of order 1 (the negative control below measures it).
+  batches, ZeRO-3's reduce-scatter): <= 8.2e-6 measured.
+* bf16: 1e-2 for backbone_targets, 4e-2 for LoRA parameters, 6e-2 for Adam moments. DeepSpeed
+  reduces gradients in bf16 across ranks (the reference sums the same bf16 micro-batch gradients
+  in fp32) and ZeRO-3 accumulates in another order: a ~0.4% perturbation per gradient that grows
+  over the steps, most in the second moment (squared gradients). Measured at two ranks:
+  <= 3.7e-3 backbone_targets, <= 1.7e-2 LoRA, <= 2.5e-2 moments; exactly 0 at stages 0-2 on one
+  rank. A forgotten master write, moment reset or step reset gives errors of order 1 (the
+  negative control measures 1.3-3.1 on LoRA).
+* backbone_other: exactly 0 everywhere (nothing may touch it).
 
 Adam step counts must be equal exactly in every case.
 """
@@ -35,8 +38,8 @@ from plora_ray.config import ConfigError, config_from_dict
 
 WORKER = Path(__file__).with_name("ds_worker.py")
 FP32_TOL = 1e-4
-BF16_PARAM_TOL = 2e-2
-BF16_STATE_TOL = 5e-2
+BF16_TOL = {"backbone_targets": 1e-2, "lora_A": 4e-2, "lora_B": 4e-2, "exp_avg": 6e-2,
+            "exp_avg_sq": 6e-2}
 
 
 def _free_port() -> int:
@@ -131,11 +134,12 @@ def _check_matches_reference(run: dict[str, Any]) -> None:
         assert r["unloads"] == 2, (case["name"], r)
         # gather_full_state_dict (checkpoints, export) returns what the access reads.
         assert r["gather_matches_access"], case["name"]
+        assert set(r["rel_err"]) == set(BF16_TOL) | {"backbone_other"}, r["rel_err"]
         for kind, err in r["rel_err"].items():
-            if case["bf16"]:
-                tol = BF16_STATE_TOL if kind.startswith("exp_avg") else BF16_PARAM_TOL
+            if kind == "backbone_other":
+                tol = 0.0
             else:
-                tol = FP32_TOL
+                tol = BF16_TOL[kind] if case["bf16"] else FP32_TOL
             if not err <= tol:
                 failures.append(f"{case['name']}: {kind} rel err {err:.3g} > {tol}")
         if not r["steps_equal"]:
@@ -170,7 +174,7 @@ def test_module_only_writes_are_undone_negative_control(one_rank):
     for name in ("control_module_only_z2_bf16", "control_module_only_z3_fp32"):
         r = one_rank["results"][name]
         worst = max(r["rel_err"]["lora_A"], r["rel_err"]["lora_B"])
-        assert worst > 10 * BF16_PARAM_TOL, (name, r["rel_err"])
+        assert worst > 10 * BF16_TOL["lora_B"], (name, r["rel_err"])
     probe = one_rank["results"]["probe_undo_z2_bf16"]
     assert probe["module_abs_max_right_after_write"] == 0.0  # the write did reach the module
     # ...and one optimizer step later the module holds the master's value again, which went on
