@@ -416,7 +416,9 @@ def evaluate_model(
 def _evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ev: EvalConfig,
                     rank: int, world_size: int) -> EvalResult:
     start = time.perf_counter()
-    # Build (and so validate) every task before the model does any work.
+    # Build (and so validate) every task before the model does any work, on every rank (also
+    # those that will only wait for rank 0's broadcast): a bad data file then fails all ranks
+    # alike instead of leaving the others blocked in a collective.
     tasks = build_tasks(list(ev.tasks), ev.data_dir, dict(ev.num_fewshot), ev.limit,
                         ev.limit_seed)
     sharded = world_size > 1 and ev.sharded
