@@ -225,6 +225,7 @@ class _Run:
                 model, cfg, self.world, stage_length_steps=stage_len)
             self.module = self.engine.module
             self.access: Any = DeepSpeedParamAccess(self.engine)
+            self.shm_removed = _unlink_shm_names(self.world)
         else:
             self.engine = None
             self.module = model.to(self.device)
@@ -257,6 +258,7 @@ class _Run:
         self.proxy: dict[str, float] = {}
         self.restored_from: str | None = None
         self.backbone_delta_bytes = 0
+        self.shm_removed: list[str] = getattr(self, "shm_removed", [])
 
     def _generator_for(self, unload_index: int, layer_index: int, device: Any = "cpu") -> Any:
         """The generator PLoRA's unload uses for this layer's rounding (see plora.unload)."""
@@ -538,7 +540,31 @@ class _Run:
                 final["model_path"] = str(self.out / "model")
         final["elapsed_s"] = round(self.elapsed(), 3)
         final["setup_seconds"] = self.setup_seconds
+        # /dev/shm names unlinked right after the engine build (nothing to leak after that).
+        final["shm_unlinked_at_start"] = len(self.shm_removed)
         self.report(final, checkpoint=False)
+
+
+def _unlink_shm_names(world: int) -> list[str]:
+    """Unlink DeepSpeed's /dev/shm all-reduce buffer names as soon as every rank has mapped them.
+
+    DeepSpeed's CPU backend creates one named buffer per rank when the engine initialises
+    ``deepspeed.comm`` and every rank opens its peers' buffers by name right then, never later
+    (``shm_initialize`` in deepspeed/ops/csrc/cpu/comm/shm.cpp). After a barrier that follows the
+    engine build the names are no longer needed; the mappings stay valid until the processes
+    exit, and the memory is freed then. Unlinking this early means a worker killed later (a Tune
+    trial stopped by its scheduler, an OOM kill) leaves nothing in /dev/shm.
+    """
+    import torch.distributed as dist
+
+    from plora_ray.engine import cleanup_shm
+
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if not port:
+        return []
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+    return cleanup_shm(addr, port)
 
 
 def _json_scalar(obj: Any) -> Any:
@@ -586,12 +612,15 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     # What DeepSpeed's own launcher sets: all ranks of this node. With it, DeepSpeed's CPU
     # backend uses its shared-memory all-reduce when every rank is on one node.
     os.environ.setdefault("LOCAL_SIZE", str(ctx.get_local_world_size()))
+    run = None
     try:
-        _Run(loop_cfg).run()
+        run = _Run(loop_cfg)
+        run.run()
     finally:
         if port:
-            # Unlinking while a peer still maps the buffer is safe: the mapping outlives the name.
-            removed = cleanup_shm(addr, port)
+            # Names left if the run failed before ``_unlink_shm_names`` (unlinking while a peer
+            # still maps a buffer is safe: the mapping outlives the name).
+            removed = getattr(run, "shm_removed", []) + cleanup_shm(addr, port)
             if removed:
                 d = out / PROCESS_GROUP_DIR
                 d.mkdir(parents=True, exist_ok=True)

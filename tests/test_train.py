@@ -149,6 +149,10 @@ def test_run_removes_the_dev_shm_buffers_it_created(reference_run):
     # Two ranks on one node: DeepSpeed created one buffer per rank, and the run removed them.
     assert len(removed) == 2, removed
     assert all(Path(p).name.startswith("deepspeed_allreduce_buffer_") for p in removed)
+    # They were unlinked as soon as both ranks had mapped them (right after the engine build), so
+    # a worker killed later could not leak them.
+    final = read_metrics(out / "metrics.jsonl")[-1]
+    assert final["shm_unlinked_at_start"] == 2
     # Only this run's names are checked: other processes on the machine may hold buffers too.
     assert not {Path(p).name for p in removed} & _shm_names()
     assert not {Path(p).name for p in removed} & before  # they were new, created by this run
