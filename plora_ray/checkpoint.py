@@ -164,7 +164,7 @@ def replay_layer(old: torch.Tensor, delta: LayerDelta, rounding: str, generator:
 
 
 def save_unload_delta(record: UnloadDelta, directory: str | os.PathLike[str]) -> Path:
-    """Write one unload's record as ``unload_NNNN.safetensors`` (factors + exceptions + metadata)."""
+    """Write one unload's record as ``unload_NNNN.safetensors`` (factors, exceptions, metadata)."""
     from safetensors.torch import save_file
 
     d = Path(directory)

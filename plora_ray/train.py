@@ -212,7 +212,8 @@ class _Run:
         stage_len = self.total_steps
         if cfg.method == "plora":
             per = cfg.plora.unload_every
-            stage_len = per if cfg.plora.unload_unit == "steps" else -(-per // cfg.batch.global_batch)
+            per_step = cfg.batch.global_batch
+            stage_len = per if cfg.plora.unload_unit == "steps" else -(-per // per_step)
         self.grad_accum = cfg.grad_accum
         # Ray Train assigns each GPU worker its device (CPU when no GPU was requested).
         import ray.train.torch
@@ -325,7 +326,8 @@ class _Run:
         if self.engine is not None:
             # Frozen weights are excluded: the backbone is restored from the base model plus the
             # compact unload records (full fine-tuning trains every weight, so it stores them).
-            self.engine.save_checkpoint(str(directory / "deepspeed"), tag="engine", save_latest=False,
+            self.engine.save_checkpoint(str(directory / "deepspeed"), tag="engine",
+                                        save_latest=False,
                                         exclude_frozen_parameters=self.cfg.method != "full")
         elif self.rank == 0:
             trainable = {n: p.detach().clone() for n, p in self.module.named_parameters()
@@ -461,13 +463,15 @@ class _Run:
                 (unload and cfg.checkpoint.at_unload) or bool(every and self.step % every == 0))
             if (self.step % cfg.train.log_every == 0 or unload or ckpt_due or diverged
                     or self.step == self.total_steps):
-                tps = (self.batcher.tokens_seen - last_tokens) / max(time.perf_counter() - last_t, 1e-9)
+                seconds = max(time.perf_counter() - last_t, 1e-9)
+                tps = (self.batcher.tokens_seen - last_tokens) / seconds
                 self.report(self.step_metrics(loss, lr, tps, unload, ckpt_due), checkpoint=ckpt_due)
                 # The next interval's throughput excludes this report's checkpoint and proxy time.
                 last_t, last_tokens = time.perf_counter(), self.batcher.tokens_seen
             if diverged is not None:
                 break
-            if self.fault_at is not None and self.step == self.fault_at and self.restored_from is None:
+            if (self.fault_at is not None and self.step == self.fault_at
+                    and self.restored_from is None):
                 raise RuntimeError(f"{FAULT_ENV}={self.fault_at}: injected fault after step "
                                    f"{self.step}")
         self.finish(diverged)
@@ -806,7 +810,8 @@ def run_training(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
     status, reason, result = "failed", None, None
     removed: list[str] = []
     try:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+        from ray.train import RunConfig as RayRunConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         r = cfg.resources
@@ -919,9 +924,10 @@ def train_command(file: str, overrides: dict[str, Any] | None, output: str | Non
     cfg = load_config(file, overrides)
     check_run_config(cfg)
     out = Path(output) if output else Path("runs") / Path(file).stem
+    engine = (f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled
+              else "plain torch")
     print(f"plora-ray train: {file} -> {out} ({cfg.method}, {cfg.resources.num_workers} "
-          f"worker(s), {'DeepSpeed ZeRO-' + str(cfg.deepspeed.zero_stage) if cfg.deepspeed.enabled else 'plain torch'})",
-          flush=True)
+          f"worker(s), {engine})", flush=True)
 
     def show(m: dict[str, Any]) -> None:
         print(_progress_line(m), flush=True)

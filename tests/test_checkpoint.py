@@ -214,7 +214,8 @@ def test_export_writes_a_merged_model_that_from_pretrained_loads(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (replay with CUDA generators)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (replay with CUDA generators)")
 def test_backbone_replay_on_cuda_is_bit_exact(tmp_path):
     # On a GPU the unload merges on the device with a CUDA generator; the recorder must replay
     # there too (a CPU generator draws other bits).
