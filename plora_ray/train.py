@@ -715,6 +715,42 @@ class _MetricsTail:
                 self.callback(json.loads(line))
 
 
+# Settings a resumed run may change: how long it trains, how it reports, checkpoints and
+# evaluates. Anything else would make the continuation a different run than the checkpoint's.
+RESUME_MAY_CHANGE = ("train.max_steps", "train.epochs", "train.log_every", "eval.",
+                     "checkpoint.", "search")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _check_resume_config(cfg: RunConfig, saved: Path) -> None:
+    """Refuse to resume a run with a config that changes what training computes.
+
+    Raises:
+        ConfigError: naming each changed key with the checkpoint's and the new value.
+    """
+    import yaml
+
+    if not saved.is_file():
+        return
+    old = _flatten(yaml.safe_load(saved.read_text()) or {})
+    new = _flatten(cfg.to_dict())
+    problems = [
+        f"{k}: expected {old.get(k)!r} as in the run being resumed, found {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE)
+    ]
+    if problems:
+        raise ConfigError(problems, source=f"--resume of {saved.parent}")
+
+
 def _ensure_ray(cfg: RunConfig) -> bool:
     """Connect to Ray: the running one, RAY_ADDRESS, or a new local head. True if we started it."""
     import ray
@@ -798,6 +834,8 @@ def run_training(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
     if snapshot.exists() and not resume:
         raise FileExistsError(f"{out} already holds a run ({snapshot.name} in {snapshot.parent}); "
                               "pass --resume to continue it or choose another --output")
+    if resume:
+        _check_resume_config(cfg, out / "config.yaml")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     metrics_path = out / METRICS_FILE

@@ -255,6 +255,20 @@ def test_existing_run_directory_needs_resume(tmp_path, tiny_yaml):
         run_training(load_config(tiny_yaml), tmp_path / "run")
 
 
+def test_resume_refuses_a_config_that_changes_the_training(tmp_path, tiny_yaml):
+    out = tmp_path / "run"
+    (out / "ray").mkdir(parents=True)
+    (out / "ray" / "checkpoint_manager_snapshot.json").write_text("{}")
+    from plora_ray.config import dump_config
+
+    (out / "config.yaml").write_text(dump_config(load_config(tiny_yaml)))
+    changed = load_config(tiny_yaml, {"lora.rank": 8, "train.max_steps": 20})
+    with pytest.raises(ConfigError) as err:
+        run_training(changed, out, resume=True)
+    # Training longer is allowed; a different rank is not.
+    assert len(err.value.problems) == 1 and "lora.rank" in err.value.problems[0]
+
+
 # --------------------------------------------------------------------------- pure pieces
 
 
