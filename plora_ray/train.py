@@ -486,6 +486,22 @@ class _Run:
         if self.cfg.eval.proxy_samples > 0:
             self.proxy = self.compute_proxy()
 
+    def adapter_effective_rank(self) -> dict[str, int]:
+        """LoRA's ΔW = scaling·B·A: its effective rank on the layers PLoRA would sample."""
+        from plora_ray.plora import effective_rank, lora_pairs
+
+        pairs = lora_pairs(self.module)
+        k = min(self.cfg.plora.rank_sample_layers, len(pairs))
+        picks = sorted({round(j * (len(pairs) - 1) / max(1, k - 1)) for j in range(k)})
+        out = {}
+        for i in picks:
+            pr = pairs[i]
+            with self.access.gathered([pr.A, pr.B]):
+                delta = pr.scaling * (self.access.read_trainable(pr.B)
+                                      @ self.access.read_trainable(pr.A))
+            out[pr.name] = effective_rank(delta, self.cfg.plora.rank_threshold)
+        return out
+
     def compute_proxy(self) -> dict[str, float]:
         from plora_ray.evaluate import proxy_nll
 
@@ -516,7 +532,10 @@ class _Run:
             final["status"] = "completed"
             if self.plora is not None:
                 ranks = self.plora.delta_effective_rank()
-                final["effective_rank"] = (sum(ranks.values()) / len(ranks)) if ranks else None
+            elif cfg.method == "lora":
+                ranks = self.adapter_effective_rank()
+            if ranks:
+                final["effective_rank"] = sum(ranks.values()) / len(ranks)
                 final["effective_rank_layers"] = ranks
             objectives: dict[str, float] = {}
             if cfg.eval.at_end:
