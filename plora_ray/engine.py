@@ -15,6 +15,8 @@ whole truth, and writing only to them is silently wrong:
   =========  =====  =================================  ==========================================
   0          no     none (the torch optimizer itself)  the module parameter itself
   0          yes    ``FP16_UnfusedOptimizer``          ``fp32_groups[i][j]`` (one tensor per param)
+                    (with torch AdamW; ``FP16_Optimizer``
+                    for FusedAdam is refused)
   1, 2       any    ``DeepSpeedZeroOptimizer``         a fragment of this rank's flat fp32
                                                        partition (``param._hp_mapping``)
   3          any    ``DeepSpeedZeroOptimizer_Stage3``  a slice of ``fp32_partitioned_groups_flat``
@@ -286,18 +288,18 @@ class DeepSpeedParamAccess:
         opt = self.optimizer
         masters: dict[int, torch.Tensor] = {}
         if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):
-            # FP16_UnfusedOptimizer (bf16 or fp16 with a non-fused torch optimizer): one fp32
-            # tensor per module parameter, stepped by the torch optimizer.
+            # FP16_UnfusedOptimizer (bf16 with a non-fused torch optimizer, what build_engine
+            # gives): one fp32 tensor per module parameter, stepped by the torch optimizer.
             for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups):
                 for lp, hp in zip(lp_group, hp_group):
                     masters[id(lp)] = hp
-        elif hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups_flat"):
-            # FP16_Optimizer (FusedAdam): one flat fp32 tensor per group; views into it.
-            for lp_group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
-                offset = 0
-                for lp in lp_group:
-                    masters[id(lp)] = flat.narrow(0, offset, lp.numel()).view_as(lp)
-                    offset += lp.numel()
+        elif hasattr(opt, "fp16_groups"):
+            # FP16_Optimizer (FusedAdam on CUDA) keeps flat masters. build_engine never selects
+            # it (torch_adam), so it is refused here rather than handled untested.
+            raise NotImplementedError(
+                f"DeepSpeedParamAccess: ZeRO stage 0 with {type(opt).__name__} is not supported; "
+                "build the engine with plora_ray.engine.build_engine (torch AdamW) or use ZeRO >= 1"
+            )
         else:
             # No wrapper (fp32, stage 0): the torch optimizer steps the module parameters.
             for group in self.base_optimizer.param_groups:
@@ -305,18 +307,10 @@ class DeepSpeedParamAccess:
                     masters[id(p)] = p
         return masters
 
-    def _stage0_state_owner(self, p: torch.nn.Parameter) -> tuple[torch.Tensor, slice | None]:
-        """The tensor keying ``base_optimizer.state`` for ``p`` and ``p``'s slice of it."""
-        opt = self.optimizer
-        if hasattr(opt, "fp32_groups_flat"):
-            for lp_group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
-                offset = 0
-                for lp in lp_group:
-                    if lp is p:
-                        return flat, slice(offset, offset + lp.numel())
-                    offset += lp.numel()
+    def _master_of(self, p: torch.nn.Parameter) -> torch.Tensor:
+        if id(p) not in self._masters:
             raise KeyError(f"parameter of shape {tuple(p.shape)} is not in the optimizer")
-        return self._masters[id(p)], None
+        return self._masters[id(p)]
 
     # ---- ParamAccess protocol
 
@@ -342,9 +336,7 @@ class DeepSpeedParamAccess:
             KeyError: ``p`` is not one of the optimizer's parameters.
         """
         if self.stage == 0:
-            if id(p) not in self._masters:
-                raise KeyError(f"parameter of shape {tuple(p.shape)} is not in the optimizer")
-            return self._masters[id(p)].detach().float().clone()
+            return self._master_of(p).detach().float().clone()
         from deepspeed.utils import safe_get_full_fp32_param
 
         value = safe_get_full_fp32_param(p)
@@ -360,7 +352,7 @@ class DeepSpeedParamAccess:
         """
         value = value.detach()
         if self.stage == 0:
-            master = self._masters[id(p)]
+            master = self._master_of(p)
             with torch.no_grad():
                 master.copy_(value.to(master.dtype).view_as(master))
                 if master is not p:
@@ -420,36 +412,21 @@ class DeepSpeedParamAccess:
 
     # ---- reset per stage
 
-    def _zero_state(self, owner: torch.Tensor, where: slice | None, *, reset_step: bool) -> None:
+    def _zero_state(self, owner: torch.Tensor) -> None:
         state = self.base_optimizer.state.get(owner)
         if not state:
             return  # no step taken yet: the state is created fresh (zero) at the first step
         with torch.no_grad():
             for key in _MOMENT_KEYS:
                 if key in state and torch.is_tensor(state[key]):
-                    (state[key] if where is None else state[key].view(-1)[where]).zero_()
-            if reset_step and "step" in state:
+                    state[key].zero_()
+            if "step" in state:
                 _zero_step(state)
 
     def _reset_stage0(self, params: list[torch.nn.Parameter]) -> None:
-        flat_owners: dict[int, tuple[torch.Tensor, list[torch.nn.Parameter]]] = {}
+        # One master, and one Adam state with its own step count, per parameter.
         for p in params:
-            owner, where = self._stage0_state_owner(p)
-            if where is None:
-                self._zero_state(owner, None, reset_step=True)
-            else:
-                self._zero_state(owner, where, reset_step=False)
-                flat_owners.setdefault(id(owner), (owner, []))[1].append(p)
-        # FP16_Optimizer: one flat master per group, one shared step count.
-        for gi, (lp_group, flat) in enumerate(
-            zip(getattr(self.optimizer, "fp16_groups", []),
-                getattr(self.optimizer, "fp32_groups_flat", []))
-        ):
-            if id(flat) in flat_owners:
-                _require_whole_group(lp_group, flat_owners[id(flat)][1], gi)
-                state = self.base_optimizer.state.get(flat)
-                if state and "step" in state:
-                    _zero_step(state)
+            self._zero_state(self._master_of(p))
         self._reset_group_steps()
 
     def _reset_stage12(self, params: list[torch.nn.Parameter]) -> None:
@@ -521,12 +498,10 @@ class DeepSpeedParamAccess:
         zeros = torch.zeros(shape, dtype=torch.float32)
         out: dict[str, Any] = {"exp_avg": zeros.clone(), "exp_avg_sq": zeros.clone(), "step": 0.0}
         if self.stage == 0:
-            owner, where = self._stage0_state_owner(p)
-            state = self.base_optimizer.state.get(owner, {})
+            state = self.base_optimizer.state.get(self._master_of(p), {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
-                    t = state[key] if where is None else state[key].view(-1)[where]
-                    out[key] = t.detach().float().clone().view(shape)
+                    out[key] = state[key].detach().float().clone().view(shape)
             out["step"] = _step_value(state)
             return out
         from deepspeed.utils import safe_get_full_optimizer_state

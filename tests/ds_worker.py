@@ -11,7 +11,10 @@ and writes ``OUT_DIR/<name>.json``: the relative errors between the two runs' Lo
 (fp32 masters), backbone weights, Adam moments and step counts. Looping over cases in one launch
 pays DeepSpeed's import and the process-group setup once.
 
-A case is ``{"name", "stage", "bf16", "momentum", "module_only"?, "probe_undo"?}``.
+A case is ``{"name", "stage", "bf16", "momentum", "module_only"?, "probe_undo"?, "persistent"?,
+"offload_optimizer"?, "offload_param"?}``. ZeRO-3 cases partition every parameter
+(``stage3_param_persistence_threshold: 0``) unless ``persistent`` keeps DeepSpeed's default, under
+which this tiny model's parameters all stay whole on every rank ("persistent").
 ``module_only`` swaps in an access that writes trainable values into the module only (not the
 master copy): the negative control, which must NOT match the reference.
 """
@@ -123,7 +126,8 @@ def run_deepspeed(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]
     # Tiny parameters would otherwise stay whole ("persistent") under ZeRO-3; 0 partitions all.
     overrides = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
     engine, _, scheduler = build_engine(model, cfg, world, stage_length_steps=UNLOAD_EVERY,
-                                        overrides=overrides if case["stage"] == 3 else None)
+                                        overrides=overrides if case["stage"] == 3
+                                        and not case.get("persistent") else None)
     access: Any = DeepSpeedParamAccess(engine)
     if case.get("module_only"):
         access = ModuleOnlyAccess(access)
@@ -135,6 +139,7 @@ def run_deepspeed(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]
         frozen = next(p for p in engine.module.parameters() if not p.requires_grad)
         info["zero3_local_numel"] = int(frozen.ds_tensor.numel())
         info["zero3_full_numel"] = int(frozen.ds_numel)
+        info["zero3_persistent"] = bool(getattr(frozen, "ds_persist", False))
     data = batches(world)
     unloads = 0
     for step in range(STEPS):
@@ -257,14 +262,19 @@ def run_reference(case: dict[str, Any], world: int) -> dict[str, torch.Tensor]:
     n_micro = GAS * world
     for step in range(STEPS):
         # The global batch: every rank's micro batches; the mean over all of them is what
-        # DeepSpeed's 1/GAS loss scaling plus the all-reduce average over ranks computes.
-        for micro in range(GAS):
-            for rank in range(world):
+        # DeepSpeed's 1/GAS loss scaling plus the all-reduce average over ranks computes. Each
+        # rank's micro batches accumulate in the module's dtype (as in each DeepSpeed rank's
+        # .grad), and ranks are then summed in fp32.
+        grads = {id(p): torch.zeros(p.shape) for p in trainable}
+        for rank in range(world):
+            for micro in range(GAS):
                 x = micro_batch(data, step, micro, world, rank)
                 (model(input_ids=x, labels=x).loss / n_micro).backward()
+            for p in trainable:
+                grads[id(p)] += p.grad.float()
+                p.grad = None
         for p in trainable:
-            masters[id(p)].grad = p.grad.float()
-            p.grad = None
+            masters[id(p)].grad = grads[id(p)]
         torch.nn.utils.clip_grad_norm_([masters[id(p)] for p in trainable], o.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

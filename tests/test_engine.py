@@ -10,13 +10,14 @@ layer, where unloads merge, and backbone_other = embeddings, norms, LM head):
 
 * fp32: 1e-4. The two runs differ only in summation order (all-reduce vs sequential micro
   batches, ZeRO-3's reduce-scatter): <= 8.2e-6 measured.
-* bf16: 1e-2 for backbone_targets, 4e-2 for LoRA parameters, 6e-2 for Adam moments. DeepSpeed
-  reduces gradients in bf16 across ranks (the reference sums the same bf16 micro-batch gradients
-  in fp32) and ZeRO-3 accumulates in another order: a ~0.4% perturbation per gradient that grows
-  over the steps, most in the second moment (squared gradients). Measured at two ranks:
-  <= 3.7e-3 backbone_targets, <= 1.7e-2 LoRA, <= 2.5e-2 moments; exactly 0 at stages 0-2 on one
-  rank. A forgotten master write, moment reset or step reset gives errors of order 1 (the
-  negative control measures 1.3-3.1 on LoRA).
+* bf16: 1e-2 for backbone_targets, 6e-2 for LoRA parameters, 8e-2 for Adam moments. DeepSpeed
+  reduces gradients across ranks in bf16 (the reference sums each rank's bf16 gradient in fp32)
+  and ZeRO-3 accumulates micro batches in another order: bf16 roundings of a sum whose terms
+  nearly cancel change some gradient elements by percents, and the difference grows over the
+  steps, most in the second moment (squared gradients) and with momentum > 0 (the adapter keeps
+  its history). Measured at two ranks: <= 3.8e-3 backbone_targets, <= 2.4e-2 LoRA, <= 3.5e-2
+  moments; exactly 0 at stages 0-2 on one rank. A forgotten master write, moment reset or step
+  reset gives errors of order 1 (the negative control measures 1.3-3.1 on LoRA).
 * backbone_other: exactly 0 everywhere (nothing may touch it).
 
 Adam step counts must be equal exactly in every case.
@@ -38,8 +39,8 @@ from plora_ray.config import ConfigError, config_from_dict
 
 WORKER = Path(__file__).with_name("ds_worker.py")
 FP32_TOL = 1e-4
-BF16_TOL = {"backbone_targets": 1e-2, "lora_A": 4e-2, "lora_B": 4e-2, "exp_avg": 6e-2,
-            "exp_avg_sq": 6e-2}
+BF16_TOL = {"backbone_targets": 1e-2, "lora_A": 6e-2, "lora_B": 6e-2, "exp_avg": 8e-2,
+            "exp_avg_sq": 8e-2}
 
 
 def _free_port() -> int:
@@ -69,6 +70,10 @@ def _cases(world: int) -> list[dict[str, Any]]:
                       "momentum": 0.5, "offload_optimizer": True})
         cases.append({"name": "z3_bf16_w2_offload_optimizer_param", "stage": 3, "bf16": True,
                       "momentum": 0.0, "offload_optimizer": True, "offload_param": True})
+        # DeepSpeed's default persistence threshold (1e5 elements) keeps small parameters (all
+        # of this model's, LoRA A/B of a 7B model too) whole on every rank: the other ZeRO-3 path.
+        cases.append({"name": "z3_bf16_w2_persistent", "stage": 3, "bf16": True,
+                      "momentum": 0.5, "persistent": True})
     if world == 1:
         cases.append({"name": "control_module_only_z2_bf16", "stage": 2, "bf16": True,
                       "momentum": 0.0, "module_only": True})
@@ -162,10 +167,13 @@ def test_deepspeed_unloads_match_torch_reference_every_zero_stage_two_ranks(two_
     _check_matches_reference(two_ranks)
     for dtype in ("fp32", "bf16"):
         r = two_ranks["results"][f"z3_{dtype}_w2"]
-        # ZeRO-3 really partitioned the frozen backbone: each rank holds half.
+        # ZeRO-3 really partitioned the frozen backbone: each rank holds half, and only half.
         assert r["zero3_local_numel"] * 2 == r["zero3_full_numel"], r
+        assert not r["zero3_persistent"], r
         # The same global batch of 8 as 2 ranks x 2 micro x 2 accumulation steps.
         assert r["gas"] == 2
+    r = two_ranks["results"]["z3_bf16_w2_persistent"]
+    assert r["zero3_persistent"], r  # kept whole on each rank beside its partition
 
 
 @pytest.mark.slow
