@@ -153,7 +153,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     steps = args.steps if args.steps is not None else (10 if cuda else 3)
     micro = args.micro_batch if cuda else max(args.micro_batch, 2)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
 

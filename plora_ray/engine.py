@@ -342,7 +342,8 @@ class DeepSpeedParamAccess:
         value = safe_get_full_fp32_param(p)
         if value is None:
             raise KeyError(f"parameter of shape {tuple(p.shape)} has no DeepSpeed fp32 master")
-        return value.detach().float().clone().reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape)
+        shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
+        return value.detach().float().clone().reshape(shape)
 
     def write_trainable(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
         """Set a trainable parameter: the fp32 master (what the optimizer steps) and the module.
@@ -560,7 +561,9 @@ def _require_whole_group(
 # --------------------------------------------------------------------------- export
 
 
-def gather_full_state_dict(engine: DeepSpeedEngine, trainable_only: bool) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(
+    engine: DeepSpeedEngine, trainable_only: bool
+) -> dict[str, torch.Tensor]:
     """Full, unpartitioned parameter values by name, on CPU, identical on every rank.
 
     Trainable parameters come from their fp32 master copies (what training continues from);
@@ -584,7 +587,8 @@ def gather_full_state_dict(engine: DeepSpeedEngine, trainable_only: bool) -> dic
 def cleanup_shm(master_addr: str, master_port: int | str) -> list[str]:
     """Remove DeepSpeed's CPU shared-memory all-reduce buffers of one process group.
 
-    DeepSpeed's CPU backend creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
+    DeepSpeed's CPU backend creates
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
     (``deepspeed/ops/csrc/cpu/comm/shm.cpp``) when ``LOCAL_SIZE`` equals the world size, and
     never unlinks them. Call after the ranks have exited.
 

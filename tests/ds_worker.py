@@ -201,7 +201,8 @@ def probe_undo(case: dict[str, Any], world: int) -> dict[str, float]:
             "after_step_norm": float(after_module.norm()),
             "module_equals_master_after_step": bool(
                 torch.equal(after_module, master.to(B.dtype).float())),
-            "after_step_rel_distance_from_old": float((after_module - before).norm() / before.norm())}
+            "after_step_rel_distance_from_old": float(
+                (after_module - before).norm() / before.norm())}
 
 
 # --------------------------------------------------------------------------- the torch reference

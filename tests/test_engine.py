@@ -1,4 +1,4 @@
-"""DeepSpeed engine and PLoRA's unload under ZeRO 0-3: a real engine against a plain-torch reference.
+"""DeepSpeed engine and PLoRA's unload under ZeRO 0-3: a real engine against a plain-torch run.
 
 The multi-rank runs happen in ``tests/ds_worker.py`` processes (gloo, a free port each launch);
 one launch per world size loops over every (stage, dtype) case, because DeepSpeed's import and
@@ -236,7 +236,8 @@ def test_deepspeed_config_carries_run_config_settings():
                                  optim={"grad_clip": None}), 1)
     assert fp32["bf16"] == {"enabled": False} and fp32["gradient_clipping"] == 0.0
     assert "offload_optimizer" not in fp32["zero_optimization"]
-    merged = deepspeed_config(cfg, 2, {"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    merged = deepspeed_config(
+        cfg, 2, {"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     assert merged["zero_optimization"]["stage"] == 3
     assert merged["zero_optimization"]["stage3_param_persistence_threshold"] == 0
 
