@@ -36,7 +36,18 @@ rounding guarantees at every size is no bias: the applied update's component alo
 one is within 1% of it (nearest keeps ~54% at ρ = 1e-3). No rounding scheme that keeps only a bf16
 backbone can reach 1% Frobenius at small sizes in general: the bf16 grid itself is ~1.6e-3·||W||
 away from an arbitrary target, which exceeds 1% of a cumulative update below ~0.16·||W||.
-Figures: benchmarks/overhead.py, keys ``merge_cum_rel_error_*`` and ``merge_retained_*``. Each unload reports
+``"from_base"`` (Python API only: ``PLoRA(..., base_weights=source)``) escapes that random walk
+without memory of backbone size on the device: the unload keeps, per layer and unload, the merged
+low-rank factors ((1-m)·scaling·B and A, r·(out+in) fp32 numbers, on CPU) and writes
+W_k = round_nearest(W_0 + Σ_{s<=k} intended_s), with W_0 re-read layer by layer from its source
+(``safetensors_base_weights``: the model's safetensors files, memory-mapped, one layer resident at
+a time). Its error is one rounding of the exact target, ~0.29 ulp rms per element, and does not
+grow with the number of unloads: it sits at the bf16 floor above (measured: benchmarks/
+merge_precision.py). Costs: CPU memory for the factors growing with T (T·r·(out+in) fp32 per layer),
+a (out x T·r)·(T·r x in) product per layer per unload, and a read of W_0. Not wired into the
+trainer or the checkpoint replay (which replays ``nearest`` / ``stochastic`` unloads from stored
+factors); the run config does not offer it.
+Figures: benchmarks/merge_precision.py, keys ``merge_cum_rel_error_*``. Each unload reports
 ``merge_rel_error`` = ||applied - intended||_F / ||intended||_F over all layers, where applied =
 W_after - W_before in fp32 and intended = (1-m)·ΔW, and ``cumulative_rel_error`` =
 ||(W_now - W_0) - Σ intended||_F / ||Σ intended||_F over the tracked layers (the layers sampled for
@@ -77,7 +88,8 @@ plain torch by ``TorchParamAccess`` and for DeepSpeed by ``plora_ray.engine.Deep
 Public API: ``attach_lora``, ``LoraPair``, ``lora_pairs``, ``ParamAccess``, ``TorchParamAccess``,
 ``UnloadReport``, ``PLoRA`` (``due``, ``unload``, ``state_dict``, ``load_state_dict``,
 ``num_unloads``, ``stage_length_steps``, ``scheduler``), ``unload_due``, ``effective_rank``,
-``round_to_dtype``, ``add_with_rounding``, ``make_lr_scheduler`` / ``RestartableLR``,
+``round_to_dtype``, ``add_with_rounding``, ``base_param_name``, ``safetensors_base_weights``,
+``make_lr_scheduler`` / ``RestartableLR``,
 ``lora_init_A``, ``derive_seed``.
 """
 
@@ -87,7 +99,9 @@ import contextlib
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ContextManager, Protocol
 
 import torch
@@ -102,6 +116,8 @@ if TYPE_CHECKING:
 METHODS = ("plora", "lora", "full")
 VARIANTS = ("exact", "paper_literal")
 ROUNDINGS = ("nearest", "stochastic")
+# Merge modes PLoRA accepts: the element-wise roundings plus "from_base" (re-round W_0 + Σ intended).
+MERGE_MODES = (*ROUNDINGS, "from_base")
 UNITS = ("samples", "steps")
 SCHEDULES = ("constant", "warmup_restart", "cosine_restart")
 
@@ -114,12 +130,14 @@ __all__ = [
     "UnloadReport",
     "add_with_rounding",
     "attach_lora",
+    "base_param_name",
     "derive_seed",
     "effective_rank",
     "lora_init_A",
     "lora_pairs",
     "make_lr_scheduler",
     "round_to_dtype",
+    "safetensors_base_weights",
     "unload_due",
 ]
 
@@ -326,6 +344,49 @@ def add_with_rounding(
         weight.copy_(round_to_dtype(total, weight.dtype, rounding, generator))
 
 
+def base_param_name(pair_name: str) -> str:
+    """The base model's parameter name of a LoRA layer's frozen weight.
+
+    ``base_model.model.model.layers.0.self_attn.q_proj`` (a ``lora_pairs`` name, peft's wrapping)
+    -> ``model.layers.0.self_attn.q_proj.weight`` (the name in the checkpoint files).
+    """
+    prefix = "base_model.model."
+    name = pair_name[len(prefix):] if pair_name.startswith(prefix) else pair_name
+    return name + ".weight"
+
+
+def safetensors_base_weights(model_dir: str | Path) -> Callable[[str], torch.Tensor]:
+    """A ``base_weights`` source reading W_0 from a model directory's ``*.safetensors`` files.
+
+    The files are memory-mapped (``safe_open``); each call loads one tensor, so at most one layer
+    of the original weights is resident at a time.
+
+    Raises:
+        FileNotFoundError: the directory has no ``*.safetensors`` file.
+        KeyError: (when called) a name no file holds.
+    """
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"base weights: expected *.safetensors files in {model_dir}, "
+                                "found none")
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                where[key] = f
+
+    def read(name: str) -> torch.Tensor:
+        if name not in where:
+            raise KeyError(f"base weights in {model_dir}: expected a tensor named {name!r}, "
+                           "found none")
+        with safe_open(str(where[name]), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    return read
+
+
 def lora_init_A(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
     """peft's LoRA init of A: kaiming_uniform(a=sqrt(5)) on (rank, in), i.e. U(±1/sqrt(in)), fp32."""
     a = torch.empty(rank, in_features, dtype=torch.float32)
@@ -494,8 +555,8 @@ def _validate_plora_config(cfg: PLoRAConfig, global_batch: int) -> None:
         raise _bad("plora.momentum", "a number in [0, 1)", cfg.momentum)
     if cfg.variant not in VARIANTS:
         raise _bad("plora.variant", "one of " + ", ".join(VARIANTS), cfg.variant)
-    if cfg.merge_rounding not in ROUNDINGS:
-        raise _bad("plora.merge_rounding", "one of " + ", ".join(ROUNDINGS), cfg.merge_rounding)
+    if cfg.merge_rounding not in MERGE_MODES:
+        raise _bad("plora.merge_rounding", "one of " + ", ".join(MERGE_MODES), cfg.merge_rounding)
     if not 0.0 < cfg.rank_threshold < 1.0:
         raise _bad("plora.rank_threshold", "a number in (0, 1)", cfg.rank_threshold)
     if cfg.rank_sample_layers < 0:
@@ -522,16 +583,27 @@ class PLoRA:
         track_all_layers: measure the cumulative merge error over every layer (keeps a W_0 copy
             and an fp32 sum of every layer: backbone-sized, for tests and benchmarks only).
             Default: only the layers sampled for the effective rank.
+        base_weights: for ``merge_rounding="from_base"``: base parameter name (e.g.
+            ``model.layers.0.self_attn.q_proj.weight``, see ``base_param_name``) -> that weight's
+            original value W_0 (any float dtype, any device), e.g. ``safetensors_base_weights``.
 
     Raises:
-        ValueError: a setting out of range (named ``plora.<key>`` with the value found), or a
-            model without LoRA layers.
+        ValueError: a setting out of range (named ``plora.<key>`` with the value found), a model
+            without LoRA layers, or ``from_base`` without ``base_weights``.
     """
 
     def __init__(self, model: nn.Module, cfg: PLoRAConfig, global_batch: int, seed: int,
                  access: ParamAccess, *, scheduler: RestartableLR | None = None,
-                 track_all_layers: bool = False) -> None:
+                 track_all_layers: bool = False,
+                 base_weights: Callable[[str], torch.Tensor] | None = None) -> None:
         _validate_plora_config(cfg, global_batch)
+        if cfg.merge_rounding == "from_base" and base_weights is None:
+            raise _bad("plora.merge_rounding", "nearest or stochastic, or 'from_base' together "
+                       "with PLoRA(base_weights=...) (a source of the original weights)",
+                       cfg.merge_rounding)
+        self.base_weights = base_weights
+        # from_base: per layer, the factors (coef·B, A) of every unload so far (fp32, CPU).
+        self.base_factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.cfg = cfg
         self.global_batch = global_batch
         self.seed = int(seed)
@@ -557,6 +629,21 @@ class PLoRA:
                 self.w0[p.name] = access.read_frozen(p.base).detach().to("cpu", copy=True)
             # W_0's shape, not p.base's: ZeRO-3 shows an empty placeholder outside gathered().
             self.intended_sum[p.name] = torch.zeros(self.w0[p.name].shape, dtype=torch.float32)
+
+    def _from_base(self, p: LoraPair, coef_b: torch.Tensor, a: torch.Tensor,
+                   w: torch.Tensor) -> torch.Tensor:
+        """round_nearest(W_0 + Σ intended) for one layer, W_0 re-read from the source."""
+        factors = self.base_factors.setdefault(p.name, [])
+        factors.append((coef_b.detach().float().cpu().clone(), a.detach().float().cpu().clone()))
+        assert self.base_weights is not None
+        w0 = self.base_weights(base_param_name(p.name)).to(device=w.device, dtype=torch.float32)
+        if w0.shape != w.shape:
+            raise ValueError(f"base_weights({base_param_name(p.name)!r}): expected shape "
+                             f"{tuple(w.shape)}, found {tuple(w0.shape)}")
+        bs = torch.cat([f[0] for f in factors], dim=1).to(w.device)
+        as_ = torch.cat([f[1] for f in factors], dim=0).to(w.device)
+        # One product of the stacked factors: Σ_s B_s A_s = [B_1 .. B_k] [A_1; ..; A_k].
+        return round_to_dtype(w0 + bs @ as_, w.dtype, "nearest", None)
 
     @property
     def stage_length_steps(self) -> int:
@@ -594,8 +681,12 @@ class PLoRA:
                 intended = (1.0 - m) * p.scaling * (b @ a)
                 w = self.access.read_frozen(p.base)
                 w32 = w.float()
-                gen = _generator(w.device, self.seed, k, i, "merge")
-                new = round_to_dtype(w32 + intended.to(w.device), w.dtype, cfg.merge_rounding, gen)
+                if cfg.merge_rounding == "from_base":
+                    new = self._from_base(p, (1.0 - m) * p.scaling * b, a, w)
+                else:
+                    gen = _generator(w.device, self.seed, k, i, "merge")
+                    new = round_to_dtype(w32 + intended.to(w.device), w.dtype, cfg.merge_rounding,
+                                         gen)
                 applied = new.float() - w32
                 err_sq += (applied - intended.to(w.device)).double().pow(2).sum().cpu()
                 int_sq += intended.double().pow(2).sum().cpu()
@@ -673,6 +764,8 @@ class PLoRA:
             "layers": [p.name for p in self.pairs],
             "w0": {k: v.clone() for k, v in self.w0.items()},
             "intended_sum": {k: v.clone() for k, v in self.intended_sum.items()},
+            "base_factors": {k: [(b.clone(), a.clone()) for b, a in v]
+                             for k, v in self.base_factors.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -692,3 +785,6 @@ class PLoRA:
         self.last_samples = int(state["last_samples"])
         self.w0 = {k: v.clone() for k, v in state["w0"].items()}
         self.intended_sum = {k: v.clone() for k, v in state["intended_sum"].items()}
+        # Absent in states saved before from_base existed (they used an element-wise rounding).
+        self.base_factors = {k: [(b.clone(), a.clone()) for b, a in v]
+                             for k, v in state.get("base_factors", {}).items()}

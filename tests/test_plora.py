@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,14 +20,19 @@ from plora_ray.plora import (
     lora_pairs,
     make_lr_scheduler,
     round_to_dtype,
+    safetensors_base_weights,
     unload_due,
 )
 
 VOCAB = 256
+# One block of hidden 32: the seven targets, real attention and MLP, at a fraction of the cost.
+SMALL = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2)
 
 
-def tiny_lora(dtype: str = "float32", rank: int = 8, seed: int = 0) -> torch.nn.Module:
-    model = load_model(ModelConfig(tiny=TinyModelConfig(), dtype=dtype), seed=seed, vocab_size=VOCAB)
+def tiny_lora(dtype: str = "float32", rank: int = 8, seed: int = 0,
+              tiny: TinyModelConfig = SMALL) -> torch.nn.Module:
+    model = load_model(ModelConfig(tiny=tiny, dtype=dtype), seed=seed, vocab_size=VOCAB)
     torch.manual_seed(seed)  # peft draws the initial A from the global RNG
     return attach_lora(model, LoraConfig(rank=rank))
 
@@ -57,7 +63,7 @@ def snapshot(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
 
 
 def test_attach_lora_defaults_to_all_seven_llama_linears_and_freezes_backbone() -> None:
-    model = tiny_lora()
+    model = tiny_lora(tiny=TinyModelConfig())  # the embedded default: two blocks
     pairs = lora_pairs(model)
     names = {p.name.rsplit(".", 1)[-1] for p in pairs}
     assert names == set(LLAMA_LINEAR_TARGETS)
@@ -68,7 +74,7 @@ def test_attach_lora_defaults_to_all_seven_llama_linears_and_freezes_backbone() 
 
 
 def test_attach_lora_unknown_target_is_named_under_lora_targets() -> None:
-    model = load_model(ModelConfig(tiny=TinyModelConfig(), dtype="float32"), vocab_size=VOCAB)
+    model = load_model(ModelConfig(tiny=SMALL, dtype="float32"), vocab_size=VOCAB)
     with pytest.raises(ValueError, match=r"lora\.targets.*qq_proj"):
         attach_lora(model, LoraConfig(targets=["q_proj", "qq_proj"]))
 
@@ -78,7 +84,7 @@ def test_attach_lora_unknown_target_is_named_under_lora_targets() -> None:
     [("rank", 0, r"lora\.rank.*found 0"), ("dropout", 1.0, r"lora\.dropout.*found 1\.0")],
 )
 def test_attach_lora_rejects_bad_lora_settings(field: str, value: object, pattern: str) -> None:
-    model = load_model(ModelConfig(tiny=TinyModelConfig(), dtype="float32"), vocab_size=VOCAB)
+    model = load_model(ModelConfig(tiny=SMALL, dtype="float32"), vocab_size=VOCAB)
     with pytest.raises(ValueError, match=pattern):
         attach_lora(model, LoraConfig(**{field: value}))
 
@@ -100,7 +106,7 @@ def test_plora_rejects_bad_settings_before_any_step(field: str, value: object, p
 
 
 def test_plora_requires_lora_layers() -> None:
-    model = load_model(ModelConfig(tiny=TinyModelConfig(), dtype="float32"), vocab_size=VOCAB)
+    model = load_model(ModelConfig(tiny=SMALL, dtype="float32"), vocab_size=VOCAB)
     with pytest.raises(ValueError, match="attach_lora"):
         PLoRA(model, PLoRAConfig(), 24, 0, TorchParamAccess(None))
 
@@ -133,7 +139,7 @@ def test_exact_unload_preserves_function_bf16_within_bf16_noise(rounding: str) -
     x = tokens()
     jumps = {}
     for variant in ("exact", "paper_literal"):
-        model = tiny_lora("bfloat16")
+        model = tiny_lora("bfloat16", tiny=TinyModelConfig())  # where the bounds were measured
         randomise_B(model, 0.02)
         before = logits(model, x)
         floor = (before - logits(copy.deepcopy(model).float(), x)).abs().max()
@@ -238,15 +244,15 @@ def test_unload_resets_real_adamw_state_of_lora_params() -> None:
 
 def test_lr_schedule_restarts_at_each_unload() -> None:
     # Stages of 4 steps; cosine: warmup 1 step, then 1 -> 0.1 over the stage's remaining steps.
+    model = tiny_lora()
     for schedule, warmup, expected in [
         ("constant", 2, [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
         ("warmup_restart", 2, [0.5, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0]),
         ("cosine_restart", 1, [1.0, 1.0, 0.55, 0.1, 1.0, 1.0, 0.55, 0.1]),
     ]:
-        model = tiny_lora()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         optim = OptimConfig(lr=1e-3, schedule=schedule, warmup_steps=warmup, min_lr_ratio=0.1)
-        cfg = PLoRAConfig(unload_every=4, unload_unit="steps")
+        cfg = PLoRAConfig(unload_every=4, unload_unit="steps", rank_sample_layers=0)
         plora = PLoRA(model, cfg, 2, 0, TorchParamAccess(opt))
         sched = make_lr_scheduler(opt, optim, plora.stage_length_steps)
         plora.scheduler = sched
@@ -314,10 +320,11 @@ def test_stochastic_rounding_is_unbiased_for_bf16_and_fp16() -> None:
         assert ((near - x).abs() > 0.05 * spacing).any()  # nearest is off by a fixed amount
 
 
-def merge_run(rounding: str, rho: float, unloads: int = 50) -> dict[str, float]:
+def merge_run(rounding: str, rho: float, base_dir: Path, unloads: int = 50) -> dict[str, float]:
     """50 unloads on a bf16 tiny LLaMA, each merging a consistent-direction update of relative
     size ``rho`` (||ΔW||_F / ||W||_F per unload, with 30% jitter), as repeated stages of training
     toward one target produce. Returns ``PLoRA.cumulative_merge_stats()`` over all layers.
+    ``base_dir`` holds the base model's safetensors (the W_0 source of ``from_base``).
     """
     model = tiny_lora("bfloat16")
     pairs = lora_pairs(model)
@@ -327,13 +334,14 @@ def merge_run(rounding: str, rho: float, unloads: int = 50) -> dict[str, float]:
         b, a = torch.randn(p.B.shape, generator=g), torch.randn(p.A.shape, generator=g)
         s = rho * p.base.float().norm() / (p.scaling * b @ a).norm()
         directions.append((b * s, a))
-    plora = PLoRA(model, PLoRAConfig(momentum=0.0, merge_rounding=rounding), 24, 0,
-                  TorchParamAccess(None), track_all_layers=True)
+    jitter = (1 + 0.3 * torch.randn(unloads, generator=g)).tolist()
+    plora = PLoRA(model, PLoRAConfig(momentum=0.0, merge_rounding=rounding, rank_sample_layers=0),
+                  24, 0, TorchParamAccess(None), track_all_layers=True,
+                  base_weights=safetensors_base_weights(base_dir))
     for k in range(unloads):
-        jitter = 1 + 0.3 * float(torch.randn((), generator=g))
         with torch.no_grad():
             for p, (b, a) in zip(pairs, directions):
-                p.B.copy_(b * jitter)
+                p.B.copy_(b * jitter[k])
                 p.A.copy_(a)
         report = plora.unload(k + 1, 24 * (k + 1))
     stats = plora.cumulative_merge_stats()
@@ -341,22 +349,72 @@ def merge_run(rounding: str, rho: float, unloads: int = 50) -> dict[str, float]:
     return stats
 
 
-def test_merge_precision_over_50_unloads_nearest_vs_stochastic() -> None:
-    """Round-to-nearest silently drops per-element updates under half a bf16 ulp (~2^-9 of |w|):
-    a biased loss. Stochastic rounding is unbiased: along the intended direction it applies the
-    update within 1%; the rest of its error is zero-mean noise that grows like sqrt(#unloads).
-    Measured side by side on the same updates of LR-1e-4 size (rho = 1e-3 and 1e-2 of ||W|| per
-    unload). Honest limit: the *Frobenius* error of stochastic rounding is 23% / 3.6% here, not
-    1% (that needs rho ~ 0.1 per unload, where nearest is as good; see plora.py's docstring).
+@pytest.fixture(scope="module")
+def bf16_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bf16 tiny base model (the same seed as ``tiny_lora``) saved as safetensors."""
+    d = tmp_path_factory.mktemp("bf16_base")
+    base = load_model(ModelConfig(tiny=SMALL, dtype="bfloat16"), seed=0, vocab_size=VOCAB)
+    base.save_pretrained(d)
+    return d
+
+
+def test_merge_precision_over_50_unloads_nearest_vs_stochastic_vs_from_base(
+        bf16_base_dir: Path) -> None:
+    """Side by side on the same updates, rho = 1e-3 and 1e-2 of ||W|| per unload (LR-1e-4 sizes).
+
+    * nearest silently drops per-element updates under half a bf16 ulp (~2^-9 of |w|): biased.
+    * stochastic is unbiased (along the intended direction it applies the update within 1%), but
+      its zero-mean error adds up like a random walk: Frobenius error ~3e-4/rho after 50 unloads,
+      so it misses the issue's 1% target at these sizes (about 20% / 3% here).
+    * from_base re-rounds W_0 + Σ intended at each unload: one rounding, no accumulation; its
+      error is the bf16 grid's floor (~1.6e-3·||W|| / ||Σ intended||).
+    Status of the 1% target (50 unloads, bf16): met by from_base at rho = 1e-2 (Σ ~ 0.5·||W||);
+    at rho = 1e-3 (Σ ~ 0.05·||W||) no bf16 backbone can meet it (the grid itself is ~3% away),
+    and from_base is asserted to sit near that floor, far below stochastic.
     """
+    res = {(r, rho): merge_run(r, rho, bf16_base_dir)
+           for rho in (1e-3, 1e-2) for r in ("nearest", "stochastic", "from_base")}
     for rho, near_min in ((1e-3, 0.4), (1e-2, 0.05)):
-        near = merge_run("nearest", rho)
-        sr = merge_run("stochastic", rho)
+        near, sr, fb = (res[(r, rho)] for r in ("nearest", "stochastic", "from_base"))
         assert abs(sr["retained_fraction"] - 1.0) <= 0.01, (rho, sr)
-        if rho == 1e-3:  # sub-ulp updates: nearest keeps about half of the update
-            assert near["retained_fraction"] < 0.8, (rho, near)
+        assert abs(fb["retained_fraction"] - 1.0) <= 0.01, (rho, fb)
         assert near["cumulative_rel_error"] > near_min, (rho, near)
         assert sr["cumulative_rel_error"] < 0.6 * near["cumulative_rel_error"], (rho, near, sr)
+        assert fb["cumulative_rel_error"] < 0.25 * sr["cumulative_rel_error"], (rho, sr, fb)
+    assert res[("nearest", 1e-3)]["retained_fraction"] < 0.8  # sub-ulp updates: about half kept
+    assert res[("stochastic", 1e-2)]["cumulative_rel_error"] > 0.01  # the random walk misses 1%
+    assert res[("from_base", 1e-2)]["cumulative_rel_error"] < 0.01  # the issue's 1% target
+    assert res[("from_base", 1e-3)]["cumulative_rel_error"] < 0.05  # the grid's floor, ~3%
+
+
+def test_from_base_writes_the_nearest_bf16_value_of_w0_plus_all_merged_updates(
+        bf16_base_dir: Path) -> None:
+    model = tiny_lora("bfloat16")
+    w0 = {p.name: p.base.detach().float().clone() for p in lora_pairs(model)}
+    cfg = PLoRAConfig(momentum=0.1, merge_rounding="from_base", rank_sample_layers=0)
+    plora = PLoRA(model, cfg, 24, 0, TorchParamAccess(None), track_all_layers=True,
+                  base_weights=safetensors_base_weights(bf16_base_dir))
+    for k in range(3):
+        randomise_B(model, 0.002, seed=50 + k)
+        plora.unload(k + 1, 24 * (k + 1))
+    for p in lora_pairs(model):
+        target = w0[p.name] + plora.intended_sum[p.name]
+        w = p.base.detach()
+        up = torch.nextafter(w, torch.full_like(w, math.inf)).float()
+        down = torch.nextafter(w, torch.full_like(w, -math.inf)).float()
+        # Within half a spacing of the exact target: one rounding, nothing accumulated (the
+        # spacing on either side differs at powers of two, so take the larger).
+        half_ulp = 0.5 * torch.maximum(up - w.float(), w.float() - down)
+        assert ((w.float() - target).abs() <= half_ulp * (1 + 1e-3)).all(), p.name
+        assert torch.count_nonzero(w.float() - w0[p.name]) > 0  # the updates were applied
+    state = plora.state_dict()
+    assert all(len(v) == 3 for v in state["base_factors"].values())
+
+
+def test_from_base_needs_a_source_of_the_base_weights() -> None:
+    model = tiny_lora("bfloat16")
+    with pytest.raises(ValueError, match=r"plora\.merge_rounding.*base_weights.*'from_base'"):
+        PLoRA(model, PLoRAConfig(merge_rounding="from_base"), 24, 0, TorchParamAccess(None))
 
 
 def test_effective_rank_counts_singular_values_above_relative_threshold() -> None:
