@@ -587,6 +587,9 @@ def _unlink_shm_names(world: int) -> list[str]:
         return []
     if world > 1 and dist.is_initialized():
         dist.barrier()
+    # One process per node unlinks (the node's local rank 0), so the list it returns is complete.
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return []
     return cleanup_shm(addr, port)
 
 
