@@ -593,9 +593,15 @@ def _check_points(spec: SearchSpec, base: dict[str, Any], raw: Any, declared: se
             problems.append(f"{where}: expected a mapping of param -> value, found {point!r}")
             continue
         point = _flatten_params(point) if any(isinstance(v, dict) for v in point.values()) else point
+        point = dict(point)
         ok = True
-        for k, v in point.items():
+        for k, v in list(point.items()):
             p = by_key.get(k)
+            if p is not None and p.distribution != "choice" and isinstance(v, str):
+                # YAML 1.1 reads 1.0e10 (no exponent sign) as a string, as for low/high.
+                num = _number(v)
+                if num is not None:
+                    v = point[k] = int(num) if p.is_int and num.is_integer() else num
             if p is None and k in declared:
                 ok = False  # the param's own problem is already reported
             elif p is None:
@@ -1210,8 +1216,11 @@ def _build_ray_classes() -> None:
                 self.sdir.write_json(f"trials/{trial.trial_id}.json", rec)
             launched = self.__dict__.get("launched", {}).get(trial.trial_id)
             tl = rec.get("timeline")
-            if launched is not None and isinstance(tl, dict) and "launched_at" not in tl:
-                # Tune's view: when it launched the trial and saw it end.
+            if (launched is not None and isinstance(tl, dict) and "launched_at" not in tl
+                    and float(tl.get("driver_started_at") or 0.0) >= launched):
+                # Tune's view: when it launched the trial and saw it end. Not for a record a
+                # killed driver's trial wrote before --resume replayed it: that launch is not its
+                # own, and a finished trial's record is never changed.
                 tl.update(launched_at=launched, tune_ended_at=time.time())
                 self.sdir.write_json(f"trials/{trial.trial_id}.json", rec)
             self.finished += 1
