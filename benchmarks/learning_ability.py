@@ -14,8 +14,9 @@ teacher's floor is exactly 0: ΔW = P). Why not the logits: a randomly initialis
 predicts near-uniform distributions, so the KL of a weight perturbation is tiny (0.004 nats
 measured), and an end-to-end output loss lets 7 rank-r adapters jointly mimic the effect of a
 full-rank change on a 64-dim output, which hides the per-layer capacity the method is about.
-Per-layer regression makes full rank vs low rank matter in every layer, and costs no attention pass per step (the LLaMA runs
-once to record X and Y), so the benchmark runs in minutes on a loaded CPU.
+Per-layer regression makes full rank vs low rank matter in every layer, and costs no attention
+pass per step (the LLaMA runs once to record X and Y), so the benchmark runs in minutes on a
+loaded CPU.
 
 Methods, same steps and the same minibatches: full fine-tuning of the target weights, LoRA rank r,
 PLoRA rank r with momentum 0 and 0.1 (unload every ``unload_every`` steps: T = steps /

@@ -46,8 +46,9 @@ grow with the number of unloads: it sits at the bf16 floor above. Measured (benc
 merge_precision.py, 50 unloads, bf16 tiny LLaMA, cumulative relative Frobenius error, nearest /
 stochastic / from_base): synthetic ρ = 1e-2: 7.4% / 3.5% / 0.38%; PLoRA training on GSM8K at LR
 1e-3 (updates of ρ ≈ 0.045): 1.9% / 2.7% / 0.30%; at LR 1e-4 (ρ ≈ 0.004): 17% / 19% / 2.0%, where
-2.0% is the floor itself (no bf16 backbone is within 1% of so small a cumulative update). Costs: CPU memory for the factors growing with T (T·r·(out+in) fp32 per layer),
-a (out x T·r)·(T·r x in) product per layer per unload, and a read of W_0. Not wired into the
+2.0% is the floor itself (no bf16 backbone is within 1% of so small a cumulative update).
+Costs: CPU memory for the factors growing with T (T·r·(out+in) fp32 per layer), a
+(out x T·r)·(T·r x in) product per layer per unload, and a read of W_0. Not wired into the
 trainer or the checkpoint replay (which replays ``nearest`` / ``stochastic`` unloads from stored
 factors); the run config does not offer it.
 Figures: benchmarks/merge_precision.py, keys ``merge_cum_rel_error_*``. Each unload reports
