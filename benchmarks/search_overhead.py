@@ -1,22 +1,46 @@
-"""Fixed cost of a search trial and how busy the worker slots stay, on the smoke search.
+"""Fixed cost of a search trial, where it goes, and how busy the worker slots stay (smoke search).
 
     python -m benchmarks.search_overhead [--quick] [--out FILE.json]
 
-Runs the smoke search (search_spaces/smoke.yaml, real trainer, tiny model, CPU) on a local Ray
-twice, side by side in one process: once with Ray Train's default report polling (2 s health-check
-interval) and once with the interval plora_ray.search sets for trials (0.2 s). ASHA is switched off
-so every trial runs its full timeline. Per trial, from the trial records' timelines:
+Runs the smoke search (search_spaces/smoke.yaml: real trainer, tiny model, DeepSpeed, CPU) on one
+local Ray, once per setting, side by side in one process:
 
-- startup_s: Tune launches the trial -> the training loop starts (trial actor, Train controller,
-  worker group, torch.distributed, the trainer's model/data/DeepSpeed setup);
-- teardown_s: the trainer's final report (after evaluation and export) -> Tune sees the trial end;
-- trial_overhead_s = startup_s + teardown_s (the fixed cost; training, evaluation and export are
-  the work);
-- slot occupancy = busy worker-seconds (loop start -> final report, x workers) / available
-  worker-seconds (concurrent trial slots x workers x the search's span, first launch -> last end).
+- ``ray_defaults``: the trial driver leaves Ray Train's settings alone (2 s controller poll,
+  preemption-watcher actor, 60 s worker-group start timeout);
+- ``tuned``: what ``plora_ray.search`` sets for every trial (``TRIAL_TRAIN_ENV``).
+
+ASHA is switched off so every trial runs its whole timeline. Per trial, from the trial record's
+timeline (wall clock of the trial driver and of Tune) and from Ray's actor table (when each actor
+of the trial became alive):
+
+    launched_at          Tune starts the trial
+      tune_launch_s      -> trial actor up, trial_driver called
+    driver_started_at
+      controller_s       -> run_training: config checks, TorchTrainer, controller actor alive
+    controller alive
+      worker_start_s     -> worker placement group + worker process start (+ import ray) alive
+    worker alive
+      dist_init_s        -> torch.distributed (gloo), train context; train_loop_per_worker starts
+      model_s, data_s, engine_s   the trainer's own setup (imports torch/transformers/peft/
+                                  deepspeed on first use, tiny model, tokenised data, engine)
+    loop_started_at      -> training (work) -> last step -> evaluation + export (work)
+    final_report_at
+      train_teardown_s   -> Ray Train notices the end, stops the workers, run_training returns
+    driver_ended_at
+      tune_teardown_s    -> the trial's last report reaches Tune, the trial actor ends
+    tune_ended_at
+
+startup_s = launched_at -> loop_started_at; teardown_s = final_report_at -> tune_ended_at;
+trial_overhead_s = startup_s + teardown_s (the fixed cost; training, evaluation and export are the
+work). Slot occupancy (defined again in the JSON):
+
+    busy worker-CPU-seconds / available worker-CPU-seconds
+    busy      = sum over trials of work_s (loop start -> final report) x the trial's worker CPUs
+    available = the worker CPUs the search may hold at once (max_concurrent x workers x CPUs per
+                worker) x the search's span (first trial launched -> last trial ended)
 
 Headline: trial_overhead_s and slot_occupancy of the tuned setting (goals <= 10 s and >= 0.8),
-and the same figures under Ray's default polling.
+the same for Ray's defaults, and the machine's load average while it ran.
 """
 
 from __future__ import annotations
@@ -33,6 +57,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
 
+OCCUPANCY_DEFINITION = (
+    "busy worker-CPU-seconds / available worker-CPU-seconds; busy = sum over trials of "
+    "(trainer loop start -> final report, i.e. training + evaluation + export) x the trial's "
+    "worker CPUs; available = max_concurrent x num_workers x cpus_per_worker x span (first trial "
+    "launched -> last trial ended, Tune's clock)")
+
 
 def _shrink(quick: bool) -> dict[str, Any]:
     sets: dict[str, Any] = {"search.scheduler": {"type": "none"}, "search.time_budget_s": None}
@@ -43,62 +73,110 @@ def _shrink(quick: bool) -> dict[str, Any]:
     return sets
 
 
-def _trial_figures(rec: dict[str, Any]) -> dict[str, Any] | None:
+def _actor_rows() -> list[dict[str, Any]]:
+    """Every actor of the local Ray (GCS actor table): class, pid, when it became alive / died,
+    its worker id and its owner's (the actor that created it)."""
+    import ray
+    from ray.core.generated import gcs_pb2
+
+    accessor = ray._private.state.state._connect_and_get_accessor()
+    rows = []
+    for raw in accessor.get_actor_table(None, None):
+        d = gcs_pb2.ActorTableData.FromString(raw)
+        rows.append({"cls": d.class_name, "pid": d.pid, "alive_at": d.start_time / 1000.0,
+                     "ended_at": (d.end_time / 1000.0) or None, "wid": d.address.worker_id,
+                     "owner": d.owner_address.worker_id})
+    return rows
+
+
+def _descendants(rows: list[dict[str, Any]], root: dict[str, Any]) -> list[dict[str, Any]]:
+    out, frontier = [], [root["wid"]]
+    while frontier:
+        kids = [r for r in rows if r["owner"] in frontier and r is not root and r not in out]
+        out += kids
+        frontier = [k["wid"] for k in kids if k["wid"]]
+    return out
+
+
+def _trial_figures(rec: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     tl = rec.get("timeline") or {}
-    need = ("launched_at", "loop_started_at", "final_report_at", "tune_ended_at")
+    need = ("launched_at", "driver_started_at", "loop_started_at", "final_report_at",
+            "driver_ended_at", "tune_ended_at")
     if any(tl.get(k) is None for k in need):
         return None
-    setup = tl.get("setup_s") or {}
-    return {
+    setup = {k: float(v) for k, v in (tl.get("setup_s") or {}).items()
+             if isinstance(v, (int, float))}
+    fig: dict[str, Any] = {
         "trial_id": rec["trial_id"], "status": rec["status"], "method": rec["method"],
-        "startup_s": tl["loop_started_at"] - tl["launched_at"],
-        "driver_start_s": tl["driver_started_at"] - tl["launched_at"],
-        "trainer_setup_s": sum(v for v in setup.values() if isinstance(v, (int, float))),
-        "work_s": tl["final_report_at"] - tl["loop_started_at"],
-        "loop_s": tl.get("loop_s"), "eval_s": tl.get("eval_s"),
-        "teardown_s": tl["tune_ended_at"] - tl["final_report_at"],
-        "trial_overhead_s": (tl["loop_started_at"] - tl["launched_at"])
-        + (tl["tune_ended_at"] - tl["final_report_at"]),
         "launched_at": tl["launched_at"], "ended_at": tl["tune_ended_at"],
-        "num_workers": tl.get("num_workers") or 1,
+        "num_workers": tl.get("num_workers") or 1, "cpus_per_worker": tl.get("cpus_per_worker") or 1,
+        "startup_s": tl["loop_started_at"] - tl["launched_at"],
+        "tune_launch_s": tl["driver_started_at"] - tl["launched_at"],
+        **setup,
+        "work_s": tl["final_report_at"] - tl["loop_started_at"],
+        "loop_s": (tl["last_step_at"] - tl["loop_started_at"]) if tl.get("last_step_at") else None,
+        "eval_export_s": (tl["final_report_at"] - tl["last_step_at"]) if tl.get("last_step_at")
+        else None,
+        "train_teardown_s": tl["driver_ended_at"] - tl["final_report_at"],
+        "tune_teardown_s": tl["tune_ended_at"] - tl["driver_ended_at"],
+        "teardown_s": tl["tune_ended_at"] - tl["final_report_at"],
     }
+    fig["trial_overhead_s"] = fig["startup_s"] + fig["teardown_s"]
+    # The actors of this trial: its driver (matched by pid and time) and what it created.
+    pid = tl.get("driver_pid")
+    roots = [r for r in rows if r["pid"] == pid and r["alive_at"] <= tl["driver_started_at"] + 1]
+    if roots:
+        root = max(roots, key=lambda r: r["alive_at"])
+        kids = _descendants(rows, root)
+        fig["actors"] = sorted(k["cls"] for k in kids)
+        ctrl = [k for k in kids if k["cls"] == "TrainController"]
+        workers = [k for k in kids if k["cls"] == "RayTrainWorker"]
+        if ctrl and workers:
+            c_alive = min(k["alive_at"] for k in ctrl)
+            w_alive = max(k["alive_at"] for k in workers)
+            fig["controller_s"] = c_alive - tl["driver_started_at"]
+            fig["worker_start_s"] = w_alive - c_alive
+            fig["dist_init_s"] = (tl["loop_started_at"] - sum(setup.values())) - w_alive
+    return fig
 
 
-def run_variant(label: str, health_check_s: float, quick: bool, storage: str) -> dict[str, Any]:
+PHASES = ("tune_launch_s", "controller_s", "worker_start_s", "dist_init_s", "model_s", "data_s",
+          "engine_s", "startup_s", "loop_s", "eval_export_s", "work_s", "train_teardown_s",
+          "tune_teardown_s", "teardown_s", "trial_overhead_s")
+
+
+def run_variant(label: str, train_env: dict[str, str], quick: bool, storage: str) -> dict[str, Any]:
     from plora_ray.search import run_search
 
     t0 = time.time()
+    load0 = os.getloadavg()[0]
     out = run_search(str(SMOKE), storage=storage, name=label, overrides=_shrink(quick),
-                     verbose=0, train_health_check_s=health_check_s)
+                     verbose=0, train_env=train_env)
     wall = time.time() - t0
-    trials = [f for f in (_trial_figures(r) for r in out.records) if f is not None]
+    rows = _actor_rows()
+    trials = [f for f in (_trial_figures(r, rows) for r in out.records) if f is not None]
     if not trials:
         raise RuntimeError(f"{label}: no trial with a complete timeline in {out.search_dir}")
     search = json.loads(Path(out.search_dir, "search.json").read_text())
     span = max(t["ended_at"] for t in trials) - min(t["launched_at"] for t in trials)
-    slots = search.get("max_concurrent_used") or _concurrency(trials)
-    workers = max(t["num_workers"] for t in trials)
-    busy = sum(t["work_s"] * t["num_workers"] for t in trials)
-    return {
-        "label": label, "train_health_check_s": health_check_s, "search_wall_s": wall,
-        "trials": trials, "concurrent_slots": slots, "span_s": span,
-        "trial_overhead_s": statistics.mean(t["trial_overhead_s"] for t in trials),
-        "startup_s": statistics.mean(t["startup_s"] for t in trials),
-        "teardown_s": statistics.mean(t["teardown_s"] for t in trials),
-        "trainer_setup_s": statistics.mean(t["trainer_setup_s"] for t in trials),
-        "work_s": statistics.mean(t["work_s"] for t in trials),
-        "slot_occupancy": busy / (slots * workers * span) if span > 0 else 0.0,
+    slots = int(search["max_concurrent_used"])
+    worker_cpus = max(t["num_workers"] * t["cpus_per_worker"] for t in trials)
+    busy = sum(t["work_s"] * t["num_workers"] * t["cpus_per_worker"] for t in trials)
+    res: dict[str, Any] = {
+        "label": label, "train_env": train_env, "search_wall_s": wall, "trials": trials,
+        "max_concurrent": slots, "worker_cpus_per_trial": worker_cpus, "span_s": span,
+        "busy_worker_cpu_s": busy, "available_worker_cpu_s": slots * worker_cpus * span,
+        "slot_occupancy": busy / (slots * worker_cpus * span) if span > 0 else 0.0,
+        "load_avg_1m_start": load0, "load_avg_1m_end": os.getloadavg()[0],
     }
+    for k in PHASES:
+        vals = [t[k] for t in trials if isinstance(t.get(k), (int, float))]
+        res[k] = statistics.mean(vals) if vals else None
+    return res
 
 
-def _concurrency(trials: list[dict[str, Any]]) -> int:
-    """The most trials that ran at once (the slots the search actually had)."""
-    events = sorted([(t["launched_at"], 1) for t in trials] + [(t["ended_at"], -1) for t in trials])
-    cur = best = 0
-    for _, d in events:
-        cur += d
-        best = max(best, cur)
-    return best
+def _fmt(v: Any) -> str:
+    return f"{v:.1f}" if isinstance(v, (int, float)) else "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,39 +189,43 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from plora_ray.search import TRIAL_TRAIN_ENV
+
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)
     results = []
     with tempfile.TemporaryDirectory(prefix="plora-bench-") as storage:
-        for label, hc in (("ray_default_poll", 2.0), ("tuned", 0.2)):
-            results.append(run_variant(label, hc, args.quick, storage))
+        for label, env in (("ray_defaults", {}), ("tuned", dict(TRIAL_TRAIN_ENV))):
+            results.append(run_variant(label, env, args.quick, storage))
     ray.shutdown()
 
     by = {r["label"]: r for r in results}
+    t, d = by["tuned"], by["ray_defaults"]
     headline = {
-        "trial_overhead_s": round(by["tuned"]["trial_overhead_s"], 2),
-        "slot_occupancy": round(by["tuned"]["slot_occupancy"], 3),
-        "startup_s": round(by["tuned"]["startup_s"], 2),
-        "teardown_s": round(by["tuned"]["teardown_s"], 2),
-        "trainer_setup_s": round(by["tuned"]["trainer_setup_s"], 2),
-        "work_s": round(by["tuned"]["work_s"], 2),
-        "trial_overhead_s_ray_default_poll": round(by["ray_default_poll"]["trial_overhead_s"], 2),
-        "slot_occupancy_ray_default_poll": round(by["ray_default_poll"]["slot_occupancy"], 3),
-        "work_s_ray_default_poll": round(by["ray_default_poll"]["work_s"], 2),
+        "trial_overhead_s": round(t["trial_overhead_s"], 2),
+        "slot_occupancy": round(t["slot_occupancy"], 3),
+        "startup_s": round(t["startup_s"], 2),
+        "teardown_s": round(t["teardown_s"], 2),
+        "work_s": round(t["work_s"], 2),
+        "trial_overhead_s_ray_defaults": round(d["trial_overhead_s"], 2),
+        "slot_occupancy_ray_defaults": round(d["slot_occupancy"], 3),
+        "work_s_ray_defaults": round(d["work_s"], 2),
         "goal_trial_overhead_s": 10.0,
         "goal_slot_occupancy": 0.8,
+        "load_avg_1m": round(max(r["load_avg_1m_end"] for r in results), 2),
     }
-    print(f"{'setting':<18}{'trials':>7}{'slots':>6}{'startup s':>11}{'teardown s':>11}"
-          f"{'overhead s':>11}{'work s':>8}{'occupancy':>10}{'wall s':>8}")
-    for r in results:
-        print(f"{r['label']:<18}{len(r['trials']):>7}{r['concurrent_slots']:>6}"
-              f"{r['startup_s']:>11.1f}{r['teardown_s']:>11.1f}{r['trial_overhead_s']:>11.1f}"
-              f"{r['work_s']:>8.1f}{r['slot_occupancy']:>10.2f}{r['search_wall_s']:>8.0f}")
+    print(f"{'phase (mean s)':<18}" + "".join(f"{r['label']:>14}" for r in results))
+    for k in PHASES + ("slot_occupancy", "search_wall_s"):
+        print(f"{k:<18}" + "".join(f"{_fmt(r[k]):>14}" for r in results))
+    print(f"{'trials x slots':<18}" + "".join(
+        f"{str(len(r['trials'])) + ' x ' + str(r['max_concurrent']):>14}" for r in results))
+    print("actors per trial:", results[-1]["trials"][0].get("actors"))
     print("headline:", json.dumps(headline))
     if args.out:
         payload = {"benchmark": "search_overhead", "quick": args.quick, "num_cpus": args.num_cpus,
-                   "cpu_count": os.cpu_count(), "headline": headline, "settings": results}
+                   "cpu_count": os.cpu_count(), "occupancy_definition": OCCUPANCY_DEFINITION,
+                   "headline": headline, "settings": results}
         Path(args.out).write_text(json.dumps(payload, indent=2))
     return 0
 

@@ -912,6 +912,23 @@ def _now() -> str:
 # --------------------------------------------------------------------------- trial driver
 
 
+# Ray Train settings every trial driver puts in its environment, unless the job's environment sets
+# them already. Ray Train forwards them to the trial's Train controller and workers.
+# benchmarks/search_overhead.py measures them against Ray's defaults.
+TRIAL_TRAIN_ENV = {
+    # Train v2 workers hand each report over a queue of size 1 that the controller drains once
+    # per poll (Ray's default 2 s): every report could stall training that long, and the end of
+    # the run is noticed up to that late.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # A worker group that is slow to start on a loaded machine (imports, placement) waits longer
+    # instead of being torn down and started again after Ray's 60 s.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+    # One actor process less per trial: node preemption is a Tune-level failure for a search
+    # (search.max_retries re-runs the trial from its checkpoint).
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
 @dataclass
 class TrialContext:
     """What every trial driver needs besides its sampled params (shipped once via the object
@@ -925,11 +942,8 @@ class TrialContext:
     proxy_metric: str
     # "module:function" of the trainer; run_training unless a test or benchmark swaps it.
     runner: str = "plora_ray.train:run_training"
-    # Ray Train v2 workers hand each report over a queue of size 1 that the controller drains
-    # once per health-check interval (Ray's default 2 s), so every report can stall training up
-    # to that long; the controller reads it from its driver's (the trial driver's) environment.
-    # benchmarks/search_overhead.py measures Ray's default against this.
-    train_health_check_s: float = 0.2
+    # Ray Train settings for the trial's training run (see TRIAL_TRAIN_ENV).
+    train_env: dict[str, str] = field(default_factory=lambda: dict(TRIAL_TRAIN_ENV))
 
 
 def _load_runner(path: str) -> Any:
@@ -1063,7 +1077,8 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
     driver_started = time.time()
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(ctx.train_health_check_s)
+    for key, value in getattr(ctx, "train_env", TRIAL_TRAIN_ENV).items():
+        os.environ.setdefault(key, value)
     trial_id = tune.get_context().get_trial_id()
     sdir = SearchDir(ctx.storage, ctx.name)
     done = sdir.trial_record(trial_id)
@@ -1114,6 +1129,7 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
     final = result.get("metrics") or {}
     rec["timeline"] = {
         "driver_started_at": driver_started,
+        "driver_pid": os.getpid(),
         # The training loop's start: the first report's arrival minus the loop time it reports.
         "loop_started_at": (seen["first_report_at"] - seen["first_report_elapsed_s"]
                             if "first_report_at" in seen else None),
@@ -1124,7 +1140,12 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
         "eval_s": final.get("eval_seconds"),
         "setup_s": final.get("setup_seconds"),
         "num_workers": cfg.resources.num_workers,
+        "cpus_per_worker": cfg.resources.cpus_per_worker,
     }
+    if sdir.trial_record(trial_id) is not None:
+        # Stopped by the scheduler while training: Tune killed this trial's actors (so the run
+        # "failed" on a dead controller) and the search driver has recorded it as early_stopped.
+        return
     sdir.write_json(f"trials/{trial_id}.json", rec)
     tune.report(_final_metrics(rec, ctx.objective))
 
@@ -1199,8 +1220,24 @@ def _build_ray_classes() -> None:
 
         def _finish(self, trial: Any, status: str, reason: str | None) -> None:
             rec = self.sdir.trial_record(trial.trial_id)
+            last = dict(trial.last_result or {})
+            if (rec is not None and status == "early_stopped" and not last.get("trial_done")
+                    and rec.get("status") == "failed"):
+                # The trial driver, cut off by the stop (its Train controller killed under it),
+                # wrote "failed" first; the trial never sent its final report, so the stop is
+                # what happened (and Optuna was told PRUNED).
+                rec = None
+            if rec is None and self.sdir.is_local:
+                # Stopped before the trainer's own cleanup ran: DeepSpeed /dev/shm names its
+                # worker groups left behind (usually none: the trainer unlinks them early).
+                try:
+                    from plora_ray.train import cleanup_run_shm
+
+                    cleanup_run_shm(self.sdir.run_dir(trial.trial_id))
+                except Exception as exc:  # noqa: BLE001 - cleanup must not stop the search
+                    print(f"warning: /dev/shm cleanup of trial {trial.trial_id}: {exc}",
+                          file=sys.stderr)
             if rec is None:
-                last = dict(trial.last_result or {})
                 params = {k: v for k, v in (trial.config or {}).items()}
                 try:
                     cfg = config_from_dict(self.ctx.base, self.ctx.source,
@@ -1234,7 +1271,8 @@ def _build_ray_classes() -> None:
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
                               **info: Any) -> None:
             self._finish(trial, "early_stopped",
-                         f"stopped by ASHA on {self.spec.scheduler.metric}")
+                         f"stopped by ASHA on {self.spec.scheduler.metric}"
+                         if self.spec.scheduler.type == "asha" else "stopped by the time budget")
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
                            **info: Any) -> None:
@@ -1392,7 +1430,7 @@ def _trial_cpus_gpus(spec: SearchSpec, cfg: RunConfig) -> tuple[float, float]:
 def run_search(file: str, *, storage: str | None = None, name: str | None = None,
                resume: bool = False, overrides: dict[str, Any] | None = None,
                runner: str | None = None, verbose: int = 1,
-               train_health_check_s: float | None = None) -> SearchOutcome:
+               train_env: dict[str, str] | None = None) -> SearchOutcome:
     """Run (or resume) the search of a search-space YAML on the current Ray cluster.
 
     Attaches to a running Ray (``RAY_ADDRESS``, a ``ray job submit`` entrypoint, or an
@@ -1407,7 +1445,8 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
             checkpoints).
         overrides: ``--set`` dotted keys, run config and ``search.*``.
         runner: ``module:function`` of the trainer (default ``plora_ray.train:run_training``).
-        train_health_check_s: Ray Train's report polling interval in trials (default 0.2 s).
+        train_env: Ray Train settings for the trials (default ``TRIAL_TRAIN_ENV``; ``{}``: Ray's
+            own defaults).
         verbose: Tune's verbosity (progress table).
 
     Raises:
@@ -1435,8 +1474,8 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
                        proxy_metric=spec.scheduler.metric if spec.scheduler.type == "asha"
                        else "gsm8k_nll",
                        runner=runner or "plora_ray.train:run_training")
-    if train_health_check_s is not None:
-        ctx.train_health_check_s = train_health_check_s
+    if train_env is not None:
+        ctx.train_env = dict(train_env)
     study_storage = spec.study_storage or default_study_storage(sdir)
     if not resume:
         sdir.write_json("search.json", {
@@ -1475,6 +1514,10 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
         if per_gpu > 0:
             fits.append(int(res.get("GPU", 0) // per_gpu))
         max_concurrent = max(1, min(fits))
+    if not resume:
+        # What the search ran with (the benchmark's occupancy counts these slots).
+        meta = sdir.read_json("search.json") or {}
+        sdir.write_json("search.json", {**meta, "max_concurrent_used": max_concurrent})
 
     trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx),
                                     {"cpu": spec.driver_cpus})

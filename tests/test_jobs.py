@@ -132,5 +132,18 @@ def test_smoke_search_submitted_as_a_ray_job_finishes_and_publishes(tmp_path: Pa
         # One summary line per finished trial in the job's output.
         assert f"[trial {r['trial_id']}] {r['status']}" in log
     assert (sdir / "study.db").is_file()
+    # The study agrees with the records: completed -> COMPLETE with its value, stopped by ASHA ->
+    # PRUNED, failed/diverged -> FAIL.
+    import optuna
+
+    study = optuna.load_study(study_name="job", storage=f"sqlite:///{sdir / 'study.db'}")
+    by_tune = {t.user_attrs.get("tune_trial_id"): t for t in study.trials}
+    state_of = {"completed": optuna.trial.TrialState.COMPLETE,
+                "early_stopped": optuna.trial.TrialState.PRUNED,
+                "diverged": optuna.trial.TrialState.FAIL, "failed": optuna.trial.TrialState.FAIL}
+    for r in records:
+        assert by_tune[r["trial_id"]].state == state_of[r["status"]], (r["status"], r["reason"])
+        if r["status"] == "completed":
+            assert by_tune[r["trial_id"]].value == r["objective_value"]
     board = sdir / "leaderboard"
     assert board.is_dir() and any(board.iterdir()), "leaderboard not published"
