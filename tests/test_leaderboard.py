@@ -24,6 +24,7 @@ import yaml
 
 from plora_ray import leaderboard as lb
 from plora_ray.config import RunConfig, config_from_dict, load_config
+from ray_helpers import finished_smoke_search  # the session's one smoke search (a real job)
 
 T0 = 1_764_000_000.0  # a fixed "search started" time, so records are deterministic
 
@@ -490,51 +491,6 @@ def test_nan_objectives_do_not_break_the_board(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- a real smoke search
-
-SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
-# The shipped smoke search, shrunk with --set to fit CI's budget (4 trials of 4 steps, a tiny
-# evaluation): the same search space, trainer, evaluation, ASHA and publishing, less compute.
-# The two fixed points make sure the board has a PLoRA trial and its LoRA baseline of the same rank.
-SMOKE_SETS = [
-    "search.num_samples=4", "train.max_steps=4", "eval.limit=2", "eval.max_gen_toks=8",
-    "data.max_samples=64", "plora.unload_every=16", "search.scheduler.grace_period=16",
-    "search.points=[{method: plora, optim.lr: 0.001, lora.rank: 8, plora.momentum: 0.1, "
-    "plora.unload_every: 16}, {method: lora, optim.lr: 0.001, lora.rank: 8}]",
-]
-
-
-def finished_smoke_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The search directory of ``plora-ray search search_spaces/smoke.yaml``, run once per pytest
-    session: any test module calling this gets the same finished search (it is cached in the
-    session's base temp directory), so the leaderboard and search tests pay for one search.
-
-    The search runs as the user runs it (the console script, its own local Ray: RAY_ADDRESS=local
-    so it never joins a cluster someone else started), shrunk by ``SMOKE_SETS``.
-    """
-    storage = tmp_path_factory.getbasetemp() / "smoke-search"
-    search_dir, done, log = storage / "smoke", storage / "FINISHED", storage / "search.log"
-    if done.exists():
-        return search_dir
-    if log.exists():
-        pytest.fail(f"the smoke search already failed in this session; see {log}")
-    storage.mkdir(parents=True, exist_ok=True)
-    script = Path(sys.executable).with_name("plora-ray")
-    cmd = ([str(script)] if script.exists() else [sys.executable, "-m", "plora_ray.cli"]) + [
-        "search", str(SMOKE_YAML), "--storage", str(storage), "--name", "smoke",
-        "--set", *SMOKE_SETS]
-    # Ray Train gives a worker group 60 s to start; on a loaded 2-core CI machine importing torch
-    # in a new worker can take longer, and the controller then retries without end.
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1",
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=1500,
-                              cwd=storage)
-    if proc.returncode != 0:
-        tail = log.read_text()[-3000:]
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}; log {log}:\n{tail}")
-    done.write_text("ok\n")
-    return search_dir
-
 
 @pytest.fixture(scope="session")
 def smoke_search(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from plora_ray import leaderboard as lb
-from test_leaderboard import finished_smoke_search, make_search_dir, record, small_search
+from ray_helpers import finished_smoke_search
+from test_leaderboard import make_search_dir, record, small_search
 
 EVIL = "<script>window.__pwned=1</script>"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

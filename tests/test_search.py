@@ -276,16 +276,6 @@ def test_search_dir_writes_records_atomically(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-def _load_head_helper():  # tests/ is not a package: load the shared head helper by path
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_jobs_helpers", ROOT / "tests" / "test_jobs.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _records(sdir: Path) -> dict[str, dict]:
     out = {}
     for p in sorted((sdir / "trials").glob("*.json")):
@@ -299,7 +289,7 @@ def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(tmp_path
     """A real search (real trainer, tiny model) on a loopback head: a point that diverges is
     recorded as diverged and told to Optuna as FAIL; the driver is SIGKILLed after the first
     finished trial; --resume finishes the search without re-running or losing a finished trial."""
-    helpers = _load_head_helper()
+    import ray_helpers as helpers  # tests/ is on sys.path (rootdir conftest-less layout)
     storage = tmp_path / "st"
     sets = ["search.num_samples=3", "train.max_steps=4", "eval.limit=2", "eval.max_gen_toks=8",
             "data.max_samples=64", "plora.unload_every=16", "search.scheduler.grace_period=16",

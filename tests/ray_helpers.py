@@ -1,0 +1,143 @@
+"""Shared test helpers that start real Ray: a loopback head of our own, and the one smoke search
+of a pytest session, submitted with `ray job submit` (jobs/smoke.sh) the way users submit it.
+
+The jobs test checks the submission itself; the leaderboard tests build their boards from the
+same finished search, so CI pays for one smoke search, not two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SMOKE_YAML = ROOT / "search_spaces" / "smoke.yaml"
+# The shipped smoke search, shrunk with --set to fit CI's budget (4 trials of 4 steps, a tiny
+# evaluation): the same search space, trainer, evaluation, ASHA and publishing, less compute.
+# The two fixed points make sure the board has a PLoRA trial and its LoRA baseline of the same rank.
+SMOKE_SETS = [
+    "search.num_samples=4", "train.max_steps=4", "eval.limit=2", "eval.max_gen_toks=8",
+    "data.max_samples=64", "plora.unload_every=16", "search.scheduler.grace_period=16",
+    "search.points=[{method: plora, optim.lr: 0.001, lora.rank: 8, plora.momentum: 0.1, "
+    "plora.unload_every: 16}, {method: lora, optim.lr: 0.001, lora.rank: 8}]",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 4) -> Iterator[dict[str, str]]:
+    """A Ray head of our own on loopback: free ports for everything that has a fixed default
+    (other sessions run heads on this machine too), a private --temp-dir, and `ray stop` scoped to
+    that temp dir on the way out. Yields the env vars a client needs."""
+    # Short path: Ray's socket paths must stay under the 107-byte limit of AF_UNIX.
+    temp = tempfile.mkdtemp(prefix="prh", dir="/tmp")
+    port, dash = free_port(), free_port()
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+           f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}",
+           f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp}"]
+    # Token auth off on both sides: a loopback-only head, and clients (ray job submit, drivers)
+    # must agree with the head on the mode whatever ~/.ray holds on this machine.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    if out.returncode != 0:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
+    try:
+        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp": temp,
+               "auth_mode": "disabled"}
+    finally:
+        # `ray stop` with no address stops every Ray on the machine; only stop what we started:
+        # the processes whose command line names our private temp dir / session.
+        _stop_head(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_head(temp: str) -> None:
+    import signal
+    import time
+
+    def ours() -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+            except OSError:
+                continue
+            if temp in cmdline and int(d.name) != os.getpid():
+                pids.append(int(d.name))
+        return pids
+
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        for pid in ours():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.time() + wait
+        while ours() and time.time() < deadline:
+            time.sleep(0.2)
+
+
+@dataclass
+class SmokeJob:
+    search_dir: Path
+    returncode: int
+    log: str
+
+
+def smoke_job_search(tmp_path_factory: pytest.TempPathFactory) -> SmokeJob:
+    """Submit the (shrunk) smoke search with jobs/smoke.sh to a loopback head of our own, once
+    per pytest session; later callers get the cached result (the log and exit code are kept in
+    the session's base temp directory)."""
+    storage = tmp_path_factory.getbasetemp() / "smoke-job"
+    log_file, rc_file = storage / "job.log", storage / "RETURNCODE"
+    if rc_file.exists():
+        return SmokeJob(storage / "smoke", int(rc_file.read_text()), log_file.read_text())
+    storage.mkdir(parents=True, exist_ok=True)
+    with ray_head(num_cpus=4) as head:
+        env = {**os.environ, "RAY_ADDRESS": head["dashboard"], "PLORA_STORAGE": str(storage),
+               "RAY_AUTH_MODE": head["auth_mode"], "PYTHONUNBUFFERED": "1",
+               "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+        cmd = ["bash", str(ROOT / "jobs" / "smoke.sh"), "--name", "smoke", "--set", *SMOKE_SETS]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
+                                 cwd=ROOT)
+            rc, log = out.returncode, out.stdout + out.stderr
+        except subprocess.TimeoutExpired as exc:
+            rc = -1
+            log = f"timed out after {exc.timeout} s\n{exc.stdout or ''}{exc.stderr or ''}"
+    log_file.write_text(log if isinstance(log, str) else log.decode(errors="replace"))
+    rc_file.write_text(str(rc))
+    return SmokeJob(storage / "smoke", rc, log_file.read_text())
+
+
+def finished_smoke_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The search directory of the session's smoke search; fails the caller if the job failed."""
+    job = smoke_job_search(tmp_path_factory)
+    if job.returncode != 0:
+        pytest.fail(f"the smoke search job exited {job.returncode}:\n{job.log[-3000:]}")
+    return job.search_dir
+
+
+def load_records(search_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((search_dir / "trials").glob("*.json"))]
