@@ -60,9 +60,7 @@ if TYPE_CHECKING:
     from lm_eval.api.model import LM
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# No dataset hub is reachable from this project's machines; never try one.
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# plora_ray.tasks (imported above) sets HF_DATASETS_OFFLINE / HF_HUB_OFFLINE: no hub is tried.
 
 # Seeds lm-eval's simple_evaluate uses by default (random 0; numpy, torch, few-shot 1234), so a
 # run here samples the same few-shot examples as `lm_eval --tasks ...` would.
