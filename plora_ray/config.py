@@ -208,7 +208,9 @@ class EvalConfig:
     sharded: bool = True
     # Run the full evaluation at the end of training.
     at_end: bool = True
-    # Proxy objective (no generation): NLL of this many GSM8K reference solutions.
+    # Proxy objective (no generation): NLL of this many GSM8K reference solutions (and MMLU
+    # answers), at every multiple of plora.unload_every for every method (so ASHA compares
+    # methods at equal samples) and at the end.
     proxy_samples: int = 64
 
 

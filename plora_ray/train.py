@@ -33,6 +33,14 @@ Adam moments, the LR schedule, PLoRA's counters, the data position and every RNG
 killed mid-stage and resumed reproduces the uninterrupted run's losses and weights bit for bit
 (``tests/test_train.py`` checks it with 2 workers, ZeRO-2, on CPU).
 
+Proxy points: the cheap proxy objective (``gsm8k_nll``, ``mmlu_nll``: ``evaluate.proxy_nll``,
+``eval.proxy_samples`` > 0) is computed and reported at every multiple of ``plora.unload_every``
+in its unit (samples or steps), at the first step boundary at or after it, and at the end. Proxy
+points follow plora.unload_every for every method, so ASHA compares methods at equal samples:
+for ``plora`` they are its unloads (the proxy sees the model right after the merge); ``lora``
+and ``full`` follow the same schedule without unloading. A report at such a step says
+``"proxy_point": true``; later reports repeat the last value.
+
 Fault injection for tests: ``PLORA_FAULT_AT_STEP=k`` (read on the driver) makes every worker raise
 right after step ``k``'s report and checkpoint, in a run that did not start from a checkpoint.
 """
@@ -257,6 +265,7 @@ class _Run:
         self.last_unload: dict[str, Any] = {}
         self.last_loss: float | None = None
         self.proxy: dict[str, float] = {}
+        self.proxy_step = -1  # the step the proxy was last computed at
         self.restored_from: str | None = None
         self.backbone_delta_bytes = 0
         self.shm_removed: list[str] = getattr(self, "shm_removed", [])
@@ -310,6 +319,7 @@ class _Run:
         self.elapsed_before = float(state["elapsed_s"])
         self.last_unload = state.get("last_unload", {})
         self.proxy = state.get("proxy", {})
+        self.proxy_step = int(state.get("proxy_step", -1))
         restore_rng(torch.load(directory / f"rng_rank{self.rank}.pt", weights_only=False))
         self.restored_from = str(directory)
         if self.rank == 0:
@@ -350,7 +360,8 @@ class _Run:
                 "batcher": self.batcher.state_dict(),
                 "divergence": self.guard.state_dict(),
                 "elapsed_s": self.elapsed(),
-                "last_unload": self.last_unload, "proxy": self.proxy, "last_loss": self.last_loss,
+                "last_unload": self.last_unload, "proxy": self.proxy,
+                "proxy_step": self.proxy_step, "last_loss": self.last_loss,
                 "method": self.cfg.method,
             })
             (directory / "config.yaml").write_text(dump_config(self.cfg))
@@ -381,7 +392,7 @@ class _Run:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def step_metrics(self, loss: float, lr: float, tokens_per_s: float, unload: bool,
-                     checkpoint: bool) -> dict[str, Any]:
+                     checkpoint: bool, proxy_point: bool = False) -> dict[str, Any]:
         ranks = self.last_unload.get("effective_rank") or {}
         return {
             "step": self.step,
@@ -398,6 +409,9 @@ class _Run:
             "effective_rank": (sum(ranks.values()) / len(ranks)) if ranks else None,
             "effective_rank_layers": ranks,
             "unload": unload,
+            # The proxy (gsm8k_nll, mmlu_nll) was computed at this step; other reports repeat
+            # the last computed value.
+            "proxy_point": proxy_point,
             "checkpoint": checkpoint,
             "elapsed_s": round(self.elapsed(), 3),
             "status": "running",
@@ -436,6 +450,8 @@ class _Run:
     def run(self) -> None:
         import ray.train
 
+        from plora_ray.plora import unload_due
+
         cfg = self.cfg
         self.setup()
         ckpt = ray.train.get_checkpoint()
@@ -450,6 +466,7 @@ class _Run:
         diverged: str | None = None
         every = cfg.checkpoint.every_steps
         while self.step < self.total_steps:
+            counter_before = self.proxy_counter()
             loss, lr = self.train_step()
             self.step += 1
             self.last_loss = loss
@@ -459,13 +476,21 @@ class _Run:
                     self.step, self.batcher.samples_seen):
                 self.unload()
                 unload = True
+            # The proxy points: the multiples of plora.unload_every, for every method (see the
+            # module docstring); for plora they are the unloads (PLoRA.due is the same test).
+            point = diverged is None and unload_due(self.proxy_counter(), counter_before,
+                                                    cfg.plora.unload_every)
+            if point and cfg.eval.proxy_samples > 0:
+                self.proxy = self.compute_proxy()
+                self.proxy_step = self.step
             ckpt_due = diverged is None and (
                 (unload and cfg.checkpoint.at_unload) or bool(every and self.step % every == 0))
-            if (self.step % cfg.train.log_every == 0 or unload or ckpt_due or diverged
+            if (self.step % cfg.train.log_every == 0 or unload or point or ckpt_due or diverged
                     or self.step == self.total_steps):
                 seconds = max(time.perf_counter() - last_t, 1e-9)
                 tps = (self.batcher.tokens_seen - last_tokens) / seconds
-                self.report(self.step_metrics(loss, lr, tps, unload, ckpt_due), checkpoint=ckpt_due)
+                self.report(self.step_metrics(loss, lr, tps, unload, ckpt_due, point),
+                            checkpoint=ckpt_due)
                 # The next interval's throughput excludes this report's checkpoint and proxy time.
                 last_t, last_tokens = time.perf_counter(), self.batcher.tokens_seen
             if diverged is not None:
@@ -476,15 +501,17 @@ class _Run:
                                    f"{self.step}")
         self.finish(diverged)
 
+    def proxy_counter(self) -> int:
+        """Where training is in ``plora.unload_unit``: optimizer steps or samples seen."""
+        return self.step if self.cfg.plora.unload_unit == "steps" else self.batcher.samples_seen
+
     def unload(self) -> None:
-        """PLoRA unload with its backbone change recorded; the proxy objective if configured."""
+        """PLoRA unload with its backbone change recorded."""
         assert self.plora is not None and self.recorder is not None
         self.recorder.begin_unload(self.plora.num_unloads, self.step)
         rep = self.plora.unload(self.step, self.batcher.samples_seen)
         rec = self.recorder.end_unload()
         self.last_unload = {**rep.as_dict(), "backbone_exceptions": rec.num_exceptions}
-        if self.cfg.eval.proxy_samples > 0:
-            self.proxy = self.compute_proxy()
 
     def adapter_effective_rank(self) -> dict[str, int]:
         """LoRA's ΔW = scaling·B·A: its effective rank on the layers PLoRA would sample."""
@@ -550,7 +577,10 @@ class _Run:
                 if self.rank == 0:
                     (self.out / "eval_results.json").write_text(
                         json.dumps(res.as_dict(), indent=1, default=_json_scalar))
-            if cfg.eval.proxy_samples > 0 and not any(k in objectives for k in self.proxy):
+            # The proxy of the final model, unless the evaluation or the last step's proxy point
+            # already computed it.
+            if (cfg.eval.proxy_samples > 0 and self.proxy_step != self.step
+                    and not any(k in objectives for k in self.proxy)):
                 self.proxy = self.compute_proxy()
             objectives = {**self.proxy, **objectives}
             final.update(objectives)

@@ -223,6 +223,41 @@ def test_divergence_stops_the_run_with_its_status_and_step(ray_head, tmp_path):
     assert res.model_path is None and not (tmp_path / "run" / "model").exists()
 
 
+@pytest.mark.slow
+def test_lora_run_reports_the_proxy_at_the_unload_every_points(ray_head, tmp_path):
+    # LoRA never unloads, but its proxy follows plora.unload_every like PLoRA's, so ASHA can
+    # compare (and stop) it at the same samples. Every 6 samples at 4 per step: the points 6, 12,
+    # 18, 24 fire at the first step boundary at or after them, i.e. steps 2, 3, 5, 6.
+    data = {
+        "method": "lora",
+        "model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "num_key_value_heads": 2},
+                  "dtype": "float32"},
+        "data": {"max_length": 64, "held_out": 2, "max_samples": 64},
+        "lora": {"rank": 2, "alpha": 4},
+        "plora": {"unload_every": 6, "unload_unit": "samples"},
+        "optim": {"lr": 1.0e-2},
+        "batch": {"global_batch": 4, "micro_batch": 4},
+        "train": {"max_steps": 6, "log_every": 100},
+        "deepspeed": {"enabled": False},
+        "eval": {"tasks": ["gsm8k"], "num_fewshot": {"gsm8k": 0}, "at_end": False,
+                 "proxy_samples": 2, "batch_size": 2},
+        "checkpoint": {"at_unload": False, "export_model": False},
+    }
+    res = run_training(config_from_dict(data), tmp_path / "run")
+    assert res.status == "completed", res.reason
+    running = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+               if r["status"] == "running"]
+    # log_every 100: only the proxy points (and the last step, one of them) are reported.
+    assert [r["step"] for r in running] == [2, 3, 5, 6]
+    assert [r["samples"] for r in running] == [8, 12, 20, 24]
+    assert all(r["proxy_point"] and not r["unload"] and r["stage"] == 0 for r in running)
+    nll = [r["gsm8k_nll"] for r in running]
+    assert all(v > 0 for v in nll)
+    assert len(set(nll)) == len(nll), nll  # recomputed at each point on the trained model
+    assert res.metrics["objectives"]["gsm8k_nll"] == nll[-1]
+
+
 # --------------------------------------------------------------------------- before Ray
 
 
