@@ -43,6 +43,9 @@ and ``full`` follow the same schedule without unloading. A report at such a step
 
 Fault injection for tests: ``PLORA_FAULT_AT_STEP=k`` (read on the driver) makes every worker raise
 right after step ``k``'s report and checkpoint, in a run that did not start from a checkpoint.
+``PLORA_DEEPSPEED_OVERRIDES='{json}'`` (read on the driver) is merged last into the DeepSpeed
+config (``engine.deepspeed_config(overrides=...)``), for settings the run config does not expose;
+tests use it to make ZeRO-3 partition and release a tiny model's parameters as it does a 7B one's.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 RAY_RUN_NAME = "ray"
 METRICS_FILE = "metrics.jsonl"
 FAULT_ENV = "PLORA_FAULT_AT_STEP"
+DEEPSPEED_OVERRIDES_ENV = "PLORA_DEEPSPEED_OVERRIDES"
 # One file per worker group (port): what /dev/shm names its DeepSpeed buffers carry.
 PROCESS_GROUP_DIR = ".process_groups"
 
@@ -124,6 +128,25 @@ def total_steps(cfg: RunConfig, train_rows: int) -> int:
     return steps
 
 
+def _deepspeed_overrides_from_env() -> dict[str, Any] | None:
+    """``PLORA_DEEPSPEED_OVERRIDES`` as a dict (None when unset).
+
+    Raises:
+        ConfigError: the variable is not a JSON object.
+    """
+    raw = os.environ.get(DEEPSPEED_OVERRIDES_ENV)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        value = exc
+    if not isinstance(value, dict):
+        raise ConfigError([f"{DEEPSPEED_OVERRIDES_ENV}: expected a JSON object of DeepSpeed "
+                           f"config keys, found {raw!r}"])
+    return value
+
+
 def check_run_config(cfg: RunConfig) -> None:
     """Checks that need more than the schema: raised before Ray starts.
 
@@ -139,7 +162,7 @@ def check_run_config(cfg: RunConfig) -> None:
         from plora_ray.engine import deepspeed_config
 
         try:
-            deepspeed_config(cfg, cfg.resources.num_workers)
+            deepspeed_config(cfg, cfg.resources.num_workers, _deepspeed_overrides_from_env())
         except ValueError as exc:
             problems.append(str(exc))
     if problems:
@@ -183,6 +206,7 @@ class _Run:
         self.cfg: RunConfig = config_from_dict(loop_cfg["config"])
         self.out = Path(loop_cfg["output_dir"])
         self.fault_at: int | None = loop_cfg.get("fault_at_step")
+        self.deepspeed_overrides: dict[str, Any] | None = loop_cfg.get("deepspeed_overrides")
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world = ctx.get_world_size()
@@ -231,7 +255,8 @@ class _Run:
             from plora_ray.engine import DeepSpeedParamAccess, build_engine
 
             self.engine, self.optimizer, self.scheduler = build_engine(
-                model, cfg, self.world, stage_length_steps=stage_len)
+                model, cfg, self.world, stage_length_steps=stage_len,
+                overrides=self.deepspeed_overrides)
             self.module = self.engine.module
             self.access: Any = DeepSpeedParamAccess(self.engine)
             self.shm_removed = _unlink_shm_names(self.world)
@@ -529,13 +554,25 @@ class _Run:
             out[pr.name] = effective_rank(delta, self.cfg.plora.rank_threshold)
         return out
 
+    def evaluable(self) -> contextlib.AbstractContextManager[None]:
+        """The model as evaluation needs it: every parameter whole in every rank's module.
+
+        A no-op except under ZeRO-3, where ``_zero3_whole_model`` gathers the parameters (every
+        rank then holds the full model in the module's dtype while the evaluation runs: ~13.5 GB
+        for a 7B model in bf16, beside its ZeRO-3 partitions; it fits an 80 GB GPU).
+        """
+        if self.engine is not None and self.cfg.deepspeed.zero_stage == 3:
+            return _zero3_whole_model(self.engine)
+        return contextlib.nullcontext()
+
     def compute_proxy(self) -> dict[str, float]:
         from plora_ray.evaluate import proxy_nll
 
         # Every rank calls it (documents are sharded across ranks and gathered); it restores the
         # model's mode and the RNG states, so the training that follows is unchanged.
-        out = proxy_nll(self.module, self.tokenizer, self.cfg.eval, rank=self.rank,
-                        world_size=self.world)
+        with self.evaluable():
+            out = proxy_nll(self.module, self.tokenizer, self.cfg.eval, rank=self.rank,
+                            world_size=self.world)
         return {k: float(v) for k, v in out.items()}
 
     def finish(self, diverged: str | None) -> None:
@@ -570,8 +607,9 @@ class _Run:
 
                 # Every rank calls it: with eval.sharded the documents are split across ranks,
                 # otherwise rank 0 scores them all and broadcasts.
-                res = evaluate_model(self.module, self.tokenizer, cfg.eval, rank=self.rank,
-                                     world_size=self.world)
+                with self.evaluable():
+                    res = evaluate_model(self.module, self.tokenizer, cfg.eval, rank=self.rank,
+                                         world_size=self.world)
                 objectives = {k: float(v) for k, v in res.objectives.items()}
                 final["eval_seconds"] = round(res.seconds, 3)
                 if self.rank == 0:
@@ -596,6 +634,44 @@ class _Run:
         # /dev/shm names unlinked right after the engine build (nothing to leak after that).
         final["shm_unlinked_at_start"] = len(self.shm_removed)
         self.report(final, checkpoint=False)
+
+
+@contextlib.contextmanager
+def _zero3_whole_model(engine: Any) -> Iterator[None]:
+    """Every parameter gathered into every rank's module, ZeRO-3's module hooks off, meanwhile.
+
+    Under ZeRO-3 a parameter's ``data`` is empty outside ``GatheredParameters``, and a forward
+    pass is a collective: DeepSpeed's module hooks all-gather each submodule's parameters before
+    it runs and release them after, and the root's pre-forward hook (``reset_step``) compares the
+    recorded module order across ranks while its trace is incomplete. Evaluation runs different
+    numbers of forward passes on different ranks (sharded documents; rank 0 alone without
+    ``eval.sharded``), which would leave the ranks waiting for each other. So: gather everything
+    once (``GatheredParameters(..., modifier_rank=None)``: read-only, nothing is broadcast back),
+    remove the hooks for the evaluation (as DeepSpeed's own ``unwrap_model_for_generation`` does,
+    plus the pre-forward hook), then put them back and release the gathered copies. The
+    re-registration invalidates ZeRO-3's prefetch trace; the next training step records it again.
+    Memory: the whole model in the module's dtype on every rank while inside.
+    """
+    import deepspeed
+
+    offload = engine.optimizer.parameter_offload
+    module = offload.module
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        start_hook = module._forward_pre_hooks[offload.fwd_pre_hook.id]
+        offload.fwd_pre_hook.remove()
+        for handle in [*offload.forward_hooks, *offload.backward_hooks]:
+            handle.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            for p in params:
+                p.ds_active_sub_modules.clear()  # a submodule still "using" p blocks its release
+            # First among the root's pre-forward hooks, where DeepSpeed registered it; module ids
+            # numbered from 0 again, as at the engine's construction.
+            offload.fwd_pre_hook = module.register_forward_pre_hook(start_hook, prepend=True)
+            offload._register_deepspeed_module(module, count=[0])
 
 
 def _unlink_shm_names(world: int) -> list[str]:
@@ -894,6 +970,7 @@ def run_training(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
     if not resume and metrics_path.exists():
         metrics_path.unlink()
     fault = os.environ.get(FAULT_ENV)
+    ds_overrides = _deepspeed_overrides_from_env()
     t0 = time.perf_counter()
     started = _ensure_ray(cfg)
     shm_before = _shm_snapshot()
@@ -919,7 +996,8 @@ def run_training(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": cfg.to_dict(), "output_dir": str(out),
-                               "fault_at_step": int(fault) if fault else None},
+                               "fault_at_step": int(fault) if fault else None,
+                               "deepspeed_overrides": ds_overrides},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),

@@ -18,6 +18,7 @@ import torch
 from plora_ray import cli
 from plora_ray.config import ConfigError, config_from_dict, load_config
 from plora_ray.train import (
+    DEEPSPEED_OVERRIDES_ENV,
     FAULT_ENV,
     PROCESS_GROUP_DIR,
     cleanup_run_shm,
@@ -256,6 +257,60 @@ def test_lora_run_reports_the_proxy_at_the_unload_every_points(ray_head, tmp_pat
     assert all(v > 0 for v in nll)
     assert len(set(nll)) == len(nll), nll  # recomputed at each point on the trained model
     assert res.metrics["objectives"]["gsm8k_nll"] == nll[-1]
+
+
+@pytest.mark.slow
+def test_zero3_full_fine_tuning_evaluates_the_whole_model_on_every_rank(ray_head, tmp_path,
+                                                                        monkeypatch):
+    # ZeRO-3 as it runs a 7B model: every parameter partitioned, and released right after each
+    # submodule's forward, so the next forward all-gathers it again (a collective). DeepSpeed's
+    # defaults would keep a tiny model's weights whole (persistence threshold 1e5 elements, reuse
+    # distance 1e9); the overrides make it behave as at 7B. 3 documents in batches of 1 on 2
+    # ranks: rank 0 runs twice as many forward passes as rank 1, which blocks (or pairs the
+    # wrong collectives) unless evaluation runs on gathered weights with ZeRO-3's hooks off. Both
+    # the proxy (at the unload_every point, step 2) and the final evaluation are checked.
+    monkeypatch.setenv(DEEPSPEED_OVERRIDES_ENV, json.dumps({"zero_optimization": {
+        "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
+        "stage3_max_live_parameters": 0, "stage3_prefetch_bucket_size": 0}}))
+    from plora_ray.evaluate import proxy_nll
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = {
+        "method": "full",
+        "model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "num_key_value_heads": 2},
+                  "dtype": "bfloat16"},
+        "data": {"max_length": 64, "held_out": 2, "max_samples": 32},
+        "plora": {"unload_every": 2, "unload_unit": "steps"},
+        "optim": {"lr": 1.0e-3},
+        "batch": {"global_batch": 4, "micro_batch": 2},
+        "train": {"max_steps": 3, "log_every": 100},
+        "deepspeed": {"enabled": True, "zero_stage": 3, "bf16": True},
+        "resources": {"num_workers": 2, "cpus_per_worker": 1},
+        # Batches of 1: rank 0 runs twice as many forward passes as rank 1.
+        "eval": {"tasks": ["gsm8k"], "num_fewshot": {"gsm8k": 0}, "limit": 3, "max_gen_toks": 4,
+                 "batch_size": 1, "proxy_samples": 3},
+        "checkpoint": {"at_unload": False, "export_model": True},
+    }
+    cfg = config_from_dict(data)
+    res = run_training(cfg, tmp_path / "run")
+    assert res.status == "completed", res.reason
+    running = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+               if r["status"] == "running"]
+    assert [(r["step"], r["proxy_point"]) for r in running] == [(2, True), (3, False)]
+    assert running[0]["gsm8k_nll"] > 0
+    objectives = res.objectives
+    assert {"gsm8k", "gsm8k_flexible", "gsm8k_nll"} <= set(objectives)
+    evaluated = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert evaluated["config"]["sharded"] is True
+    # The evaluation saw the trained weights whole: the exported model, loaded in one process,
+    # gives the same proxy (up to the order of the 2 ranks' sums).
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model",
+                                                 torch_dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    alone = proxy_nll(model, tok, cfg.eval)
+    assert alone["gsm8k_nll"] == pytest.approx(objectives["gsm8k_nll"], rel=1e-5)
+    assert alone["gsm8k_nll"] != pytest.approx(running[0]["gsm8k_nll"], rel=1e-5)
 
 
 # --------------------------------------------------------------------------- before Ray
