@@ -28,6 +28,15 @@ weight's old value and compares the result with what the unload wrote; every ele
 (a different operation order in the merge, say) is stored verbatim as an exception (flat index +
 value). Replay applies the exceptions after the factors, so the reconstruction equals the trained
 backbone bit for bit by construction, and ``digest.json`` checks it on load.
+
+``merge_rounding="from_base"`` (``plora.merge_from_base``) writes W_k = round_nearest(W_0 + Σ_{s<=k}
+coef_s·B_s·A_s) from the original weights instead of adding to the old value, so its replay of
+unload k is that expression over the factors of unloads 0..k -- the factors the records hold
+anyway, no extra storage -- with W_0 from the same source the run used (``base_weights``). The
+recorder verifies it the same way and stores what differs as exceptions. Since each from_base
+unload rewrites the weight from W_0, a replay needs only each layer's last record: one product
+per layer, not one per unload. The PLoRA state's own copy of the factors (``PLoRA.base_factors``)
+is not stored twice: ``BackboneRecorder.from_base_factors`` rebuilds it from the records.
 """
 
 from __future__ import annotations
@@ -112,6 +121,7 @@ class LayerDelta:
         coef: the merged fraction times the LoRA scaling: the unload adds ``coef * B @ A``.
         exc_index: flat indices where re-applying the factors does not give the unload's bits.
         exc_value: the unload's values at those indices (the weight's dtype).
+        base_name: the weight's name in the base-weights source (``from_base`` only).
     """
 
     name: str
@@ -121,6 +131,7 @@ class LayerDelta:
     coef: float
     exc_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     exc_value: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    base_name: str = ""
 
 
 @dataclass
@@ -141,6 +152,15 @@ class UnloadDelta:
 GeneratorFactory = Callable[[int, int, Any], torch.Generator]
 # (weight in place, fp32 delta, rounding, generator): the add the unload performs.
 AddFunction = Callable[[torch.Tensor, torch.Tensor, str, torch.Generator], None]
+# Base parameter name -> the original weight W_0 (``plora.safetensors_base_weights``).
+BaseWeights = Callable[[str], torch.Tensor]
+FROM_BASE = "from_base"
+
+
+def _apply_exceptions(new: torch.Tensor, delta: LayerDelta) -> torch.Tensor:
+    if delta.exc_index.numel():
+        new.view(-1)[delta.exc_index.to(new.device)] = delta.exc_value.to(new.device, new.dtype)
+    return new
 
 
 def replay_layer(old: torch.Tensor, delta: LayerDelta, rounding: str, generator: torch.Generator,
@@ -158,9 +178,26 @@ def replay_layer(old: torch.Tensor, delta: LayerDelta, rounding: str, generator:
     B, A = delta.B.to(new.device), delta.A.to(new.device)
     # The same expression, in the same order, as the unload's ``(1 - m) * scaling * (b @ a)``.
     add(new, delta.coef * (B @ A), rounding, generator)
-    if delta.exc_index.numel():
-        new.view(-1)[delta.exc_index.to(new.device)] = delta.exc_value.to(new.device, new.dtype)
-    return new
+    return _apply_exceptions(new, delta)
+
+
+def replay_layer_from_base(w0: torch.Tensor, deltas: list[LayerDelta], dtype: torch.dtype,
+                           device: Any) -> torch.Tensor:
+    """The weight after a ``from_base`` unload: round_nearest(W_0 + Σ coef·B·A), then exceptions.
+
+    Args:
+        w0: the layer's original weight (from the run's base-weights source).
+        deltas: this layer's records of every unload so far, in order; the last one is the
+            unload being replayed (its exceptions are applied).
+        dtype: the backbone's dtype.
+        device: where the unload computed (the weight's device).
+    """
+    from plora_ray.plora import merge_from_base
+
+    # coef * B on CPU, as the unload's ``(1 - m) * scaling * b`` (one fp32 multiply, same bits).
+    factors = [(d.coef * d.B, d.A) for d in deltas]
+    new = merge_from_base(w0.to(device=device, dtype=torch.float32), factors, dtype)
+    return _apply_exceptions(new, deltas[-1])
 
 
 def save_unload_delta(record: UnloadDelta, directory: str | os.PathLike[str]) -> Path:
@@ -176,7 +213,8 @@ def save_unload_delta(record: UnloadDelta, directory: str | os.PathLike[str]) ->
         tensors[f"{i}.A"] = ld.A.detach().to(torch.float32).contiguous()
         tensors[f"{i}.exc_index"] = ld.exc_index.to(torch.int64).contiguous()
         tensors[f"{i}.exc_value"] = ld.exc_value.contiguous()
-        layers_meta.append({"name": ld.name, "layer_index": ld.layer_index, "coef": ld.coef})
+        layers_meta.append({"name": ld.name, "layer_index": ld.layer_index, "coef": ld.coef,
+                            "base_name": ld.base_name})
     meta = {"index": record.index, "step": record.step, "rounding": record.rounding,
             "layers": layers_meta}
     path = d / f"unload_{record.index:04d}.safetensors"
@@ -203,7 +241,8 @@ def load_unload_deltas(directory: str | os.PathLike[str]) -> list[UnloadDelta]:
                 LayerDelta(name=m["name"], layer_index=int(m["layer_index"]),
                            B=fh.get_tensor(f"{i}.B"), A=fh.get_tensor(f"{i}.A"),
                            coef=float(m["coef"]), exc_index=fh.get_tensor(f"{i}.exc_index"),
-                           exc_value=fh.get_tensor(f"{i}.exc_value"))
+                           exc_value=fh.get_tensor(f"{i}.exc_value"),
+                           base_name=m.get("base_name", ""))
                 for i, m in enumerate(meta["layers"])
             ]
         out.append(UnloadDelta(index=int(meta["index"]), step=int(meta["step"]),
@@ -232,12 +271,21 @@ class BackboneRecorder:
             seeds it.
         add: the unload's in-place add with rounding (``plora.add_with_rounding``).
         coef_for: ``pair -> float``, the fraction of ``scaling * B @ A`` an unload merges.
-        rounding: the configured merge rounding.
+        rounding: the configured merge rounding (``nearest``, ``stochastic`` or ``from_base``).
+        base_weights: the source of W_0 the unloads use with ``from_base`` (required then).
+
+    Raises:
+        ValueError: ``from_base`` without ``base_weights``.
     """
 
     def __init__(self, inner: Any, pairs: list[Any], names: dict[int, str],
                  generator_for: GeneratorFactory, add: AddFunction,
-                 coef_for: Callable[[Any], float], rounding: str) -> None:
+                 coef_for: Callable[[Any], float], rounding: str,
+                 base_weights: BaseWeights | None = None) -> None:
+        if rounding == FROM_BASE and base_weights is None:
+            raise ValueError("BackboneRecorder: expected base_weights (the W_0 source of the "
+                             "unloads) with rounding 'from_base', found None")
+        self.base_weights = base_weights
         self.inner = inner
         self.pairs = pairs
         self.names = names
@@ -263,12 +311,7 @@ class BackboneRecorder:
         self.inner.write_trainable(p, value)
 
     def read_frozen(self, p: torch.nn.Parameter) -> torch.Tensor:
-        read = getattr(self.inner, "read_frozen", None)
-        if read is not None:
-            return read(p)
-        # An access without read_frozen (it was added to the protocol later): inside gathered()
-        # the module holds the full frozen value, which is what read_frozen returns.
-        return p.detach()
+        return self.inner.read_frozen(p)
 
     def reset_optimizer_state(self, params: list[torch.nn.Parameter]) -> None:
         self.inner.reset_optimizer_state(params)
@@ -306,8 +349,17 @@ class BackboneRecorder:
         # the unload computed there (a CUDA generator draws other bits than a CPU one).
         old = p.detach()
         want = value.detach().to(device=old.device, dtype=old.dtype)
-        got = replay_layer(old, delta, self.rounding,
-                           self.generator_for(self._index, i, old.device), self.add)
+        if self.rounding == FROM_BASE:
+            from plora_ray.plora import base_param_name
+
+            assert self.base_weights is not None
+            delta.base_name = base_param_name(pr.name)
+            prior = [ld for rec in self.records for ld in rec.layers if ld.layer_index == i]
+            got = replay_layer_from_base(self.base_weights(delta.base_name), [*prior, delta],
+                                         old.dtype, old.device)
+        else:
+            got = replay_layer(old, delta, self.rounding,
+                               self.generator_for(self._index, i, old.device), self.add)
         differ = (got.reshape(-1).view(_int_view(got.dtype)) !=
                   want.reshape(-1).view(_int_view(want.dtype))).nonzero().reshape(-1)
         delta.exc_index = differ.to(torch.int64).cpu()
@@ -333,6 +385,22 @@ class BackboneRecorder:
         self._layers = []
         return rec
 
+    def from_base_factors(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """``PLoRA.base_factors`` rebuilt from the records: pair name -> [(coef·B, A), ...].
+
+        What a from_base PLoRA keeps (``(1 - m)·scaling·b`` and ``a`` per unload, fp32, CPU);
+        the checkpoint stores the factors once, in the records, and a resumed run gets them here.
+        Empty unless the rounding is ``from_base``.
+        """
+        if self.rounding != FROM_BASE:
+            return {}
+        out: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for rec in self.records:
+            for ld in rec.layers:
+                out.setdefault(self.pairs[ld.layer_index].name, []).append(
+                    (ld.coef * ld.B, ld.A.clone()))
+        return out
+
 
 def _int_view(dtype: torch.dtype) -> torch.dtype:
     return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[
@@ -352,7 +420,8 @@ def backbone_digests(model: torch.nn.Module, names: list[str], access: Any) -> d
 
 def replay_backbone(model: torch.nn.Module, records: list[UnloadDelta], access: Any,
                     generator_for: GeneratorFactory, add: AddFunction,
-                    digests: dict[str, str] | None = None) -> None:
+                    digests: dict[str, str] | None = None, *,
+                    base_weights: BaseWeights | None = None) -> None:
     """Re-apply recorded unloads, in order, to a freshly built (base) backbone.
 
     Args:
@@ -362,9 +431,12 @@ def replay_backbone(model: torch.nn.Module, records: list[UnloadDelta], access: 
         generator_for: ``(unload index, layer index, device) -> generator``, as when recording.
         add: ``plora.add_with_rounding``.
         digests: expected sha256 per weight after the last unload (``backbone/digest.json``).
+        base_weights: the run's W_0 source, for ``from_base`` records.
 
     Raises:
-        ValueError: a record names a weight the model lacks, or the result's digest differs.
+        ValueError: a record names a weight the model lacks, the records mix ``from_base`` with
+            another rounding, ``from_base`` records without ``base_weights``, or the result's
+            digest differs.
     """
     params = dict(model.named_parameters())
     for rec in records:
@@ -372,18 +444,47 @@ def replay_backbone(model: torch.nn.Module, records: list[UnloadDelta], access: 
             if ld.name not in params:
                 raise ValueError(f"backbone record of unload {rec.index}: expected a weight named "
                                  f"{ld.name!r} in the model, found none")
-            p = params[ld.name]
-            with access.gathered([p]):
-                old = p.detach()
-                new = replay_layer(old, ld, rec.rounding,
-                                   generator_for(rec.index, ld.layer_index, old.device), add)
-                access.write_frozen(p, new)
+    roundings = sorted({rec.rounding for rec in records})
+    if FROM_BASE in roundings:
+        if len(roundings) > 1:
+            raise ValueError(f"backbone records: expected one merge rounding, found {roundings} "
+                             "(from_base cannot follow another rounding)")
+        if base_weights is None:
+            raise ValueError("backbone records of from_base unloads: expected base_weights (the "
+                             "W_0 source of the run), found None")
+        _replay_from_base(params, records, access, base_weights)
+    else:
+        for rec in records:
+            for ld in rec.layers:
+                p = params[ld.name]
+                with access.gathered([p]):
+                    old = p.detach()
+                    new = replay_layer(old, ld, rec.rounding,
+                                       generator_for(rec.index, ld.layer_index, old.device), add)
+                    access.write_frozen(p, new)
     if digests:
         got = backbone_digests(model, list(digests), access)
         bad = [n for n in digests if got[n] != digests[n]]
         if bad:
             raise ValueError(f"backbone reconstruction: expected the checkpoint's weights bit for "
                              f"bit, found {len(bad)} weight(s) differing, e.g. {bad[0]!r}")
+
+
+def _replay_from_base(params: dict[str, torch.nn.Parameter], records: list[UnloadDelta],
+                      access: Any, base_weights: BaseWeights) -> None:
+    # Each from_base unload rewrites the weight from W_0, so the last record of each layer
+    # (with all factors up to it) gives the final weight: one product per layer.
+    by_layer: dict[str, list[LayerDelta]] = {}
+    for rec in records:
+        for ld in rec.layers:
+            by_layer.setdefault(ld.name, []).append(ld)
+    for name, deltas in by_layer.items():
+        p = params[name]
+        with access.gathered([p]):
+            old = access.read_frozen(p)
+            new = replay_layer_from_base(base_weights(deltas[-1].base_name), deltas, old.dtype,
+                                         old.device)
+            access.write_frozen(p, new)
 
 
 def save_backbone(records: list[UnloadDelta], digests: dict[str, str],
@@ -496,6 +597,7 @@ __all__ = [
     "load_unload_deltas",
     "replay_backbone",
     "replay_layer",
+    "replay_layer_from_base",
     "restore_rng",
     "save_backbone",
     "save_unload_delta",

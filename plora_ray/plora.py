@@ -36,7 +36,8 @@ rounding guarantees at every size is no bias: the applied update's component alo
 one is within 1% of it (nearest keeps ~54% at ρ = 1e-3). No rounding scheme that keeps only a bf16
 backbone can reach 1% Frobenius at small sizes in general: the bf16 grid itself is ~1.6e-3·||W||
 away from an arbitrary target, which exceeds 1% of a cumulative update below ~0.16·||W||.
-``"from_base"`` (Python API only: ``PLoRA(..., base_weights=source)``) escapes that random walk
+``"from_base"`` (``PLoRA(..., base_weights=source)``; the trainer passes the model's safetensors
+or, for the tiny model, a copy of its initial weights) escapes that random walk
 without memory of backbone size on the device: the unload keeps, per layer and unload, the merged
 low-rank factors ((1-m)·scaling·B and A, r·(out+in) fp32 numbers, on CPU) and writes
 W_k = round_nearest(W_0 + Σ_{s<=k} intended_s), with W_0 re-read layer by layer from its source
@@ -48,9 +49,8 @@ stochastic / from_base): synthetic ρ = 1e-2: 7.4% / 3.5% / 0.38%; PLoRA trainin
 1e-3 (updates of ρ ≈ 0.045): 1.9% / 2.7% / 0.30%; at LR 1e-4 (ρ ≈ 0.004): 17% / 19% / 2.0%, where
 2.0% is the floor itself (no bf16 backbone is within 1% of so small a cumulative update).
 Costs: CPU memory for the factors growing with T (T·r·(out+in) fp32 per layer), a
-(out x T·r)·(T·r x in) product per layer per unload, and a read of W_0. Not wired into the
-trainer or the checkpoint replay (which replays ``nearest`` / ``stochastic`` unloads from stored
-factors); the run config does not offer it.
+(out x T·r)·(T·r x in) product per layer per unload, and a read of W_0. The checkpoint replays
+it from the factors it stores anyway (``checkpoint.replay_backbone``).
 Figures: benchmarks/merge_precision.py, keys ``merge_cum_rel_error_*``. Each unload reports
 ``merge_rel_error`` = ||applied - intended||_F / ||intended||_F over all layers, where applied =
 W_after - W_before in fp32 and intended = (1-m)·ΔW, and ``cumulative_rel_error`` =
@@ -92,7 +92,8 @@ plain torch by ``TorchParamAccess`` and for DeepSpeed by ``plora_ray.engine.Deep
 Public API: ``attach_lora``, ``LoraPair``, ``lora_pairs``, ``ParamAccess``, ``TorchParamAccess``,
 ``UnloadReport``, ``PLoRA`` (``due``, ``unload``, ``state_dict``, ``load_state_dict``,
 ``num_unloads``, ``stage_length_steps``, ``scheduler``), ``unload_due``, ``effective_rank``,
-``round_to_dtype``, ``add_with_rounding``, ``base_param_name``, ``safetensors_base_weights``,
+``round_to_dtype``, ``add_with_rounding``, ``merge_from_base``, ``base_param_name``,
+``safetensors_base_weights``,
 ``make_lr_scheduler`` / ``RestartableLR``,
 ``lora_init_A``, ``derive_seed``.
 """
@@ -140,6 +141,7 @@ __all__ = [
     "lora_init_A",
     "lora_pairs",
     "make_lr_scheduler",
+    "merge_from_base",
     "round_to_dtype",
     "safetensors_base_weights",
     "unload_due",
@@ -359,11 +361,32 @@ def base_param_name(pair_name: str) -> str:
     return name + ".weight"
 
 
+def merge_from_base(w0: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]],
+                    dtype: torch.dtype) -> torch.Tensor:
+    """``from_base``'s new weight: round_nearest(W_0 + Σ_s B_s A_s) in ``dtype``, on W_0's device.
+
+    One product of the stacked factors, Σ_s B_s A_s = [B_1 .. B_k] [A_1; ..; A_k], in fp32. The
+    unload and the checkpoint replay both call this, so they compute the same bits.
+
+    Args:
+        w0: the original weight (any float dtype; the sum is formed in fp32).
+        factors: ``(coef_s * B_s, A_s)`` of every unload so far, fp32, in unload order.
+        dtype: the backbone's dtype.
+    """
+    dev = w0.device
+    bs = torch.cat([b for b, _ in factors], dim=1).to(dev)
+    as_ = torch.cat([a for _, a in factors], dim=0).to(dev)
+    return round_to_dtype(w0.to(torch.float32) + bs @ as_, dtype, "nearest", None)
+
+
 def safetensors_base_weights(model_dir: str | Path) -> Callable[[str], torch.Tensor]:
     """A ``base_weights`` source reading W_0 from a model directory's ``*.safetensors`` files.
 
     The files are memory-mapped (``safe_open``); each call loads one tensor, so at most one layer
     of the original weights is resident at a time.
+
+    Args:
+        model_dir: a directory (every ``*.safetensors`` file in it) or one ``.safetensors`` file.
 
     Raises:
         FileNotFoundError: the directory has no ``*.safetensors`` file.
@@ -371,7 +394,8 @@ def safetensors_base_weights(model_dir: str | Path) -> Callable[[str], torch.Ten
     """
     from safetensors import safe_open
 
-    files = sorted(Path(model_dir).glob("*.safetensors"))
+    given = Path(model_dir)
+    files = [given] if given.is_file() else sorted(given.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"base weights: expected *.safetensors files in {model_dir}, "
                                 "found none")
@@ -644,10 +668,7 @@ class PLoRA:
         if w0.shape != w.shape:
             raise ValueError(f"base_weights({base_param_name(p.name)!r}): expected shape "
                              f"{tuple(w.shape)}, found {tuple(w0.shape)}")
-        bs = torch.cat([f[0] for f in factors], dim=1).to(w.device)
-        as_ = torch.cat([f[1] for f in factors], dim=0).to(w.device)
-        # One product of the stacked factors: Σ_s B_s A_s = [B_1 .. B_k] [A_1; ..; A_k].
-        return round_to_dtype(w0 + bs @ as_, w.dtype, "nearest", None)
+        return merge_from_base(w0, factors, w.dtype)
 
     @property
     def stage_length_steps(self) -> int:

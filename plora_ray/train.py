@@ -18,6 +18,12 @@ Output directory layout (``DIR``)::
     ray/               Ray Train's run storage: checkpoint_manager_snapshot.json and the kept
                        checkpoints ray/step_NNNNNN/ (see plora_ray.checkpoint for their content)
     model/             the merged model in the Hugging Face layout (safetensors, config, tokenizer)
+    base_weights.safetensors
+                       plora.merge_rounding from_base with model.tiny only: the tiny model's
+                       initial target weights (W_0), written at setup by each node's local rank 0
+                       (identical bits: the model is seeded) and memory-mapped by the unloads and
+                       the checkpoint replay; with model.path, W_0 is read from the model's own
+                       *.safetensors files instead, which must exist (checked before Ray starts)
     eval_results.json  lm-eval results of the final evaluation
     result.json        the RunResult
 
@@ -73,6 +79,8 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 RAY_RUN_NAME = "ray"
 METRICS_FILE = "metrics.jsonl"
+# merge_rounding from_base with model.tiny: the initial target weights, W_0 of every unload.
+BASE_WEIGHTS_FILE = "base_weights.safetensors"
 FAULT_ENV = "PLORA_FAULT_AT_STEP"
 DEEPSPEED_OVERRIDES_ENV = "PLORA_DEEPSPEED_OVERRIDES"
 # One file per worker group (port): what /dev/shm names its DeepSpeed buffers carry.
@@ -147,6 +155,36 @@ def _deepspeed_overrides_from_env() -> dict[str, Any] | None:
     return value
 
 
+def _from_base_source_problem(path: str) -> str | None:
+    """Why ``model.path`` cannot be from_base's W_0 source, or None (a hub id is checked on the
+    workers, after the download ``from_pretrained`` does anyway)."""
+    d = Path(path)
+    if not d.is_dir() or any(d.glob("*.safetensors")):
+        return None
+    found = sorted(f.name for f in d.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    return (f"plora.merge_rounding: 'from_base' re-reads the original weights (W_0) from the "
+            f"model's *.safetensors files at each unload; expected them in model.path {path}, "
+            f"found {', '.join(found[:3]) or 'none'}; save the model with "
+            "save_pretrained(dir, safe_serialization=True) or set plora.merge_rounding=stochastic")
+
+
+def _safetensors_dir(path: str) -> Path:
+    """The local directory of ``model.path`` (a hub id resolves to its cached snapshot).
+
+    Raises:
+        ValueError: naming plora.merge_rounding, when it holds no *.safetensors file.
+    """
+    d = Path(path)
+    if not d.is_dir():
+        from huggingface_hub import snapshot_download
+
+        d = Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
+    if not any(d.glob("*.safetensors")):
+        raise ValueError(_from_base_source_problem(str(d)) or
+                         f"plora.merge_rounding: 'from_base' needs *.safetensors in {path}")
+    return d
+
+
 def check_run_config(cfg: RunConfig) -> None:
     """Checks that need more than the schema: raised before Ray starts.
 
@@ -154,6 +192,10 @@ def check_run_config(cfg: RunConfig) -> None:
         ConfigError: a combination the trainer cannot run.
     """
     problems = []
+    if cfg.method == "plora" and cfg.plora.merge_rounding == "from_base" and cfg.model.path:
+        problem = _from_base_source_problem(cfg.model.path)
+        if problem:
+            problems.append(problem)
     if not cfg.deepspeed.enabled and cfg.resources.num_workers != 1:
         problems.append(
             "deepspeed.enabled: expected true when resources.num_workers > 1 (the plain-torch "
@@ -235,6 +277,10 @@ class _Run:
                 model.enable_input_require_grads()  # LoRA: inputs of checkpointed blocks need grads
         model = attach_lora(model, cfg.lora, cfg.method)
         self.full_backbone_bytes = full_backbone_bytes(model)
+        # Before the engine build: ZeRO-3 partitions the weights there.
+        self.base_weights = (self._base_weights_source(model)
+                             if cfg.method == "plora" and cfg.plora.merge_rounding == "from_base"
+                             else None)
         t1 = time.perf_counter()
         self.train_set, self.held_set, self.data_stats = build_datasets(cfg, self.tokenizer)
         t2 = time.perf_counter()
@@ -277,9 +323,10 @@ class _Run:
             self.recorder = BackboneRecorder(
                 self.access, pairs, names, self._generator_for, add_with_rounding,
                 coef_for=lambda pr: (1.0 - float(cfg.plora.momentum)) * pr.scaling,
-                rounding=cfg.plora.merge_rounding)
+                rounding=cfg.plora.merge_rounding, base_weights=self.base_weights)
             self.plora = PLoRA(self.module, cfg.plora, cfg.batch.global_batch, cfg.seed,
-                               self.recorder, scheduler=self.scheduler)
+                               self.recorder, scheduler=self.scheduler,
+                               base_weights=self.base_weights)
         self.guard = DivergenceGuard(cfg.train.divergence_loss_multiple,
                                      cfg.train.divergence_window)
         # Where a run's fixed cost goes (reported once, in the final report).
@@ -294,6 +341,30 @@ class _Run:
         self.restored_from: str | None = None
         self.backbone_delta_bytes = 0
         self.shm_removed: list[str] = getattr(self, "shm_removed", [])
+
+    def _base_weights_source(self, model: Any) -> Any:
+        """from_base's W_0 source: the model's safetensors, or the tiny model's saved copy."""
+        import ray.train
+        import torch.distributed as dist
+
+        from plora_ray.plora import base_param_name, lora_pairs, safetensors_base_weights
+
+        if self.cfg.model.path is not None:
+            return safetensors_base_weights(_safetensors_dir(self.cfg.model.path))
+        path = self.out / BASE_WEIGHTS_FILE
+        # One writer per node (every rank built the same seeded weights); written aside and
+        # renamed, so a reader on another node sharing DIR never sees half a file.
+        if ray.train.get_context().get_local_rank() == 0:
+            from safetensors.torch import save_file
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            tmp = self.out / f".{BASE_WEIGHTS_FILE}.{os.getpid()}.tmp"
+            save_file({base_param_name(pr.name): pr.base.detach().contiguous().cpu()
+                       for pr in lora_pairs(model)}, str(tmp))
+            os.replace(tmp, path)
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+        return safetensors_base_weights(path)
 
     def _generator_for(self, unload_index: int, layer_index: int, device: Any = "cpu") -> Any:
         """The generator PLoRA's unload uses for this layer's rounding (see plora.unload)."""
@@ -322,8 +393,10 @@ class _Run:
             self.plora.load_state_dict(torch.load(directory / "plora_state.pt", weights_only=False))
             records, digests = load_backbone(directory / "backbone")
             replay_backbone(self.module, records, self.access, self._generator_for,
-                            add_with_rounding, digests)
+                            add_with_rounding, digests, base_weights=self.base_weights)
             self.recorder.records = records
+            # from_base: the factors the unloads keep, stored once (in the records).
+            self.plora.base_factors = self.recorder.from_base_factors()
         if self.engine is not None:
             load_path, _ = self.engine.load_checkpoint(
                 str(directory / "deepspeed"), tag="engine", load_module_strict=False,
@@ -378,7 +451,9 @@ class _Run:
             if self.rank == 0:
                 self.backbone_delta_bytes = save_backbone(self.recorder.records, digests,
                                                           directory / "backbone")
-                torch.save(self.plora.state_dict(), directory / "plora_state.pt")
+                # base_factors duplicate the records' factors (rebuilt from them on restore).
+                state = {k: v for k, v in self.plora.state_dict().items() if k != "base_factors"}
+                torch.save(state, directory / "plora_state.pt")
         if self.rank == 0:
             write_json(directory / STATE_FILE, {
                 "step": self.step, "world_size": self.world,
@@ -431,6 +506,7 @@ class _Run:
             "merge_rel_error": self.last_unload.get("merge_rel_error"),
             "cumulative_rel_error": self.last_unload.get("cumulative_rel_error"),
             "backbone_exceptions": self.last_unload.get("backbone_exceptions"),
+            "unload_s": self.last_unload.get("unload_s"),
             "effective_rank": (sum(ranks.values()) / len(ranks)) if ranks else None,
             "effective_rank_layers": ranks,
             "unload": unload,
@@ -533,10 +609,13 @@ class _Run:
     def unload(self) -> None:
         """PLoRA unload with its backbone change recorded."""
         assert self.plora is not None and self.recorder is not None
+        t0 = time.perf_counter()
         self.recorder.begin_unload(self.plora.num_unloads, self.step)
         rep = self.plora.unload(self.step, self.batcher.samples_seen)
         rec = self.recorder.end_unload()
-        self.last_unload = {**rep.as_dict(), "backbone_exceptions": rec.num_exceptions}
+        # The whole unload as training pays it: the merge plus recording its backbone change.
+        self.last_unload = {**rep.as_dict(), "backbone_exceptions": rec.num_exceptions,
+                            "unload_s": time.perf_counter() - t0}
 
     def adapter_effective_rank(self) -> dict[str, int]:
         """LoRA's ΔW = scaling·B·A: its effective rank on the layers PLoRA would sample."""

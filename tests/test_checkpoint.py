@@ -117,6 +117,130 @@ def test_backbone_record_is_compact_against_a_full_copy(tmp_path):
     assert per_unload_7b < 100e6  # ~45 MB per unload
 
 
+def _from_base_run(seed: int, w0_file, coef_scale: float = 1.0, unloads: int = 2, model=None,
+                   records=None, state=None):
+    """A from_base PLoRA with its recorder; ``unloads`` unloads of random adapters.
+
+    With ``model``/``records``/``state`` it continues a run as the trainer's resume does: the
+    records loaded, the PLoRA state without its factors, the factors rebuilt from the records.
+    """
+    from plora_ray.plora import lora_pairs, safetensors_base_weights
+
+    model = _base(seed) if model is None else model
+    src = safetensors_base_weights(w0_file)
+    momentum = 0.1
+    cfg = PLoRAConfig(unload_every=1, unload_unit="steps", momentum=momentum,
+                      merge_rounding="from_base", rank_sample_layers=0)
+    pairs = lora_pairs(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    rec = BackboneRecorder(TorchParamAccess(None), pairs, names, _generator_for(seed),
+                           add_with_rounding,
+                           coef_for=lambda pr: (1.0 - momentum) * pr.scaling * coef_scale,
+                           rounding="from_base", base_weights=src)
+    plora = PLoRA(model, cfg, global_batch=4, seed=seed, access=rec, base_weights=src)
+    if records is not None:
+        rec.records = records
+        plora.load_state_dict(state)
+        plora.base_factors = rec.from_base_factors()
+    g = torch.Generator().manual_seed(seed + 100 * plora.num_unloads)
+    for _ in range(unloads):
+        for pr in pairs:
+            with torch.no_grad():
+                pr.B.copy_(torch.randn(pr.B.shape, generator=g) * 0.3)
+        k = plora.num_unloads
+        rec.begin_unload(k, k + 1)
+        plora.unload(k + 1, 4 * (k + 1))
+        rec.end_unload()
+    return model, rec, plora, src
+
+
+def _save_w0(seed: int, path):
+    from safetensors.torch import save_file
+
+    from plora_ray.plora import base_param_name, lora_pairs
+
+    save_file({base_param_name(pr.name): pr.base.detach().contiguous()
+               for pr in lora_pairs(_base(seed))}, str(path))
+    return path
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def test_from_base_records_replay_and_resume_bit_exactly(tmp_path):
+    w0 = _save_w0(4, tmp_path / "w0.safetensors")
+    model, rec, plora, src = _from_base_run(4, w0, unloads=2)
+    # The recorder's replay (W_0 + all stored factors, one nearest rounding) is the unload's.
+    assert [r.num_exceptions for r in rec.records] == [0, 0]
+    assert all(ld.base_name.endswith("_proj.weight") for r in rec.records for ld in r.layers)
+    names = sorted({ld.name for r in rec.records for ld in r.layers})
+    save_backbone(rec.records, backbone_digests(model, names, TorchParamAccess(None)),
+                  tmp_path / "backbone")
+    records, digests = load_backbone(tmp_path / "backbone")
+    assert records[1].rounding == "from_base" and records[1].layers[0].base_name
+
+    # Resume as the trainer does: a fresh base, the backbone replayed (digests checked), the
+    # adapters restored, the PLoRA state without its factors (rebuilt from the records).
+    fresh = _base(4)
+    replay_backbone(fresh, records, TorchParamAccess(None), _generator_for(4), add_with_rounding,
+                    digests, base_weights=src)
+    trained = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, p in fresh.named_parameters():
+            if p.requires_grad:
+                p.copy_(trained[n])
+            else:
+                assert torch.equal(_bits(p), _bits(trained[n])), n
+    state = {k: v for k, v in plora.state_dict().items() if k != "base_factors"}
+    _, rec2, plora2, _ = _from_base_run(4, w0, unloads=0, model=fresh, records=records,
+                                        state=state)
+    assert plora2.base_factors.keys() == plora.base_factors.keys()
+    for k, fs in plora.base_factors.items():
+        for (b1, a1), (b2, a2) in zip(fs, plora2.base_factors[k], strict=True):
+            assert torch.equal(b1, b2) and torch.equal(a1, a2), k
+
+    # The next unload of both runs writes the same bits, recorded without exceptions.
+    g = torch.Generator().manual_seed(99)
+    for m, pl, r in ((model, plora, rec), (fresh, plora2, rec2)):
+        g.manual_seed(99)
+        for pr in pl.pairs:
+            with torch.no_grad():
+                pr.B.copy_(torch.randn(pr.B.shape, generator=g) * 0.3)
+        r.begin_unload(2, 3)
+        pl.unload(3, 12)
+        r.end_unload()
+    assert rec2.records[2].num_exceptions == 0
+    resumed = dict(fresh.named_parameters())
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(_bits(p), _bits(resumed[n])), n
+
+
+def test_from_base_replay_stays_exact_with_exceptions_and_needs_its_source(tmp_path):
+    w0 = _save_w0(6, tmp_path / "w0.safetensors")
+    # A recorder whose merged fraction is off: the differences are stored verbatim.
+    model, rec, _, src = _from_base_run(6, w0, coef_scale=0.5, unloads=2)
+    assert rec.records[1].num_exceptions > 0
+    names = sorted({ld.name for r in rec.records for ld in r.layers})
+    save_backbone(rec.records, backbone_digests(model, names, TorchParamAccess(None)),
+                  tmp_path / "b")
+    records, digests = load_backbone(tmp_path / "b")
+    with pytest.raises(ValueError, match="base_weights"):
+        replay_backbone(_base(6), records, TorchParamAccess(None), _generator_for(6),
+                        add_with_rounding, digests)
+    fresh = _base(6)
+    replay_backbone(fresh, records, TorchParamAccess(None), _generator_for(6), add_with_rounding,
+                    digests, base_weights=src)
+    trained = _backbone(model)
+    for n, p in fresh.named_parameters():
+        if not p.requires_grad:
+            assert tensor_digest(p) == tensor_digest(trained[n]), n
+    with pytest.raises(ValueError, match="base_weights"):
+        BackboneRecorder(TorchParamAccess(None), [], {}, _generator_for(6), add_with_rounding,
+                         coef_for=lambda pr: 1.0, rounding="from_base")
+
+
 def test_replay_stays_exact_when_the_factors_do_not_reproduce_the_unload(tmp_path):
     # A recorder whose idea of the merged fraction is off: its replay differs from what the unload
     # wrote, and the difference is stored verbatim, so the reconstruction is still exact.

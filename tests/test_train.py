@@ -21,6 +21,7 @@ from plora_ray.train import (
     DEEPSPEED_OVERRIDES_ENV,
     FAULT_ENV,
     PROCESS_GROUP_DIR,
+    check_run_config,
     cleanup_run_shm,
     DivergenceGuard,
     _truncate_metrics,
@@ -336,6 +337,31 @@ def test_run_config_the_trainer_cannot_run_is_rejected_before_ray(tmp_path):
     with pytest.raises(ConfigError, match="deepspeed.enabled"):
         run_training(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_from_base_needs_safetensors_and_is_refused_with_a_bin_checkpoint_before_ray(tmp_path):
+    ok = config_from_dict({"plora": {"merge_rounding": "from_base"}})
+    assert ok.plora.merge_rounding == "from_base"
+    with pytest.raises(ConfigError, match="plora.merge_rounding"):
+        config_from_dict({"plora": {"merge_rounding": "frombase"}})
+    # A model directory with the weights as pytorch_model.bin: from_base has no W_0 to re-read.
+    model_dir = tmp_path / "llama-bin"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llama"}')
+    (model_dir / "pytorch_model.bin").write_bytes(b"")
+    cfg = config_from_dict({"model": {"path": str(model_dir)},
+                            "plora": {"merge_rounding": "from_base"}})
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg, tmp_path / "run")
+    msg = str(err.value)
+    assert "plora.merge_rounding" in msg and str(model_dir) in msg
+    assert "pytorch_model.bin" in msg and "stochastic" in msg
+    assert not (tmp_path / "run").exists()
+    # The same directory is fine for the other roundings and methods.
+    for other in ({"plora": {"merge_rounding": "stochastic"}}, {"method": "lora"}):
+        check_run_config(config_from_dict({"model": {"path": str(model_dir)}, **other,
+                                           "plora": {"merge_rounding": "from_base",
+                                                     **other.get("plora", {})}}))
 
 
 def test_existing_run_directory_needs_resume(tmp_path, tiny_yaml):
