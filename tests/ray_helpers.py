@@ -56,7 +56,11 @@ def ray_head(num_cpus: int = 4) -> Iterator[dict[str, str]]:
            f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp}"]
     # Token auth off on both sides: a loopback-only head, and clients (ray job submit, drivers)
     # must agree with the head on the mode whatever ~/.ray holds on this machine.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # The venv's bin first on PATH: a job's entrypoint (`python -m plora_ray.cli ...`) runs with
+    # the head's PATH, and CI runs pytest as .venv/bin/python without activating the venv, so a
+    # bare `python` would otherwise be the system one, without Ray.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if out.returncode != 0:
