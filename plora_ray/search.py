@@ -1461,6 +1461,11 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
     spec = parse_search_block(data, file)
     name = name or spec.name or Path(file).stem
     storage = storage or spec.storage
+    if "://" not in storage:
+        # Absolute before it reaches the trials: Tune runs each trial function in a working
+        # directory of its own, where a relative storage (the default runs/search) would put the
+        # trial's record and run directory out of the search driver's sight.
+        storage = os.path.abspath(os.path.expanduser(storage))
     sdir = SearchDir(storage, name)
     if resume and not sdir.exists():
         raise ConfigError([f"--resume: expected a search at {sdir.uri} (search.json), found none"],

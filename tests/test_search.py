@@ -302,14 +302,17 @@ def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(tmp_path
             "search.points=[{method: plora, optim.lr: 1.0e-3, lora.rank: 8, plora.momentum: 0.1, "
             "plora.unload_every: 16, optim.weight_decay: 1.0e+30}, "
             "{method: lora, optim.lr: 0.001, lora.rank: 4, optim.weight_decay: 0.0}]"]
+    # A relative --storage, run from tmp_path: what users get by default (runs/search). Tune runs
+    # each trial in a working directory of its own, so the search must make it absolute first.
     cmd = [sys.executable, "-m", "plora_ray.cli", "search", str(SPACES / "smoke.yaml"),
-           "--storage", str(storage), "--name", "r", "--set", *sets]
+           "--storage", storage.name, "--name", "r", "--set", *sets]
     sdir = storage / "r"
     with helpers.ray_head(num_cpus=4) as head:
         env = {**os.environ, "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": head["auth_mode"]}
         log1 = tmp_path / "run1.log"
         with open(log1, "w") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                    cwd=tmp_path)
             deadline = time.time() + 240
             while time.time() < deadline and proc.poll() is None:
                 if (sdir / "trials").is_dir() and list((sdir / "trials").glob("*.json")):
@@ -326,11 +329,16 @@ def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(tmp_path
                   for tid, r in before.items() if (Path(r["run_dir"]) / "metrics.jsonl").exists()}
         time.sleep(2)
         out = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env,
-                             cwd=ROOT, timeout=400)
+                             cwd=tmp_path, timeout=400)
         assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     after = _records(sdir)
     # Every trial of the budget finished exactly once; the records of before are untouched.
     assert len(after) == 3, sorted(after)
+    # Each trained trial's run (metrics, checkpoints) lives under the search directory.
+    for rec in after.values():
+        if rec["status"] in ("completed", "diverged"):
+            assert (Path(rec["run_dir"]) / "metrics.jsonl").is_file(), rec["run_dir"]
+            assert Path(rec["run_dir"]).is_relative_to(sdir), rec["run_dir"]
     for tid, rec in before.items():
         assert after[tid] == rec
     # ... and none of them trained again after --resume.
