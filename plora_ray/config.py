@@ -18,7 +18,6 @@ import difflib
 import os
 import re
 import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -734,6 +733,3 @@ __all__ = [
     "parse_override",
     "resolve_relative_paths",
 ]
-
-if typing.TYPE_CHECKING:  # pragma: no cover
-    pass
