@@ -70,6 +70,7 @@ __all__ = [
     "deepspeed_config",
     "gather_full_state_dict",
     "init_distributed",
+    "zero3_whole_model",
 ]
 
 # Adam state entries shaped like the parameter. ``max_exp_avg_sq`` exists with amsgrad only.
@@ -602,3 +603,41 @@ def cleanup_shm(master_addr: str, master_port: int | str) -> list[str]:
             os.unlink(path)
             removed.append(path)
     return removed
+
+
+@contextlib.contextmanager
+def zero3_whole_model(engine: Any) -> Iterator[None]:
+    """Every parameter gathered into every rank's module, ZeRO-3's module hooks off, meanwhile.
+
+    Under ZeRO-3 a parameter's ``data`` is empty outside ``GatheredParameters``, and a forward
+    pass is a collective: DeepSpeed's module hooks all-gather each submodule's parameters before
+    it runs and release them after, and the root's pre-forward hook (``reset_step``) compares the
+    recorded module order across ranks while its trace is incomplete. Evaluation runs different
+    numbers of forward passes on different ranks (sharded documents; rank 0 alone without
+    ``eval.sharded``), which would leave the ranks waiting for each other. So: gather everything
+    once (``GatheredParameters(..., modifier_rank=None)``: read-only, nothing is broadcast back),
+    remove the hooks for the evaluation (as DeepSpeed's own ``unwrap_model_for_generation`` does,
+    plus the pre-forward hook), then put them back and release the gathered copies. The
+    re-registration invalidates ZeRO-3's prefetch trace; the next training step records it again.
+    Memory: the whole model in the module's dtype on every rank while inside.
+    """
+    import deepspeed
+
+    offload = engine.optimizer.parameter_offload
+    module = offload.module
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        start_hook = module._forward_pre_hooks[offload.fwd_pre_hook.id]
+        offload.fwd_pre_hook.remove()
+        for handle in [*offload.forward_hooks, *offload.backward_hooks]:
+            handle.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            for p in params:
+                p.ds_active_sub_modules.clear()  # a submodule still "using" p blocks its release
+            # First among the root's pre-forward hooks, where DeepSpeed registered it; module ids
+            # numbered from 0 again, as at the engine's construction.
+            offload.fwd_pre_hook = module.register_forward_pre_hook(start_hook, prepend=True)
+            offload._register_deepspeed_module(module, count=[0])

@@ -66,7 +66,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -636,12 +636,14 @@ class _Run:
     def evaluable(self) -> contextlib.AbstractContextManager[None]:
         """The model as evaluation needs it: every parameter whole in every rank's module.
 
-        A no-op except under ZeRO-3, where ``_zero3_whole_model`` gathers the parameters (every
-        rank then holds the full model in the module's dtype while the evaluation runs: ~13.5 GB
-        for a 7B model in bf16, beside its ZeRO-3 partitions; it fits an 80 GB GPU).
+        A no-op except under ZeRO-3, where ``engine.zero3_whole_model`` gathers the parameters
+        (every rank then holds the full model in the module's dtype while the evaluation runs:
+        ~13.5 GB for a 7B model in bf16, beside its ZeRO-3 partitions; it fits an 80 GB GPU).
         """
         if self.engine is not None and self.cfg.deepspeed.zero_stage == 3:
-            return _zero3_whole_model(self.engine)
+            from plora_ray.engine import zero3_whole_model
+
+            return zero3_whole_model(self.engine)
         return contextlib.nullcontext()
 
     def compute_proxy(self) -> dict[str, float]:
@@ -713,44 +715,6 @@ class _Run:
         # /dev/shm names unlinked right after the engine build (nothing to leak after that).
         final["shm_unlinked_at_start"] = len(self.shm_removed)
         self.report(final, checkpoint=False)
-
-
-@contextlib.contextmanager
-def _zero3_whole_model(engine: Any) -> Iterator[None]:
-    """Every parameter gathered into every rank's module, ZeRO-3's module hooks off, meanwhile.
-
-    Under ZeRO-3 a parameter's ``data`` is empty outside ``GatheredParameters``, and a forward
-    pass is a collective: DeepSpeed's module hooks all-gather each submodule's parameters before
-    it runs and release them after, and the root's pre-forward hook (``reset_step``) compares the
-    recorded module order across ranks while its trace is incomplete. Evaluation runs different
-    numbers of forward passes on different ranks (sharded documents; rank 0 alone without
-    ``eval.sharded``), which would leave the ranks waiting for each other. So: gather everything
-    once (``GatheredParameters(..., modifier_rank=None)``: read-only, nothing is broadcast back),
-    remove the hooks for the evaluation (as DeepSpeed's own ``unwrap_model_for_generation`` does,
-    plus the pre-forward hook), then put them back and release the gathered copies. The
-    re-registration invalidates ZeRO-3's prefetch trace; the next training step records it again.
-    Memory: the whole model in the module's dtype on every rank while inside.
-    """
-    import deepspeed
-
-    offload = engine.optimizer.parameter_offload
-    module = offload.module
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        start_hook = module._forward_pre_hooks[offload.fwd_pre_hook.id]
-        offload.fwd_pre_hook.remove()
-        for handle in [*offload.forward_hooks, *offload.backward_hooks]:
-            handle.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
-        try:
-            yield
-        finally:
-            for p in params:
-                p.ds_active_sub_modules.clear()  # a submodule still "using" p blocks its release
-            # First among the root's pre-forward hooks, where DeepSpeed registered it; module ids
-            # numbered from 0 again, as at the engine's construction.
-            offload.fwd_pre_hook = module.register_forward_pre_hook(start_hook, prepend=True)
-            offload._register_deepspeed_module(module, count=[0])
 
 
 def _unlink_shm_names(world: int) -> list[str]:
