@@ -9,6 +9,9 @@ Read top to bottom:
   returns a ``RunResult``. It works from the command line and inside a Ray Tune trial (the trial
   function calls it; metrics reach Tune through ``TuneReportCallback``, the documented
   Train-inside-Tune pattern of Ray 2.5x+).
+* ``run_in_process`` runs the same worker loop with one worker in the calling process, without
+  Ray Train: what a one-worker search trial does inside its (reused) Tune trial actor
+  (``search.trial_executor: actor``).
 * ``train_command`` is ``plora-ray train FILE [--set k=v ...] [--output DIR] [--resume]``.
 
 Output directory layout (``DIR``)::
@@ -86,8 +89,8 @@ DEEPSPEED_OVERRIDES_ENV = "PLORA_DEEPSPEED_OVERRIDES"
 # One file per worker group (port): what /dev/shm names its DeepSpeed buffers carry.
 PROCESS_GROUP_DIR = ".process_groups"
 
-__all__ = ["DivergenceGuard", "RunResult", "cleanup_run_shm", "read_metrics", "run_training",
-           "train_command", "train_loop_per_worker"]
+__all__ = ["DivergenceGuard", "RunResult", "cleanup_run_shm", "newest_checkpoint", "read_metrics",
+           "run_in_process", "run_training", "train_command", "train_loop_per_worker"]
 
 
 # --------------------------------------------------------------------------- small pure pieces
@@ -237,21 +240,124 @@ def _mean_over_ranks(value: float, world: int) -> float:
     return float(t.item()) / world
 
 
+# --------------------------------------------------------------------------- sessions
+#
+# Where a run's worker sits: ``_RayTrainSession`` in a Ray Train worker of a TorchTrainer (any
+# number of workers), ``_ProcessSession`` in the calling process itself (one worker, world size 1:
+# a Tune trial actor that Tune reuses for the next trial, see ``run_in_process``). ``_Run`` asks
+# its session for its rank, device, the checkpoint to restore from, and to report.
+
+
+class _RayTrainSession:
+    """A Ray Train worker: rank, device and checkpoints come from Ray Train's context."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank: int = ctx.get_world_rank()
+        self.world: int = ctx.get_world_size()
+        self.local_rank: int = ctx.get_local_rank()
+        # Ray Train assigns each GPU worker its device (CPU when no GPU was requested).
+        self.device = ray.train.torch.get_device()
+
+    @contextlib.contextmanager
+    def checkpoint(self) -> Any:
+        """The newest checkpoint Ray Train restores this run from, as a directory (or None)."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield Path(d)
+
+    def report(self, metrics: dict[str, Any], save: Callable[[Path], None] | None,
+               name: str) -> None:
+        """``ray.train.report``; with ``save``, a checkpoint it writes (collective) goes along."""
+        import ray.train
+
+        if save is None:
+            ray.train.report(metrics)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f"plora_ckpt_r{self.rank}_"))
+        try:
+            save(tmp)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                             checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _ProcessSession:
+    """One worker in the calling process (world size 1).
+
+    Checkpoints go where Ray Train would put them, ``DIR/ray/step_NNNNNN``: written beside under
+    a temporary name and renamed, so a directory of that name is always complete; the newest
+    ``keep`` are kept. ``on_report`` gets every report after its checkpoint is on disk.
+    """
+
+    rank = 0
+    world = 1
+    local_rank = 0
+
+    def __init__(self, out: Path, keep: int, device: Any,
+                 on_report: Callable[[dict[str, Any]], None] | None) -> None:
+        self.ckpt_root = out / RAY_RUN_NAME
+        self.keep = keep
+        self.device = device
+        self.on_report = on_report
+
+    @contextlib.contextmanager
+    def checkpoint(self) -> Any:
+        yield newest_checkpoint(self.ckpt_root.parent)
+
+    def report(self, metrics: dict[str, Any], save: Callable[[Path], None] | None,
+               name: str) -> None:
+        if save is not None:
+            final = self.ckpt_root / name
+            tmp = self.ckpt_root / f".{name}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save(tmp)
+            if final.exists():  # the same step written by an attempt that failed after it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in _checkpoint_dirs(self.ckpt_root)[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        if self.on_report is not None:
+            self.on_report(metrics)
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    """The complete ``step_NNNNNN`` checkpoint directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def newest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint of a run directory written by ``run_in_process`` (None
+    when there is none). ``run_training``'s own checkpoints are Ray Train's to choose from."""
+    dirs = _checkpoint_dirs(Path(output_dir) / RAY_RUN_NAME)
+    return dirs[-1] if dirs else None
+
+
 class _Run:
     """The state of one worker's training run (a class only to keep ``run`` readable)."""
 
-    def __init__(self, loop_cfg: dict[str, Any]) -> None:
-        import ray.train
-
+    def __init__(self, loop_cfg: dict[str, Any], session: _RayTrainSession | _ProcessSession
+                 ) -> None:
         from plora_ray.config import config_from_dict
 
         self.cfg: RunConfig = config_from_dict(loop_cfg["config"])
         self.out = Path(loop_cfg["output_dir"])
         self.fault_at: int | None = loop_cfg.get("fault_at_step")
         self.deepspeed_overrides: dict[str, Any] | None = loop_cfg.get("deepspeed_overrides")
-        ctx = ray.train.get_context()
-        self.rank = ctx.get_world_rank()
-        self.world = ctx.get_world_size()
+        self.session = session
+        self.rank = session.rank
+        self.world = session.world
         self.metrics_path = self.out / METRICS_FILE
 
     # ---- setup
@@ -294,9 +400,7 @@ class _Run:
             stage_len = per if cfg.plora.unload_unit == "steps" else -(-per // per_step)
         self.grad_accum = cfg.grad_accum
         # Ray Train assigns each GPU worker its device (CPU when no GPU was requested).
-        import ray.train.torch
-
-        self.device = ray.train.torch.get_device()
+        self.device = self.session.device
         if cfg.deepspeed.enabled:
             from plora_ray.engine import DeepSpeedParamAccess, build_engine
 
@@ -344,7 +448,6 @@ class _Run:
 
     def _base_weights_source(self, model: Any) -> Any:
         """from_base's W_0 source: the model's safetensors, or the tiny model's saved copy."""
-        import ray.train
         import torch.distributed as dist
 
         from plora_ray.plora import base_param_name, lora_pairs, safetensors_base_weights
@@ -354,7 +457,7 @@ class _Run:
         path = self.out / BASE_WEIGHTS_FILE
         # One writer per node (every rank built the same seeded weights); written aside and
         # renamed, so a reader on another node sharing DIR never sees half a file.
-        if ray.train.get_context().get_local_rank() == 0:
+        if self.session.local_rank == 0:
             from safetensors.torch import save_file
 
             self.out.mkdir(parents=True, exist_ok=True)
@@ -473,23 +576,13 @@ class _Run:
         return self.elapsed_before + (time.perf_counter() - self.t_start)
 
     def report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
-        """Append to metrics.jsonl (rank 0) and report to Ray Train (all ranks), with a
+        """Append to metrics.jsonl (rank 0) and report to the session (all ranks), with a
         checkpoint when asked."""
-        import ray.train
-
         if self.rank == 0:
             with open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps(metrics, default=_json_scalar) + "\n")
-        if not checkpoint:
-            ray.train.report(metrics)
-            return
-        tmp = Path(tempfile.mkdtemp(prefix=f"plora_ckpt_r{self.rank}_"))
-        try:
-            self.save_checkpoint(tmp)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                             checkpoint_dir_name=f"step_{self.step:06d}")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        self.session.report(metrics, self.save_checkpoint if checkpoint else None,
+                            f"step_{self.step:06d}")
 
     def step_metrics(self, loss: float, lr: float, tokens_per_s: float, unload: bool,
                      checkpoint: bool, proxy_point: bool = False) -> dict[str, Any]:
@@ -549,17 +642,14 @@ class _Run:
         return _mean_over_ranks(total / self.grad_accum, self.world), lr
 
     def run(self) -> None:
-        import ray.train
-
         from plora_ray.plora import unload_due
 
         cfg = self.cfg
         self.setup()
-        ckpt = ray.train.get_checkpoint()
         self.t_start = time.perf_counter()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                self.restore(Path(d))
+        with self.session.checkpoint() as ckpt_dir:
+            if ckpt_dir is not None:
+                self.restore(ckpt_dir)
         if self.rank == 0:
             (self.out / "data_stats.json").write_text(
                 json.dumps(self.data_stats.as_dict(), indent=1, default=_json_scalar))
@@ -789,7 +879,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     os.environ.setdefault("LOCAL_SIZE", str(ctx.get_local_world_size()))
     run = None
     try:
-        run = _Run(loop_cfg)
+        run = _Run(loop_cfg, _RayTrainSession())
         run.run()
     finally:
         if port:
@@ -1017,7 +1107,7 @@ def run_training(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
     t0 = time.perf_counter()
     started = _ensure_ray(cfg)
     shm_before = _shm_snapshot()
-    status, reason, result = "failed", None, None
+    reason, result = None, None
     removed: list[str] = []
     try:
         from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
@@ -1060,11 +1150,145 @@ def run_training(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
             import ray
 
             ray.shutdown()
+    ckpt_path = result.checkpoint.path if result is not None and result.checkpoint else None
+    return _collect_result(cfg, out, t0, reason, ckpt_path, removed, report)
+
+
+def _init_process_group(use_gpu: bool) -> None:
+    """A world-size-1 torch.distributed group in this process (DeepSpeed needs one), created
+    once and kept: the next ``run_in_process`` in the same process (a reused Tune trial actor)
+    finds it initialised. The env vars are the ones Ray Train and DeepSpeed's launcher set, so
+    DeepSpeed names (and ``_unlink_shm_names`` removes) its /dev/shm buffers as for a worker."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError(f"run_in_process: this process is in a torch.distributed group "
+                               f"of {dist.get_world_size()} ranks; expected none or 1")
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "LOCAL_SIZE": "1"})
+    dist.init_process_group("nccl" if use_gpu else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def run_in_process(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
+                   report: Callable[[dict[str, Any]], None] | None = None,
+                   resume: bool = False) -> RunResult:
+    """Train one single-worker run in this process (no Ray Train) and return what it produced.
+
+    The same worker loop as ``run_training`` (``_Run``: model, DeepSpeed engine, PLoRA,
+    reports, checkpoints, evaluation, export) with world size 1, in the calling process. It is
+    what a search trial runs with ``search.trial_executor: actor``: the Tune trial actor trains
+    itself, and Tune reuses the actor for the next trial, so its imports, its process group and
+    its warm caches are paid once per actor instead of once per trial (``run_training`` starts a
+    Train controller and a worker process per run). Inside a Tune trial every report goes to Tune
+    as well (``ray.tune.report``: what ``TuneReportCallback`` forwards in ``run_training``); a
+    trial stopped by its scheduler ends inside that call (Tune raises ``SystemExit`` in the
+    trial's thread), after the report's checkpoint is on disk.
+
+    Output directory layout: as ``run_training``'s; the checkpoints are ``DIR/ray/step_NNNNNN``
+    without Ray Train's snapshot file (``newest_checkpoint`` finds them).
+
+    Args:
+        cfg: a validated run config with ``resources.num_workers`` 1.
+        output_dir: DIR.
+        report: called with each report (a dict, as in metrics.jsonl) as it is made.
+        resume: continue from the newest checkpoint in DIR (from step 0 when there is none).
+
+    Raises:
+        ConfigError: a config the trainer cannot run, or ``resources.num_workers`` other than 1.
+        FileExistsError: DIR already holds a run and ``resume`` is False.
+    """
+    import gc
+
+    import torch
+
+    check_run_config(cfg)
+    r = cfg.resources
+    if r.num_workers != 1:
+        raise ConfigError([f"resources.num_workers: expected 1 for a run in the trial's own "
+                           f"process (search.trial_executor: actor), found {r.num_workers}; "
+                           "use search.trial_executor: train for multi-worker trials"])
+    out = Path(output_dir).resolve()
+    if not resume and (newest_checkpoint(out) is not None
+                       or (out / RAY_RUN_NAME / "checkpoint_manager_snapshot.json").exists()):
+        raise FileExistsError(f"{out} already holds a run (checkpoints in {out / RAY_RUN_NAME}); "
+                              "pass --resume to continue it or choose another --output")
+    if resume:
+        _check_resume_config(cfg, out / "config.yaml")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    metrics_path = out / METRICS_FILE
+    if metrics_path.exists() and (not resume or newest_checkpoint(out) is None):
+        metrics_path.unlink()  # nothing to continue from: this run starts at step 0
+    fault = os.environ.get(FAULT_ENV)
+    t0 = time.perf_counter()
+    use_gpu = r.gpus_per_worker > 0
+    tune_report = None
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    if _in_tune_session():
+        from ray import tune
+
+        tune_report = tune.report
+
+    def on_report(m: dict[str, Any]) -> None:
+        if report is not None:
+            report(m)
+        if tune_report is not None:
+            tune_report(m)
+
+    reason: str | None = None
+    try:
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError(f"resources.gpus_per_worker is {r.gpus_per_worker} but this "
+                               "process sees no CUDA device")
+        device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        if use_gpu:
+            torch.cuda.set_device(device)
+        _init_process_group(use_gpu)
+        loop_cfg = {"config": cfg.to_dict(), "output_dir": str(out),
+                    "fault_at_step": int(fault) if fault else None,
+                    "deepspeed_overrides": _deepspeed_overrides_from_env()}
+        session = _ProcessSession(out, cfg.checkpoint.keep, device, on_report)
+        _Run(loop_cfg, session).run()
+    except Exception as exc:  # the run failed; the search goes on with the next trial
+        import traceback
+
+        traceback.print_exc()
+        reason = f"{type(exc).__name__}: {exc}"
+    finally:
+        # The next run in this process starts from a clean heap (the engine, the model and the
+        # optimizer state of this one are garbage now).
+        gc.collect()
+        if use_gpu and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    newest = newest_checkpoint(out)
+    return _collect_result(cfg, out, t0, reason, str(newest) if newest else None, [], report)
+
+
+def _collect_result(cfg: RunConfig, out: Path, t0: float, reason: str | None,
+                    ckpt_path: str | None, removed: list[str],
+                    report: Callable[[dict[str, Any]], None] | None) -> RunResult:
+    """The RunResult of a finished run, from its metrics.jsonl; written to DIR/result.json.
+
+    A run that ended without its final report (or with ``reason``, an exception) gets a final
+    ``failed`` report appended to metrics.jsonl and passed to ``report``.
+    """
+    metrics_path = out / METRICS_FILE
     records = read_metrics(metrics_path)
     final = next((m for m in reversed(records) if m.get("final")), None)
     if final is not None and reason is None:
         status = final["status"]
     else:
+        status = "failed"
         final = {"status": "failed", "reason": reason or "the run ended without a final report",
                  "final": True}
         with open(metrics_path, "a") as fh:
@@ -1073,7 +1297,6 @@ def run_training(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
             report(final)
         reason = final["reason"]
     losses = [[m["step"], m["loss"]] for m in records if m.get("status") == "running"]
-    ckpt_path = result.checkpoint.path if result is not None and result.checkpoint else None
     if ckpt_path is None:
         kept = sorted((out / RAY_RUN_NAME).glob("step_*"))
         ckpt_path = str(kept[-1]) if kept else None

@@ -25,7 +25,9 @@ from plora_ray.train import (
     cleanup_run_shm,
     DivergenceGuard,
     _truncate_metrics,
+    newest_checkpoint,
     read_metrics,
+    run_in_process,
     run_training,
     total_steps,
 )
@@ -192,6 +194,86 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(reference_run, tiny_y
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)), k
+
+
+@pytest.fixture(scope="module")
+def one_worker_runs(ray_head, tiny_yaml, tmp_path_factory):
+    """The tiny config with one worker: a ``run_training`` reference (Ray Train), and the runs of
+    tests/in_process_runs.py (``run_in_process`` several times in one fresh process)."""
+    base = tmp_path_factory.mktemp("one_worker")
+    cfg_path = base / "one.yaml"
+    cfg_path.write_text(TINY_YAML.replace("num_workers: 2", "num_workers: 1"))
+    ref = run_training(load_config(cfg_path), base / "ray_train")
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / "in_process_runs.py"),
+                          str(cfg_path), str(base / "in_process")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return ref, json.loads((base / "in_process" / "results.json").read_text()), base
+
+
+def _curve(records):
+    return [(r["step"], r["loss"], r["lr"], r["samples"], r["tokens"], r.get("merge_rel_error"))
+            for r in records if r.get("status") == "running"]
+
+
+@pytest.mark.slow
+def test_run_in_process_trains_as_ray_train_does_and_again_in_the_same_process(one_worker_runs):
+    from safetensors.torch import load_file
+
+    ref, runs, base = one_worker_runs
+    assert ref.status == "completed", ref.reason
+    a, c = runs["a"]["result"], runs["c"]["result"]
+    assert a["status"] == "completed" and c["status"] == "completed", (a["reason"], c["reason"])
+    ref_records = read_metrics(ref.metrics_path)
+    a_records = read_metrics(a["metrics_path"])
+    # The same worker loop with world size 1: the same steps, unloads and losses as the Ray Train
+    # worker (bit for bit: same seeds, same data order, same kernels).
+    assert _curve(a_records) == _curve(ref_records)
+    assert [r["step"] for r in a_records if r.get("unload")] == [3, 6]
+    assert a["objectives"] == ref.objectives and a["objectives"]
+    # Every report reached the caller as it was written to metrics.jsonl.
+    assert runs["a"]["reports"] == a_records
+    # A second run in the same (reused) process: nothing of the first one leaks into it.
+    assert _curve(read_metrics(c["metrics_path"])) == _curve(a_records)
+    assert c["objectives"] == a["objectives"]
+    wa = load_file(Path(a["model_path"]) / "model.safetensors")
+    wc = load_file(Path(c["model_path"]) / "model.safetensors")
+    wr = load_file(Path(ref.model_path) / "model.safetensors")
+    assert wa.keys() == wc.keys() == wr.keys()
+    for k in wa:
+        assert torch.equal(wa[k].view(torch.int16), wc[k].view(torch.int16)), k
+        assert torch.equal(wa[k].view(torch.int16), wr[k].view(torch.int16)), k
+    # Checkpoints where Ray Train keeps them, the newest checkpoint.keep (2) of steps 2,3,4,6,8.
+    kept = sorted(p.name for p in (base / "in_process" / "a" / "ray").iterdir())
+    assert kept == ["step_000006", "step_000008"], kept
+    assert newest_checkpoint(base / "in_process" / "a").name == "step_000008"
+    # DeepSpeed's /dev/shm buffer names were unlinked right after the engine build.
+    assert set(runs["shm_after"]) <= set(runs["shm_before"]), runs["shm_after"]
+
+
+@pytest.mark.slow
+def test_run_in_process_fails_cleanly_and_resumes_to_the_same_run(one_worker_runs):
+    _, runs, base = one_worker_runs
+    failed = runs["b_failed"]["result"]
+    assert failed["status"] == "failed" and "injected fault" in failed["reason"]
+    # The failure's final report reached the callback too.
+    assert runs["b_failed"]["reports"][-1]["status"] == "failed"
+    assert "already holds a run" in runs["b_refused"]
+    resumed = runs["b_resumed"]["result"]
+    assert resumed["status"] == "completed", resumed["reason"]
+    # Resumed from step 4 (the newest checkpoint before the fault): the reports after it only,
+    # and the metrics file reads as the uninterrupted run's.
+    assert [r["step"] for r in runs["b_resumed"]["reports"] if r.get("status") == "running"] == [
+        6, 8]
+    a_records = read_metrics(runs["a"]["result"]["metrics_path"])
+    assert _curve(read_metrics(resumed["metrics_path"])) == _curve(a_records)
+    assert resumed["objectives"] == runs["a"]["result"]["objectives"]
+
+
+def test_run_in_process_refuses_more_than_one_worker_before_training(tmp_path, tiny_yaml):
+    with pytest.raises(ConfigError, match="resources.num_workers: expected 1"):
+        run_in_process(load_config(tiny_yaml), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
