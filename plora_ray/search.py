@@ -9,7 +9,8 @@ A search space is a run config plus a ``search:`` block::
       num_samples: 6            # trials (grid: default = grid size)
       max_concurrent: 2         # trials at once (default: what the cluster's CPUs/GPUs fit)
       time_budget_s: 900        # stop starting new trials after this many seconds (null: none)
-      driver_cpus: 1            # CPUs of each trial's driver (the Tune trial); workers come on top
+      trial_executor: auto      # auto | train | actor: where a trial trains (see below)
+      driver_cpus: 1            # train: CPUs of each trial's driver (the Tune trial); workers on top
       max_retries: 0            # Ray FailureConfig(max_failures): re-runs of a crashed trial
       storage: runs/search      # local path or s3:// / gs:// URI (Tune RunConfig.storage_path)
       study_storage: null       # null: SQLite file <search dir>/study.db; or a database URL
@@ -30,6 +31,21 @@ A search space is a run config plus a ``search:`` block::
         plora.unload_every: {distribution: int, low: 48, high: 480, step: 48}
       points:                   # tried first, in order (the paper's configuration)
         - {method: plora, optim.lr: 1.0e-4, plora.momentum: 0.1}
+
+Where a trial trains (``trial_executor``):
+
+* ``train``: the Tune trial drives a Ray Train run of its own (``train.run_training``: a
+  ``TorchTrainer`` with ``resources.num_workers`` workers, Train inside Tune). Any number of
+  workers; every trial starts a Train controller and its worker processes afresh, a fixed cost of
+  ~10-25 s per trial on a small CPU machine (``benchmarks/search_overhead.py``), nothing beside a
+  GPU trial of hours.
+* ``actor``: single-worker trials train inside the Tune trial actor itself
+  (``train.run_in_process``: the same worker loop, world size 1), and Tune reuses the actor for
+  the next trial (``reuse_actors``), so the process, its imports and its process group are paid
+  once per concurrent slot instead of once per trial. A trial takes ``resources.cpus_per_worker``
+  CPUs and ``gpus_per_worker`` GPUs (no separate driver CPU).
+* ``auto`` (default): ``actor`` when every trial has one worker (``resources.num_workers`` 1 and
+  no ``resources.*`` parameter), else ``train``.
 
 Every problem of the block is reported at once, naming the file, the key, what was expected and
 what was found, before Ray is imported (``plora-ray validate`` runs ``validate_search_block``).
@@ -83,6 +99,7 @@ PROXY_METRICS = ("gsm8k_nll", "mmlu_nll", "loss")
 TIME_ATTRS = ("samples", "step", "training_iteration")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "qloguniform")
 ALGORITHMS = ("tpe", "nsga2", "motpe", "random", "grid")
+TRIAL_EXECUTORS = ("auto", "train", "actor")
 DIRECTIONS = ("maximize", "minimize")
 
 # Fields allowed per distribution (besides `distribution` and `when`), and the ones required.
@@ -190,6 +207,7 @@ class SearchSpec:
     max_concurrent: int | None = None
     time_budget_s: float | None = None
     driver_cpus: float = 1.0
+    trial_executor: str = "auto"
     max_retries: int = 0
     storage: str = "runs/search"
     study_storage: str | None = None
@@ -270,6 +288,7 @@ def _get_dotted(data: dict[str, Any], key: str) -> Any:
 _TOP_KEYS = {
     "algorithm", "seed", "num_samples", "max_concurrent", "time_budget_s", "driver_cpus",
     "max_retries", "storage", "study_storage", "objective", "scheduler", "params", "points", "name",
+    "trial_executor",
 }
 
 
@@ -707,6 +726,19 @@ def parse_search_block(data: dict[str, Any], source: str | None = None) -> Searc
                               "an integer >= 1 or null")
     spec.time_budget_s = get("time_budget_s", "float", None, lambda v: v > 0, "a number > 0 or null")
     spec.driver_cpus = get("driver_cpus", "float", 1.0, lambda v: v >= 0, "a number >= 0")
+    spec.trial_executor = get("trial_executor", "str", "auto", lambda v: v in TRIAL_EXECUTORS,
+                              "one of " + ", ".join(TRIAL_EXECUTORS))
+    if spec.trial_executor == "actor":
+        workers = _get_dotted(base, "resources.num_workers")
+        if workers is not None and workers != 1:
+            problems.append(f"search.trial_executor: actor trains each trial in its Tune actor, "
+                            f"one worker; expected resources.num_workers 1, found {workers!r} "
+                            "(use trial_executor: train for multi-worker trials)")
+        for p in params:
+            if p.key.startswith("resources."):
+                problems.append(f"search.params.{p.key}: with search.trial_executor actor every "
+                                "trial's actor takes the same resources; expected a fixed "
+                                "value, found a searched parameter (use trial_executor: train)")
     spec.max_retries = get("max_retries", "int", 0, lambda v: v >= 0, "an integer >= 0")
     spec.storage = get("storage", "str", "runs/search", lambda v: isinstance(v, str) and v,
                        "a local path or s3:// / gs:// URI")
@@ -741,6 +773,18 @@ def parse_search_block(data: dict[str, Any], source: str | None = None) -> Searc
     if problems:
         raise ConfigError(problems, source)
     return spec
+
+
+def resolve_trial_executor(spec: SearchSpec, base: dict[str, Any]) -> str:
+    """``train`` or ``actor``: ``search.trial_executor`` with ``auto`` decided (see the module
+    docstring) from the run config ``base`` (the YAML mapping without ``search``)."""
+    if spec.trial_executor != "auto":
+        return spec.trial_executor
+    workers = _get_dotted(base, "resources.num_workers")
+    single = workers is None or workers == 1  # the run config's default is 1 worker
+    if single and not any(p.key.startswith("resources.") for p in spec.params):
+        return "actor"
+    return "train"
 
 
 def validate_search_block(data: dict[str, Any], source: str | None = None) -> list[str]:
@@ -940,7 +984,8 @@ class TrialContext:
     name: str
     objective: ObjectiveSpec
     proxy_metric: str
-    # "module:function" of the trainer; run_training unless a test or benchmark swaps it.
+    # "module:function" of the trainer: run_training (trial_executor train) or run_in_process
+    # (actor), unless a test or benchmark swaps it.
     runner: str = "plora_ray.train:run_training"
     # Ray Train settings for the trial's training run (see TRIAL_TRAIN_ENV).
     train_env: dict[str, str] = field(default_factory=lambda: dict(TRIAL_TRAIN_ENV))
@@ -1100,7 +1145,11 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
     # A retried or resumed trial continues from its own newest checkpoint (Ray Train's snapshot
     # in <run_dir>/ray); the trainer forwards its reports to this Tune trial by itself
     # (TuneReportCallback when it runs inside a Tune session).
-    resume = os.path.isfile(os.path.join(run_dir, "ray", "checkpoint_manager_snapshot.json"))
+    # (run_in_process keeps its checkpoints in the same place, without Ray Train's snapshot).
+    from plora_ray.train import newest_checkpoint
+
+    resume = (os.path.isfile(os.path.join(run_dir, "ray", "checkpoint_manager_snapshot.json"))
+              or newest_checkpoint(run_dir) is not None)
     # Wall-clock times of the trainer's reports as they land (metrics.jsonl carries only the
     # run's own elapsed seconds): the timeline benchmarks/search_overhead.py splits into fixed
     # overhead and work.
@@ -1422,8 +1471,12 @@ def _split_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[st
     return apply_overrides(data, plain) if plain else data
 
 
-def _trial_cpus_gpus(spec: SearchSpec, cfg: RunConfig) -> tuple[float, float]:
+def _trial_cpus_gpus(spec: SearchSpec, cfg: RunConfig, executor: str) -> tuple[float, float]:
+    """CPUs and GPUs one trial holds: its driver plus its Ray Train workers (train), or the one
+    worker that is the trial actor itself (actor)."""
     r = cfg.resources
+    if executor == "actor":
+        return r.cpus_per_worker, r.gpus_per_worker
     return spec.driver_cpus + r.num_workers * r.cpus_per_worker, r.num_workers * r.gpus_per_worker
 
 
@@ -1444,7 +1497,8 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
             state and the Optuna study are kept; unfinished trials restart from their own
             checkpoints).
         overrides: ``--set`` dotted keys, run config and ``search.*``.
-        runner: ``module:function`` of the trainer (default ``plora_ray.train:run_training``).
+        runner: ``module:function`` of the trainer (default ``plora_ray.train:run_training``,
+            or ``plora_ray.train:run_in_process`` with ``search.trial_executor`` actor).
         train_env: Ray Train settings for the trials (default ``TRIAL_TRAIN_ENV``; ``{}``: Ray's
             own defaults).
         verbose: Tune's verbosity (progress table).
@@ -1474,11 +1528,17 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
         raise ConfigError([f"--name {name}: a search already exists at {sdir.uri}; pass --resume "
                            "to continue it or choose another --name / --storage"], file)
     base = {k: v for k, v in data.items() if k != "search"}
+    executor = resolve_trial_executor(spec, base)
+    if resume:
+        # A resumed search trains the way it started (searches from before the setting: train).
+        executor = (sdir.read_json("search.json") or {}).get("trial_executor", "train")
+    default_runner = ("plora_ray.train:run_in_process" if executor == "actor"
+                      else "plora_ray.train:run_training")
     ctx = TrialContext(base=base, source=str(file), storage=storage, name=name,
                        objective=spec.objective,
                        proxy_metric=spec.scheduler.metric if spec.scheduler.type == "asha"
                        else "gsm8k_nll",
-                       runner=runner or "plora_ray.train:run_training")
+                       runner=runner or default_runner)
     if train_env is not None:
         ctx.train_env = dict(train_env)
     study_storage = spec.study_storage or default_study_storage(sdir)
@@ -1488,6 +1548,7 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
             "metrics": spec.objective.metrics, "directions": spec.objective.directions,
             "weights": spec.objective.weights, "pareto": spec.objective.kind == "pareto",
             "algorithm": spec.algorithm, "seed": spec.seed, "num_samples": spec.num_samples,
+            "trial_executor": executor,
             "scheduler": dataclasses.asdict(spec.scheduler),
             "params": [dataclasses.asdict(p) for p in spec.params], "points": spec.points,
             "source_file": str(file), "source_yaml": Path(file).read_text(),
@@ -1504,7 +1565,7 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
     # Snapshot the experiment often: the window in which a killed driver loses searcher state is
     # this long (records of finished trials survive it anyway, see trial_driver).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    per_cpu, per_gpu = _trial_cpus_gpus(spec, cfg)
+    per_cpu, per_gpu = _trial_cpus_gpus(spec, cfg, executor)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or None
         # A local Ray gets at least one trial's worth of CPUs even on a 2-core machine.
@@ -1524,10 +1585,15 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
         meta = sdir.read_json("search.json") or {}
         sdir.write_json("search.json", {**meta, "max_concurrent_used": max_concurrent})
 
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx),
-                                    {"cpu": spec.driver_cpus})
-    # The trial's workers are requested by Ray Train itself (its own placement group); Tune only
-    # schedules the driver. max_concurrent keeps drivers from taking CPUs their workers need.
+    if executor == "actor":
+        # The trial actor is the worker: it holds the worker's CPUs (and GPUs) itself.
+        trial_resources = {"cpu": per_cpu, "gpu": per_gpu}
+    else:
+        # The trial's workers are requested by Ray Train itself (its own placement group); Tune
+        # only schedules the driver. max_concurrent keeps drivers from taking CPUs their workers
+        # need.
+        trial_resources = {"cpu": spec.driver_cpus}
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), trial_resources)
     _build_ray_classes()
     callbacks = [globals()["SearchReporter"](ctx, spec)]
     if resume:
@@ -1566,9 +1632,10 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
                 scheduler=scheduler,
                 num_samples=spec.num_samples,
                 time_budget_s=spec.time_budget_s,
-                # Function trainables cannot be reset in Ray 2.60 (no reset_config), and the
-                # Train workers are new actors per trial anyway.
-                reuse_actors=False,
+                # actor: the next trial runs in a finished trial's actor (FunctionTrainable's
+                # reset_config ends the old trial's thread first); train: the Train workers are
+                # new actors per trial anyway, so a reused driver would save little.
+                reuse_actors=executor == "actor",
                 trial_dirname_creator=_trial_dirname,
                 trial_name_creator=_trial_dirname,
             ),

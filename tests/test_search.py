@@ -19,11 +19,13 @@ import pytest
 import yaml
 
 from plora_ray.config import ConfigError, load_yaml
+from plora_ray.train import read_metrics
 from plora_ray.search import (
     SearchDir,
     _split_overrides,
     grid_points,
     parse_search_block,
+    resolve_trial_executor,
     sample_params,
     validate_search_block,
 )
@@ -181,6 +183,35 @@ def test_objective_scheduler_and_algorithm_errors_all_at_once() -> None:
     assert any("nsga2 is multi-objective" in p for p in _problems(s))
 
 
+def test_trial_executor_auto_picks_actor_for_single_worker_trials_only() -> None:
+    def executor(search: dict, **run: object) -> str:
+        data = _space(search, **run)
+        return resolve_trial_executor(parse_search_block(data), data)
+
+    assert executor(_base_search()) == "actor"  # the run config's default: one worker
+    assert executor(_base_search(), resources={"num_workers": 1}) == "actor"
+    assert executor(_base_search(), resources={"num_workers": 4}) == "train"
+    searched = _base_search()
+    searched["params"]["resources.cpus_per_worker"] = {"distribution": "choice",
+                                                       "values": [1, 2]}
+    assert executor(searched) == "train"
+    assert executor(_base_search(trial_executor="train")) == "train"
+
+
+def test_trial_executor_actor_needs_one_fixed_worker() -> None:
+    probs = _problems(_base_search(trial_executor="actor"), resources={"num_workers": 2})
+    assert any("search.trial_executor: actor" in p and "expected resources.num_workers 1, "
+               "found 2" in p for p in probs), probs
+    searched = _base_search(trial_executor="actor")
+    searched["params"]["resources.gpus_per_worker"] = {"distribution": "choice",
+                                                       "values": [0, 1]}
+    assert any("search.params.resources.gpus_per_worker: with search.trial_executor actor" in p
+               for p in _problems(searched))
+    probs = _problems(_base_search(trial_executor="ray"))
+    assert probs == ["space.yaml: search.trial_executor: expected one of auto, train, actor, "
+                     "found 'ray'"]
+
+
 def test_pareto_and_weighted_objectives() -> None:
     spec = parse_search_block(_space(_base_search(
         algorithm="nsga2", objective={"pareto": {"gsm8k": "maximize", "mmlu": "maximize"}})))
@@ -285,15 +316,18 @@ def _records(sdir: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("executor", ["actor", "train"])
+def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(tmp_path: Path,
+                                                                        executor: str) -> None:
     """A real search (real trainer, tiny model) on a loopback head: a point that diverges is
     recorded as diverged and told to Optuna as FAIL; the driver is SIGKILLed after the first
-    finished trial; --resume finishes the search without re-running or losing a finished trial."""
+    finished trial; --resume finishes the search without re-running or losing a finished trial.
+    Once with trials in their own reused Tune actors, once with a Ray Train run per trial."""
     import ray_helpers as helpers  # tests/ is on sys.path (rootdir conftest-less layout)
     storage = tmp_path / "st"
     sets = ["search.num_samples=3", "train.max_steps=4", "eval.limit=2", "eval.max_gen_toks=8",
             "data.max_samples=64", "plora.unload_every=16", "search.scheduler.grace_period=16",
-            "search.max_concurrent=2",
+            "search.max_concurrent=2", f"search.trial_executor={executor}",
             # A reliable divergence under the real engine: the tiny model's loss is bounded
             # (RMSNorm before a frozen head) and DeepSpeed's bf16 step keeps even lr=1e10 finite,
             # but a decoupled weight decay of 1e30 blows the LoRA weights up to inf in one step,
@@ -317,7 +351,7 @@ def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(tmp_path
             while time.time() < deadline and proc.poll() is None:
                 if (sdir / "trials").is_dir() and list((sdir / "trials").glob("*.json")):
                     break
-                time.sleep(1)
+                time.sleep(0.2)
             assert proc.poll() is None, "the search ended before it could be killed:\n" + \
                 log1.read_text()[-3000:]
             proc.send_signal(signal.SIGKILL)
@@ -390,3 +424,42 @@ def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(tmp_path
     # One summary line per trial finished by the resumed driver.
     for tid in set(after) - set(before):
         assert f"[trial {tid}]" in out.stdout
+
+
+@pytest.mark.slow
+def test_asha_stops_the_trial_behind_its_peer_at_the_first_rung(tmp_path: Path) -> None:
+    """Two LoRA trials one after the other (one slot, so the order is fixed): LR 3e-3 reaches
+    ASHA's rung at 16 samples first and goes on; LR 1e-7 has barely moved from the initial
+    model's NLL when it reaches the rung, is behind, and is stopped there: recorded as
+    early_stopped, PRUNED in the study, its run cut at the rung."""
+    import ray_helpers as helpers
+
+    sets = ["search.num_samples=2", "search.max_concurrent=1", "train.max_steps=4",
+            "eval.limit=2", "eval.max_gen_toks=8", "data.max_samples=64",
+            "plora.unload_every=16", "search.scheduler.grace_period=16",
+            "search.params.optim.lr={distribution: loguniform, low: 1.0e-8, high: 3.0e-3}",
+            "search.points=[{method: lora, optim.lr: 3.0e-3, lora.rank: 8}, "
+            "{method: lora, optim.lr: 1.0e-7, lora.rank: 8}]"]
+    cmd = [sys.executable, "-m", "plora_ray.cli", "search", str(SPACES / "smoke.yaml"),
+           "--storage", str(tmp_path / "st"), "--name", "asha", "--set", *sets]
+    with helpers.ray_head(num_cpus=2) as head:
+        env = {**os.environ, "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": head["auth_mode"]}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    sdir = tmp_path / "st" / "asha"
+    by_lr = {r["params"]["optim.lr"]: r for r in _records(sdir).values()}
+    good, bad = by_lr[3.0e-3], by_lr[1.0e-7]
+    assert good["status"] == "completed", good["reason"]
+    assert bad["status"] == "early_stopped", (bad["status"], bad["reason"])
+    assert bad["reason"] == "stopped by ASHA on gsm8k_nll"
+    assert bad["objective_value"] is None
+    # Stopped at the rung (16 samples = step 2 of 4): no step after it, no final report.
+    steps = [m["step"] for m in read_metrics(Path(bad["run_dir"]) / "metrics.jsonl")
+             if m.get("status") == "running"]
+    assert steps and max(steps) == 2, steps
+    assert not (Path(bad["run_dir"]) / "model").exists()
+    study = optuna.load_study(study_name="asha", storage=f"sqlite:///{sdir / 'study.db'}")
+    states = {t.user_attrs.get("tune_trial_id"): t.state for t in study.trials}
+    assert states[good["trial_id"]] == optuna.trial.TrialState.COMPLETE
+    assert states[bad["trial_id"]] == optuna.trial.TrialState.PRUNED
+    assert f"[trial {bad['trial_id']}] early_stopped" in out.stdout
