@@ -52,13 +52,25 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from plora_ray.config import RunConfig
+
+# DeepSpeed JIT-builds its CPU ops (the shared-memory all-reduce) with gcc into torch's extension
+# cache, ~/.cache/torch_extensions/<python>_<device> unless TORCH_EXTENSIONS_DIR says otherwise.
+# That directory is shared by every Python environment of the user: an environment whose torch
+# lives elsewhere compiles with other include paths, so each environment's build overwrites the
+# other's and the next engine start rebuilds (~25 s on a 2-core CPU, in every process that starts
+# an engine meanwhile). One cache per Python environment, set before DeepSpeed's first import.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
+    os.path.expanduser("~"), ".cache", "plora-ray", "torch_extensions",
+    hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]))
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
