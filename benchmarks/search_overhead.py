@@ -203,7 +203,8 @@ def run_variant(label: str, executor: str, train_env: dict[str, str], quick: boo
     worker_cpus = max(t["num_workers"] * t["cpus_per_worker"] for t in trials)
     busy = sum(t["work_s"] * t["num_workers"] * t["cpus_per_worker"] for t in trials)
     res: dict[str, Any] = {
-        "label": label, "trial_executor": executor, "train_env": train_env, "search_wall_s": wall, "trials": trials,
+        "label": label, "trial_executor": executor, "train_env": train_env,
+        "search_wall_s": wall, "trials": trials,
         "max_concurrent": slots, "worker_cpus_per_trial": worker_cpus, "span_s": span,
         "busy_worker_cpu_s": busy, "available_worker_cpu_s": slots * worker_cpus * span,
         "slot_occupancy": busy / (slots * worker_cpus * span) if span > 0 else 0.0,

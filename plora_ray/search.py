@@ -10,7 +10,7 @@ A search space is a run config plus a ``search:`` block::
       max_concurrent: 2         # trials at once (default: what the cluster's CPUs/GPUs fit)
       time_budget_s: 900        # stop starting new trials after this many seconds (null: none)
       trial_executor: auto      # auto | train | actor: where a trial trains (see below)
-      driver_cpus: 1            # train: CPUs of each trial's driver (the Tune trial); workers on top
+      driver_cpus: 1            # train: CPUs of a trial's driver (the Tune trial); workers on top
       max_retries: 0            # Ray FailureConfig(max_failures): re-runs of a crashed trial
       storage: runs/search      # local path or s3:// / gs:// URI (Tune RunConfig.storage_path)
       study_storage: null       # null: SQLite file <search dir>/study.db; or a database URL

@@ -69,10 +69,10 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from plora_ray.config import ConfigError, RunConfig, dump_config, load_config
 
@@ -248,6 +248,24 @@ def _mean_over_ranks(value: float, world: int) -> float:
 # its session for its rank, device, the checkpoint to restore from, and to report.
 
 
+class _WorkerSession(Protocol):
+    """What ``_Run`` needs from where it runs."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: Any
+
+    def checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+        """The directory of the checkpoint to restore from (None: start at step 0)."""
+        ...
+
+    def report(self, metrics: dict[str, Any], save: Callable[[Path], None] | None,
+               name: str) -> None:
+        """Report ``metrics``; with ``save``, first write a checkpoint named ``name`` with it."""
+        ...
+
+
 class _RayTrainSession:
     """A Ray Train worker: rank, device and checkpoints come from Ray Train's context."""
 
@@ -263,7 +281,7 @@ class _RayTrainSession:
         self.device = ray.train.torch.get_device()
 
     @contextlib.contextmanager
-    def checkpoint(self) -> Any:
+    def checkpoint(self) -> Iterator[Path | None]:
         """The newest checkpoint Ray Train restores this run from, as a directory (or None)."""
         import ray.train
 
@@ -311,7 +329,7 @@ class _ProcessSession:
         self.on_report = on_report
 
     @contextlib.contextmanager
-    def checkpoint(self) -> Any:
+    def checkpoint(self) -> Iterator[Path | None]:
         yield newest_checkpoint(self.ckpt_root.parent)
 
     def report(self, metrics: dict[str, Any], save: Callable[[Path], None] | None,
@@ -347,8 +365,7 @@ def newest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
 class _Run:
     """The state of one worker's training run (a class only to keep ``run`` readable)."""
 
-    def __init__(self, loop_cfg: dict[str, Any], session: _RayTrainSession | _ProcessSession
-                 ) -> None:
+    def __init__(self, loop_cfg: dict[str, Any], session: _WorkerSession) -> None:
         from plora_ray.config import config_from_dict
 
         self.cfg: RunConfig = config_from_dict(loop_cfg["config"])
