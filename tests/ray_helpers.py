@@ -75,24 +75,43 @@ def ray_head(num_cpus: int = 4) -> Iterator[dict[str, str]]:
     finally:
         # `ray stop` with no address stops every Ray on the machine; only stop what we started:
         # the processes whose command line names our private temp dir / session.
-        _stop_head(temp)
+        stop_processes_of(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _stop_head(temp: str) -> None:
+def _holds_files_under(pid_dir: Path, root: str) -> bool:
+    """Whether a process has a file open under ``root`` (Ray workers keep their log files in the
+    session directory open; their command line is only ``ray::ClassName``)."""
+    try:
+        fds = list((pid_dir / "fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd).startswith(root):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def stop_processes_of(root: str) -> None:
+    """SIGTERM, then SIGKILL, every process of ours whose command line names ``root`` or that
+    has a file open under it: a Ray head's services and its workers, including a worker whose
+    interpreter hangs at exit after Ray shut down (seen with a Train controller)."""
     import signal
     import time
 
     def ours() -> list[int]:
         pids = []
         for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
+            if not d.name.isdigit() or int(d.name) == os.getpid():
                 continue
             try:
                 cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
             except OSError:
                 continue
-            if temp in cmdline and int(d.name) != os.getpid():
+            if root in cmdline or _holds_files_under(d, root):
                 pids.append(int(d.name))
         return pids
 

@@ -74,8 +74,13 @@ def ray_head():
         ray.shutdown()
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
              logging_level="warning")
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
     yield
     ray.shutdown()
+    # A worker whose interpreter hangs at exit outlives the cluster (a Train controller did once).
+    from ray_helpers import stop_processes_of
+
+    stop_processes_of(session_dir)
 
 
 @pytest.fixture(scope="module")
