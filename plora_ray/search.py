@@ -1146,10 +1146,9 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
     # in <run_dir>/ray); the trainer forwards its reports to this Tune trial by itself
     # (TuneReportCallback when it runs inside a Tune session).
     # (run_in_process keeps its checkpoints in the same place, without Ray Train's snapshot).
-    from plora_ray.train import newest_checkpoint
+    from plora_ray.train import holds_run
 
-    resume = (os.path.isfile(os.path.join(run_dir, "ray", "checkpoint_manager_snapshot.json"))
-              or newest_checkpoint(run_dir) is not None)
+    resume = holds_run(run_dir)
     # Wall-clock times of the trainer's reports as they land (metrics.jsonl carries only the
     # run's own elapsed seconds): the timeline benchmarks/search_overhead.py splits into fixed
     # overhead and work.

@@ -89,8 +89,9 @@ DEEPSPEED_OVERRIDES_ENV = "PLORA_DEEPSPEED_OVERRIDES"
 # One file per worker group (port): what /dev/shm names its DeepSpeed buffers carry.
 PROCESS_GROUP_DIR = ".process_groups"
 
-__all__ = ["DivergenceGuard", "RunResult", "cleanup_run_shm", "newest_checkpoint", "read_metrics",
-           "run_in_process", "run_training", "train_command", "train_loop_per_worker"]
+__all__ = ["DivergenceGuard", "RunResult", "cleanup_run_shm", "holds_run", "newest_checkpoint",
+           "read_metrics", "run_in_process", "run_training", "train_command",
+           "train_loop_per_worker"]
 
 
 # --------------------------------------------------------------------------- small pure pieces
@@ -1086,6 +1087,33 @@ def _shm_snapshot() -> set[str]:
     return set()
 
 
+def holds_run(output_dir: str | os.PathLike[str]) -> bool:
+    """Whether DIR holds a run to continue: Ray Train's checkpoint snapshot (``run_training``)
+    or a complete checkpoint directory (``run_in_process``)."""
+    out = Path(output_dir)
+    return ((out / RAY_RUN_NAME / "checkpoint_manager_snapshot.json").exists()
+            or newest_checkpoint(out) is not None)
+
+
+def _prepare_output_dir(cfg: RunConfig, output_dir: str | os.PathLike[str], resume: bool) -> Path:
+    """DIR made ready for a run: refused if it holds one and ``resume`` is False, the config
+    checked against the resumed run's, config.yaml written, and metrics.jsonl dropped when there
+    is nothing to continue from (the run starts at step 0)."""
+    out = Path(output_dir).resolve()
+    held = holds_run(out)
+    if held and not resume:
+        raise FileExistsError(f"{out} already holds a run (checkpoints in {out / RAY_RUN_NAME}); "
+                              "pass --resume to continue it or choose another --output")
+    if resume:
+        _check_resume_config(cfg, out / "config.yaml")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    metrics_path = out / METRICS_FILE
+    if metrics_path.exists() and not held:
+        metrics_path.unlink()
+    return out
+
+
 def run_training(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
                  report: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
                  max_failures: int = 0) -> RunResult:
@@ -1107,18 +1135,7 @@ def run_training(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
         FileExistsError: DIR already holds a run and ``resume`` is False.
     """
     check_run_config(cfg)
-    out = Path(output_dir).resolve()
-    snapshot = out / RAY_RUN_NAME / "checkpoint_manager_snapshot.json"
-    if snapshot.exists() and not resume:
-        raise FileExistsError(f"{out} already holds a run ({snapshot.name} in {snapshot.parent}); "
-                              "pass --resume to continue it or choose another --output")
-    if resume:
-        _check_resume_config(cfg, out / "config.yaml")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    metrics_path = out / METRICS_FILE
-    if not resume and metrics_path.exists():
-        metrics_path.unlink()
+    out = _prepare_output_dir(cfg, output_dir, resume)
     fault = os.environ.get(FAULT_ENV)
     ds_overrides = _deepspeed_overrides_from_env()
     t0 = time.perf_counter()
@@ -1156,7 +1173,7 @@ def run_training(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                 failure_config=FailureConfig(max_failures=max_failures)),
         )
-        with _MetricsTail(metrics_path, report):
+        with _MetricsTail(out / METRICS_FILE, report):
             try:
                 result = trainer.fit()
             except Exception as exc:  # WorkerGroupError / ControllerError: the run failed
@@ -1233,18 +1250,7 @@ def run_in_process(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
         raise ConfigError([f"resources.num_workers: expected 1 for a run in the trial's own "
                            f"process (search.trial_executor: actor), found {r.num_workers}; "
                            "use search.trial_executor: train for multi-worker trials"])
-    out = Path(output_dir).resolve()
-    if not resume and (newest_checkpoint(out) is not None
-                       or (out / RAY_RUN_NAME / "checkpoint_manager_snapshot.json").exists()):
-        raise FileExistsError(f"{out} already holds a run (checkpoints in {out / RAY_RUN_NAME}); "
-                              "pass --resume to continue it or choose another --output")
-    if resume:
-        _check_resume_config(cfg, out / "config.yaml")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    metrics_path = out / METRICS_FILE
-    if metrics_path.exists() and (not resume or newest_checkpoint(out) is None):
-        metrics_path.unlink()  # nothing to continue from: this run starts at step 0
+    out = _prepare_output_dir(cfg, output_dir, resume)
     fault = os.environ.get(FAULT_ENV)
     t0 = time.perf_counter()
     use_gpu = r.gpus_per_worker > 0
@@ -1287,8 +1293,7 @@ def run_in_process(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
         gc.collect()
         if use_gpu and torch.cuda.is_available():
             torch.cuda.empty_cache()
-    newest = newest_checkpoint(out)
-    return _collect_result(cfg, out, t0, reason, str(newest) if newest else None, [], report)
+    return _collect_result(cfg, out, t0, reason, None, [], report)
 
 
 def _collect_result(cfg: RunConfig, out: Path, t0: float, reason: str | None,
@@ -1315,8 +1320,8 @@ def _collect_result(cfg: RunConfig, out: Path, t0: float, reason: str | None,
         reason = final["reason"]
     losses = [[m["step"], m["loss"]] for m in records if m.get("status") == "running"]
     if ckpt_path is None:
-        kept = sorted((out / RAY_RUN_NAME).glob("step_*"))
-        ckpt_path = str(kept[-1]) if kept else None
+        newest = newest_checkpoint(out)
+        ckpt_path = str(newest) if newest else None
     from plora_ray.checkpoint import dir_bytes
 
     res = RunResult(
