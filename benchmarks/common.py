@@ -44,8 +44,14 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def write_result(name: str, quick: bool, headline: dict[str, Any], details: dict[str, Any],
-                 out: Path | None, started: float) -> dict[str, Any]:
+def write_result(
+    name: str,
+    quick: bool,
+    headline: dict[str, Any],
+    details: dict[str, Any],
+    out: Path | None,
+    started: float,
+) -> dict[str, Any]:
     """Assemble, print as a table, and (with ``out``) write the result JSON."""
     result = {
         "benchmark": name,

@@ -42,15 +42,23 @@ TASKS = ["gsm8k", "mmlu", "arc_easy", "arc_challenge"]
 # splits the model work and repeats the bookkeeping on every rank, so the two bracket the range.
 MODELS: dict[str, dict[str, int]] = {
     "tiny": {},
-    "small": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
-              "num_attention_heads": 8, "num_key_value_heads": 8},
+    "small": {
+        "hidden_size": 512,
+        "intermediate_size": 1376,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    },
 }
 
 
 def settings(quick: bool, model: str) -> dict[str, Any]:
     if model == "small":
-        return ({"limit": 2, "max_gen_toks": 32, "proxy_samples": 8, "batch_size": 8} if quick
-                else {"limit": 12, "max_gen_toks": 64, "proxy_samples": 16, "batch_size": 8})
+        return (
+            {"limit": 2, "max_gen_toks": 32, "proxy_samples": 8, "batch_size": 8}
+            if quick
+            else {"limit": 12, "max_gen_toks": 64, "proxy_samples": 16, "batch_size": 8}
+        )
     if quick:
         return {"limit": 8, "max_gen_toks": 64, "proxy_samples": 16, "batch_size": 8}
     return {"limit": 40, "max_gen_toks": 256, "proxy_samples": 64, "batch_size": 8}
@@ -81,10 +89,15 @@ def _worker(rank: int, world_size: int, port: int, quick: bool, out_dir: str) ->
             warm = EvalConfig(tasks=["arc_easy"], limit=2, proxy_samples=0)
             evaluate_model(model, tok, warm, rank=rank, world_size=world_size)
             for mode, sharded in (("rank0", False), ("sharded", True)):
-                ev = EvalConfig(tasks=TASKS, num_fewshot={"gsm8k": 0, "mmlu": 0},
-                                limit=s["limit"], max_gen_toks=s["max_gen_toks"],
-                                proxy_samples=s["proxy_samples"], batch_size=s["batch_size"],
-                                sharded=sharded)
+                ev = EvalConfig(
+                    tasks=TASKS,
+                    num_fewshot={"gsm8k": 0, "mmlu": 0},
+                    limit=s["limit"],
+                    max_gen_toks=s["max_gen_toks"],
+                    proxy_samples=s["proxy_samples"],
+                    batch_size=s["batch_size"],
+                    sharded=sharded,
+                )
                 dist.barrier()
                 t0, c0 = time.perf_counter(), time.process_time()
                 res = evaluate_model(model, tok, ev, rank=rank, world_size=world_size)
@@ -113,10 +126,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mp.spawn(_worker, args=(2, _free_port(), args.quick, tmp), nprocs=2, join=True)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in (0, 1)]
     headline: dict[str, Any] = {}
-    details: dict[str, Any] = {"settings": {
-        "tasks": TASKS, "num_fewshot": {"gsm8k": 0, "mmlu": 0}, "world_size": 2,
-        "backend": "gloo", "torch_threads_per_rank": 1,
-        **{name: {**settings(args.quick, name), "model": MODELS[name]} for name in MODELS}}}
+    details: dict[str, Any] = {
+        "settings": {
+            "tasks": TASKS,
+            "num_fewshot": {"gsm8k": 0, "mmlu": 0},
+            "world_size": 2,
+            "backend": "gloo",
+            "torch_threads_per_rank": 1,
+            **{name: {**settings(args.quick, name), "model": MODELS[name]} for name in MODELS},
+        }
+    }
     for name in MODELS:
         a, b = ranks[0][f"{name}/rank0"], ranks[0][f"{name}/sharded"]
         tasks = list(a["seconds_per_task"])
@@ -134,15 +153,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         headline[f"seconds_total_sharded{suffix}"] = round(b["wall_s"], 3)
         headline[f"objectives_equal{suffix}"] = equal
         if name == "tiny":
-            headline.update({f"seconds_{k}_rank0": round(a["seconds_per_task"][k], 3)
-                             for k in tasks})
-            headline.update({f"seconds_{k}_sharded": round(b["seconds_per_task"][k], 3)
-                             for k in tasks})
-        print_table(f"{name} model ({a['parameters']:,} parameters): seconds per task, 2 ranks, "
-                    "CPU, 1 thread per rank",
-                    [{"task": k, "rank0_s": a["seconds_per_task"][k],
-                      "sharded_s": b["seconds_per_task"][k], "speedup": speedups[k]}
-                     for k in tasks])
+            headline.update(
+                {f"seconds_{k}_rank0": round(a["seconds_per_task"][k], 3) for k in tasks}
+            )
+            headline.update(
+                {f"seconds_{k}_sharded": round(b["seconds_per_task"][k], 3) for k in tasks}
+            )
+        print_table(
+            f"{name} model ({a['parameters']:,} parameters): seconds per task, 2 ranks, "
+            "CPU, 1 thread per rank",
+            [
+                {
+                    "task": k,
+                    "rank0_s": a["seconds_per_task"][k],
+                    "sharded_s": b["seconds_per_task"][k],
+                    "speedup": speedups[k],
+                }
+                for k in tasks
+            ],
+        )
         details[name] = {
             "parameters": a["parameters"],
             "seconds_per_task": {k: round(v, 3) for k, v in a["seconds_per_task"].items()},
@@ -150,10 +179,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "sharded_speedup_per_task": speedups,
             "documents": a["documents"],
             "cpu_s_rank0_mode": {"rank0": a["cpu_s"], "rank1": ranks[1][f"{name}/rank0"]["cpu_s"]},
-            "cpu_s_sharded_mode": {"rank0": b["cpu_s"],
-                                   "rank1": ranks[1][f"{name}/sharded"]["cpu_s"]},
-            "load_average_1m": {"rank0_mode": a["load_average_1m"],
-                                "sharded_mode": b["load_average_1m"]},
+            "cpu_s_sharded_mode": {
+                "rank0": b["cpu_s"],
+                "rank1": ranks[1][f"{name}/sharded"]["cpu_s"],
+            },
+            "load_average_1m": {
+                "rank0_mode": a["load_average_1m"],
+                "sharded_mode": b["load_average_1m"],
+            },
             "objectives_rank0": a["objectives"],
             "objectives_sharded": b["objectives"],
         }

@@ -51,12 +51,23 @@ from benchmarks.common import print_table, write_result
 from plora_ray.config import LLAMA_LINEAR_TARGETS, LoraConfig, TinyModelConfig, config_from_dict
 
 # LLaMA-7B (Touvron et al. 2023, table 2) and the quick CPU stand-in.
-LLAMA_7B = TinyModelConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                           num_attention_heads=32, num_key_value_heads=32,
-                           max_position_embeddings=4096)
+LLAMA_7B = TinyModelConfig(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+)
 LLAMA_7B_VOCAB = 32000
-TINY = TinyModelConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+TINY = TinyModelConfig(
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+)
 TINY_VOCAB = 256
 
 # Peak dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's data sheets, matched by
@@ -80,8 +91,9 @@ def peak_bf16_tflops(device_name: str) -> float | None:
     return None
 
 
-def model_flops_per_step(n_frozen: int, n_lora: int, layers: int, hidden: int, seq: int,
-                         sequences: int) -> float:
+def model_flops_per_step(
+    n_frozen: int, n_lora: int, layers: int, hidden: int, seq: int, sequences: int
+) -> float:
     """F = T·(4·N_frozen + 6·N_lora) + 12·L·d·s²·n (see the module docstring)."""
     tokens = sequences * seq
     return float(tokens * (4 * n_frozen + 6 * n_lora) + 12 * layers * hidden * seq**2 * sequences)
@@ -89,8 +101,11 @@ def model_flops_per_step(n_frozen: int, n_lora: int, layers: int, hidden: int, s
 
 def count_params(model: torch.nn.Module) -> dict[str, int]:
     """Frozen matmul weights (Linear layers incl. the LM head), LoRA parameters, all parameters."""
-    n_frozen = sum(m.weight.numel() for m in model.modules()
-                   if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+    n_frozen = sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+    )
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     return {"n_frozen_matmul": n_frozen, "n_lora": n_lora, "n_total": n_total}
@@ -102,8 +117,12 @@ def _ensure_process_group_env() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1")):
+    for key, value in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
         os.environ.setdefault(key, value)
 
 
@@ -139,8 +158,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps")
     ap.add_argument("--unloads", type=int, default=3, help="timed unloads")
     ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
-    ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="peak bf16 TFLOP/s when the device is not in the table")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak bf16 TFLOP/s when the device is not in the table",
+    )
     args = ap.parse_args(argv)
     started = time.time()
 
@@ -166,19 +189,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     init_distributed()
     world = torch.distributed.get_world_size()
-    cfg = config_from_dict({
-        "model": {"tiny": {k: getattr(shape, k) for k in (
-            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings")}, "dtype": "bfloat16",
-            "gradient_checkpointing": args.grad_ckpt},
-        "lora": {"rank": 8, "alpha": 16.0, "targets": list(LLAMA_LINEAR_TARGETS)},
-        # Unloads are triggered by hand below (timed separately), never inside the timed steps.
-        "plora": {"unload_every": 10**9, "unload_unit": "steps", "momentum": 0.1,
-                  "merge_rounding": "stochastic", "rank_sample_layers": 0},
-        "batch": {"global_batch": micro * world, "micro_batch": micro},
-        "resources": {"num_workers": world, "gpus_per_worker": 1.0 if cuda else 0.0},
-        "deepspeed": {"zero_stage": args.stage, "bf16": True},
-    })
+    cfg = config_from_dict(
+        {
+            "model": {
+                "tiny": {
+                    k: getattr(shape, k)
+                    for k in (
+                        "hidden_size",
+                        "intermediate_size",
+                        "num_hidden_layers",
+                        "num_attention_heads",
+                        "num_key_value_heads",
+                        "max_position_embeddings",
+                    )
+                },
+                "dtype": "bfloat16",
+                "gradient_checkpointing": args.grad_ckpt,
+            },
+            "lora": {"rank": 8, "alpha": 16.0, "targets": list(LLAMA_LINEAR_TARGETS)},
+            # Unloads are triggered by hand below (timed separately), never inside the timed steps.
+            "plora": {
+                "unload_every": 10**9,
+                "unload_unit": "steps",
+                "momentum": 0.1,
+                "merge_rounding": "stochastic",
+                "rank_sample_layers": 0,
+            },
+            "batch": {"global_batch": micro * world, "micro_batch": micro},
+            "resources": {"num_workers": world, "gpus_per_worker": 1.0 if cuda else 0.0},
+            "deepspeed": {"zero_stage": args.stage, "bf16": True},
+        }
+    )
 
     t0 = time.perf_counter()
     model = build_model(shape, vocab, device)
@@ -188,8 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     counts = count_params(model)
     engine, _, scheduler = build_engine(model, cfg, world, stage_length_steps=1)
     access = DeepSpeedParamAccess(engine)
-    plora = PLoRA(engine.module, cfg.plora, cfg.batch.global_batch, cfg.seed, access,
-                  scheduler=scheduler)
+    plora = PLoRA(
+        engine.module, cfg.plora, cfg.batch.global_batch, cfg.seed, access, scheduler=scheduler
+    )
     setup_s = time.perf_counter() - t0
 
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -235,9 +277,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tokens_per_step = micro * seq * world
     tokens_per_s = tokens_per_step * steps / train_s
-    flops_step = model_flops_per_step(counts["n_frozen_matmul"], counts["n_lora"],
-                                      shape.num_hidden_layers, shape.hidden_size, seq,
-                                      micro * world)
+    flops_step = model_flops_per_step(
+        counts["n_frozen_matmul"],
+        counts["n_lora"],
+        shape.num_hidden_layers,
+        shape.hidden_size,
+        seq,
+        micro * world,
+    )
     achieved_tflops = flops_step * steps / train_s / 1e12
     device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
     mfu: float | None = None
@@ -258,9 +305,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": device_name,
     }
     details = {
-        "model_shape": {"hidden_size": shape.hidden_size, "layers": shape.num_hidden_layers,
-                        "heads": shape.num_attention_heads,
-                        "intermediate_size": shape.intermediate_size, "vocab": vocab},
+        "model_shape": {
+            "hidden_size": shape.hidden_size,
+            "layers": shape.num_hidden_layers,
+            "heads": shape.num_attention_heads,
+            "intermediate_size": shape.intermediate_size,
+            "vocab": vocab,
+        },
         "params": counts,
         "lora": {"rank": 8, "alpha": 16.0, "targets": list(LLAMA_LINEAR_TARGETS)},
         "zero_stage": args.stage,
@@ -273,9 +324,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_seconds": round(train_s, 4),
         "losses": losses,
         "flops_formula": "F_step = T*(4*N_frozen_matmul + 6*N_lora) + 12*L*d*s^2*n_seq "
-                         "(fwd 2N+2N_lora, bwd activation-grad 2N+2N_lora, LoRA weight-grad "
-                         "2N_lora; attention fwd 4*L*d*s^2 + bwd 8*L*d*s^2 per sequence; "
-                         "recomputation not counted)",
+        "(fwd 2N+2N_lora, bwd activation-grad 2N+2N_lora, LoRA weight-grad "
+        "2N_lora; attention fwd 4*L*d*s^2 + bwd 8*L*d*s^2 per sequence; "
+        "recomputation not counted)",
         "flops_per_step": flops_step,
         "achieved_tflops": round(achieved_tflops, 3),
         "peak_bf16_tflops": peak_tflops,
@@ -285,13 +336,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "setup_seconds": round(setup_s, 2),
         "notes": notes,
     }
-    print_table("gpu_throughput details", [
-        {"figure": "params (total / frozen matmul / lora)",
-         "value": f"{counts['n_total']:,} / {counts['n_frozen_matmul']:,} / {counts['n_lora']:,}"},
-        {"figure": "tokens per step", "value": tokens_per_step},
-        {"figure": "achieved TFLOP/s", "value": round(achieved_tflops, 3)},
-        {"figure": "setup s", "value": round(setup_s, 2)},
-    ])
+    print_table(
+        "gpu_throughput details",
+        [
+            {
+                "figure": "params (total / frozen matmul / lora)",
+                "value": f"{counts['n_total']:,} / {counts['n_frozen_matmul']:,} / {counts['n_lora']:,}",
+            },
+            {"figure": "tokens per step", "value": tokens_per_step},
+            {"figure": "achieved TFLOP/s", "value": round(achieved_tflops, 3)},
+            {"figure": "setup s", "value": round(setup_s, 2)},
+        ],
+    )
     result = write_result("gpu_throughput", not cuda, headline, details, args.out, started)
     torch.distributed.destroy_process_group()
     return result

@@ -65,11 +65,20 @@ LOSS_NAME = "layerwise_normalised_mse"
 def settings(quick: bool) -> dict[str, Any]:
     """Benchmark settings; ``quick`` halves the steps per stage (T = 64 unloads either way)."""
     return dict(
-        seed=0, hidden=64, intermediate=176, layers=1, length=32,
-        train_seqs=48, val_seqs=16, test_seqs=16, batch_tokens=256,
+        seed=0,
+        hidden=64,
+        intermediate=176,
+        layers=1,
+        length=32,
+        train_seqs=48,
+        val_seqs=16,
+        test_seqs=16,
+        batch_tokens=256,
         # T = steps / unload_every = 64 unloads: T·r >= 64 = d at rank 1.
-        steps=768 if quick else 1536, unload_every=12 if quick else 24,
-        perturb=0.5, ranks=[1, 8],
+        steps=768 if quick else 1536,
+        unload_every=12 if quick else 24,
+        perturb=0.5,
+        ranks=[1, 8],
         # One grid for every method, so no method gets a finer search than another.
         lr_grid={m: [1e-3, 3e-3, 1e-2, 3e-2] for m in ("full", "lora", "plora")},
     )
@@ -77,8 +86,11 @@ def settings(quick: bool) -> dict[str, Any]:
 
 def target_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
     """The target linears of a (non-peft) LLaMA, in registration order."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LLAMA_LINEAR_TARGETS]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LLAMA_LINEAR_TARGETS
+    ]
 
 
 def make_teacher(base: torch.nn.Module, perturb: float, seed: int) -> torch.nn.Module:
@@ -95,14 +107,17 @@ def tokens(n: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def record_layers(teacher: torch.nn.Module, x: torch.Tensor
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def record_layers(
+    teacher: torch.nn.Module, x: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(X, Y) of every target linear of the teacher on token batch ``x``, rows = tokens."""
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     hooks = []
     for _, mod in target_linears(teacher):
+
         def hook(m: torch.nn.Module, args: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
             out.append((args[0].detach().flatten(0, 1).clone(), y.detach().flatten(0, 1).clone()))
+
         hooks.append(mod.register_forward_hook(hook))
     with torch.no_grad():
         teacher(input_ids=x)
@@ -112,39 +127,49 @@ def record_layers(teacher: torch.nn.Module, x: torch.Tensor
 
 
 def kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(student_logits, -1).flatten(0, 1),
-                    F.log_softmax(teacher_logits, -1).flatten(0, 1),
-                    log_target=True, reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(student_logits, -1).flatten(0, 1),
+        F.log_softmax(teacher_logits, -1).flatten(0, 1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 class Task:
     """The pools (train / val / test) of per-layer (X, Y), the normalisers and the eval tokens."""
 
     def __init__(self, s: dict[str, Any]) -> None:
-        tiny = TinyModelConfig(hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-                               num_hidden_layers=s["layers"])
-        self.base = load_model(ModelConfig(tiny=tiny, dtype="float32"), seed=s["seed"],
-                               vocab_size=VOCAB).eval()
+        tiny = TinyModelConfig(
+            hidden_size=s["hidden"],
+            intermediate_size=s["intermediate"],
+            num_hidden_layers=s["layers"],
+        )
+        self.base = load_model(
+            ModelConfig(tiny=tiny, dtype="float32"), seed=s["seed"], vocab_size=VOCAB
+        ).eval()
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.teacher = make_teacher(self.base, s["perturb"], s["seed"] + 1)
         L = s["length"]
         self.pools = {
             name: record_layers(self.teacher, tokens(n, L, s["seed"] + 10 + i))
-            for i, (name, n) in enumerate((("train", s["train_seqs"]), ("val", s["val_seqs"]),
-                                            ("test", s["test_seqs"])))
+            for i, (name, n) in enumerate(
+                (("train", s["train_seqs"]), ("val", s["val_seqs"]), ("test", s["test_seqs"]))
+            )
         }
         base_w = [m.weight for _, m in target_linears(self.base)]
         # Normaliser per layer: the initial (ΔW = 0) mean squared error on the training pool.
-        self.norm = [float((y - x @ w.T).pow(2).mean())
-                     for (x, y), w in zip(self.pools["train"], base_w)]
+        self.norm = [
+            float((y - x @ w.T).pow(2).mean()) for (x, y), w in zip(self.pools["train"], base_w)
+        ]
         self.eval_x = tokens(s["test_seqs"], L, s["seed"] + 99)
         with torch.no_grad():
             self.eval_t = self.teacher(input_ids=self.eval_x).logits
         self.rows = self.pools["train"][0][0].shape[0]
 
-    def loss(self, layers: list[torch.nn.Module], pool: str, idx: torch.Tensor | None = None
-             ) -> torch.Tensor:
+    def loss(
+        self, layers: list[torch.nn.Module], pool: str, idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
         total = torch.zeros(())
         for layer, (x, y), n in zip(layers, self.pools[pool], self.norm):
             if idx is not None:
@@ -153,8 +178,9 @@ class Task:
         return total / len(layers)
 
 
-def run_method(task: Task, s: dict[str, Any], method: str, rank: int, momentum: float,
-               lr: float) -> dict[str, Any]:
+def run_method(
+    task: Task, s: dict[str, Any], method: str, rank: int, momentum: float, lr: float
+) -> dict[str, Any]:
     """Train one method; its loss on the val and test pools before/after, and its ΔW ranks."""
     torch.manual_seed(s["seed"])  # peft draws the initial A from the global RNG
     model = copy.deepcopy(task.base)
@@ -173,8 +199,12 @@ def run_method(task: Task, s: dict[str, Any], method: str, rank: int, momentum: 
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     plora = None
     if method == "plora":
-        cfg = PLoRAConfig(unload_every=s["unload_every"], unload_unit="steps",
-                          momentum=momentum, rank_sample_layers=0)
+        cfg = PLoRAConfig(
+            unload_every=s["unload_every"],
+            unload_unit="steps",
+            momentum=momentum,
+            rank_sample_layers=0,
+        )
         plora = PLoRA(model, cfg, s["batch_tokens"], s["seed"], TorchParamAccess(opt))
 
     def eval_loss() -> dict[str, float]:
@@ -211,14 +241,20 @@ def run_method(task: Task, s: dict[str, Any], method: str, rank: int, momentum: 
     unloads = plora.num_unloads if plora is not None else 0
     cap = [min(d, max(1, unloads) * rank) if method != "full" else d for d in dims]
     return {
-        "method": method, "rank": rank if method != "full" else None,
-        "momentum": momentum if method == "plora" else None, "lr": lr,
-        "loss_initial": l0["test"], "loss_final": l1["test"],
+        "method": method,
+        "rank": rank if method != "full" else None,
+        "momentum": momentum if method == "plora" else None,
+        "lr": lr,
+        "loss_initial": l0["test"],
+        "loss_final": l1["test"],
         # The teacher's floor of this loss is 0 (ΔW = P reproduces Y exactly).
         "gap_closed": (l0["test"] - l1["test"]) / (l0["test"] - 0.0),
         "val_gap_closed": (l0["val"] - l1["val"]) / (l0["val"] - 0.0),
-        "model_kl_initial": k0, "model_kl_final": k1, "model_kl_gap_closed": 1 - k1 / k0,
-        "unloads": unloads, "mean_effective_rank": sum(ranks) / len(ranks),
+        "model_kl_initial": k0,
+        "model_kl_final": k1,
+        "model_kl_gap_closed": 1 - k1 / k0,
+        "unloads": unloads,
+        "mean_effective_rank": sum(ranks) / len(ranks),
         "rank_fraction": sum(r / c for r, c in zip(ranks, cap)) / len(ranks),
         "seconds": round(seconds, 2),
     }
@@ -243,28 +279,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             grid = [next(x["lr"] for x in rows if x["method"] == "plora" and x["rank"] == r)]
         trials = [run_method(task, s, method, r, m, lr) for lr in grid]
         for t in trials:
-            print(f"  {method} r={r} m={m} lr={t['lr']:g}: val gap_closed "
-                  f"{t['val_gap_closed']:.3f}, test {t['gap_closed']:.3f} ({t['seconds']:.0f} s)",
-                  flush=True)
+            print(
+                f"  {method} r={r} m={m} lr={t['lr']:g}: val gap_closed "
+                f"{t['val_gap_closed']:.3f}, test {t['gap_closed']:.3f} ({t['seconds']:.0f} s)",
+                flush=True,
+            )
         sweep += trials
         # Selected on the validation pool; the figures reported are the test pool's.
         rows.append(max(trials, key=lambda t: t["val_gap_closed"]))
-    print_table(f"learning ability (gap_closed = (L0 - L_final) / (L0 - 0), {LOSS_NAME}, test)",
-                [{k: row[k] for k in ("method", "rank", "momentum", "lr", "gap_closed",
-                                      "model_kl_gap_closed", "mean_effective_rank",
-                                      "rank_fraction", "seconds")} for row in rows])
+    print_table(
+        f"learning ability (gap_closed = (L0 - L_final) / (L0 - 0), {LOSS_NAME}, test)",
+        [
+            {
+                k: row[k]
+                for k in (
+                    "method",
+                    "rank",
+                    "momentum",
+                    "lr",
+                    "gap_closed",
+                    "model_kl_gap_closed",
+                    "mean_effective_rank",
+                    "rank_fraction",
+                    "seconds",
+                )
+            }
+            for row in rows
+        ],
+    )
 
     def pick(method: str, r: int | None, m: float | None) -> dict[str, Any]:
-        return next(x for x in rows if x["method"] == method and x["rank"] == r
-                    and x["momentum"] == m)
+        return next(
+            x for x in rows if x["method"] == method and x["rank"] == r and x["momentum"] == m
+        )
 
     headline: dict[str, Any] = {}
     for r in s["ranks"]:
-        headline[f"plora_over_lora_rank{r}"] = (pick("plora", r, 0.1)["gap_closed"]
-                                                / pick("lora", r, None)["gap_closed"])
+        headline[f"plora_over_lora_rank{r}"] = (
+            pick("plora", r, 0.1)["gap_closed"] / pick("lora", r, None)["gap_closed"]
+        )
     for r in s["ranks"]:
-        headline[f"plora_m0_over_lora_rank{r}"] = (pick("plora", r, 0.0)["gap_closed"]
-                                                   / pick("lora", r, None)["gap_closed"])
+        headline[f"plora_m0_over_lora_rank{r}"] = (
+            pick("plora", r, 0.0)["gap_closed"] / pick("lora", r, None)["gap_closed"]
+        )
     headline["plora_delta_rank_fraction"] = pick("plora", 1, 0.1)["rank_fraction"]
     headline["plora_delta_rank_fraction_rank8"] = pick("plora", 8, 0.1)["rank_fraction"]
     for r in s["ranks"]:
@@ -272,9 +329,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         headline[f"plora_gap_closed_rank{r}"] = pick("plora", r, 0.1)["gap_closed"]
     headline["full_ft_gap_closed"] = pick("full", None, None)["gap_closed"]
     details = {
-        "loss": {"name": LOSS_NAME, "teacher_floor": 0.0,
-                 "gap_closed": "(L0 - L_final) / (L0 - teacher_floor) on the test pool"},
-        "settings": s, "runs": rows, "sweep": sweep,
+        "loss": {
+            "name": LOSS_NAME,
+            "teacher_floor": 0.0,
+            "gap_closed": "(L0 - L_final) / (L0 - teacher_floor) on the test pool",
+        },
+        "settings": s,
+        "runs": rows,
+        "sweep": sweep,
     }
     return write_result("learning_ability", args.quick, headline, details, args.out, started)
 

@@ -49,9 +49,18 @@ MODEL_CFG = ModelConfig(tiny=TinyModelConfig(), dtype="bfloat16")
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    return dict(seed=0, rank=8, momentum=0.1, unloads=50, batch=4, length=64,
-                unload_every=4 if quick else 20, lrs=[1e-3, 1e-4],
-                rhos=[1e-3, 1e-2, 3e-2, 1e-1], jitter=0.3)
+    return dict(
+        seed=0,
+        rank=8,
+        momentum=0.1,
+        unloads=50,
+        batch=4,
+        length=64,
+        unload_every=4 if quick else 20,
+        lrs=[1e-3, 1e-4],
+        rhos=[1e-3, 1e-2, 3e-2, 1e-1],
+        jitter=0.3,
+    )
 
 
 def floor_error(plora: PLoRA, base_dir: Path) -> float:
@@ -81,12 +90,30 @@ def gsm8k_tokens(s: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(ids[: n * s["length"]]).view(n, s["length"])
 
 
-def new_plora(rounding: str, s: dict[str, Any], base_dir: Path, opt: torch.optim.Optimizer | None,
-              model: torch.nn.Module, every: int) -> PLoRA:
-    cfg = PLoRAConfig(unload_every=every, unload_unit="steps", momentum=s["momentum"],
-                      merge_rounding=rounding, rank_sample_layers=0)
-    return PLoRA(model, cfg, s["batch"], s["seed"], TorchParamAccess(opt), track_all_layers=True,
-                 base_weights=safetensors_base_weights(base_dir))
+def new_plora(
+    rounding: str,
+    s: dict[str, Any],
+    base_dir: Path,
+    opt: torch.optim.Optimizer | None,
+    model: torch.nn.Module,
+    every: int,
+) -> PLoRA:
+    cfg = PLoRAConfig(
+        unload_every=every,
+        unload_unit="steps",
+        momentum=s["momentum"],
+        merge_rounding=rounding,
+        rank_sample_layers=0,
+    )
+    return PLoRA(
+        model,
+        cfg,
+        s["batch"],
+        s["seed"],
+        TorchParamAccess(opt),
+        track_all_layers=True,
+        base_weights=safetensors_base_weights(base_dir),
+    )
 
 
 def lora_model(s: dict[str, Any], vocab: int | None = None) -> torch.nn.Module:
@@ -95,8 +122,9 @@ def lora_model(s: dict[str, Any], vocab: int | None = None) -> torch.nn.Module:
     return attach_lora(model, LoraConfig(rank=s["rank"]))
 
 
-def training_run(rounding: str, lr: float, s: dict[str, Any], data: torch.Tensor,
-                 base_dir: Path) -> dict[str, Any]:
+def training_run(
+    rounding: str, lr: float, s: dict[str, Any], data: torch.Tensor, base_dir: Path
+) -> dict[str, Any]:
     """PLoRA training of the bf16 tiny LLaMA with ``unloads`` unloads; merge stats at the end."""
     model = lora_model(s)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -107,7 +135,7 @@ def training_run(rounding: str, lr: float, s: dict[str, Any], data: torch.Tensor
     t0 = time.perf_counter()
     step = 0
     while plora.num_unloads < s["unloads"]:
-        x = data[(step * s["batch"]) % (len(data) - s["batch"]):][: s["batch"]]
+        x = data[(step * s["batch"]) % (len(data) - s["batch"]) :][: s["batch"]]
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -116,15 +144,31 @@ def training_run(rounding: str, lr: float, s: dict[str, Any], data: torch.Tensor
         step += 1
         if plora.due(step, step * s["batch"]):
             with torch.no_grad():
-                rhos.append(sum(float((1 - s["momentum"]) * p.scaling * (p.B @ p.A).norm()
-                                      / p.base.float().norm()) for p in pairs) / len(pairs))
+                rhos.append(
+                    sum(
+                        float(
+                            (1 - s["momentum"])
+                            * p.scaling
+                            * (p.B @ p.A).norm()
+                            / p.base.float().norm()
+                        )
+                        for p in pairs
+                    )
+                    / len(pairs)
+                )
             per_unload.append(plora.unload(step, step * s["batch"]).merge_rel_error)
     stats = plora.cumulative_merge_stats()
-    return {"rounding": rounding, "lr": lr, "steps": step, "final_loss": float(loss),
-            "rho": sum(rhos) / len(rhos),
-            "mean_per_unload_rel_error": sum(per_unload) / len(per_unload),
-            **stats, "floor": floor_error(plora, base_dir),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "rounding": rounding,
+        "lr": lr,
+        "steps": step,
+        "final_loss": float(loss),
+        "rho": sum(rhos) / len(rhos),
+        "mean_per_unload_rel_error": sum(per_unload) / len(per_unload),
+        **stats,
+        "floor": floor_error(plora, base_dir),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def synthetic_run(rounding: str, rho: float, s: dict[str, Any], base_dir: Path) -> dict[str, Any]:
@@ -146,8 +190,12 @@ def synthetic_run(rounding: str, rho: float, s: dict[str, Any], base_dir: Path) 
                 p.B.copy_(b * jitter[k])
                 p.A.copy_(a)
         plora.unload(k + 1, k + 1)
-    return {"rounding": rounding, "rho": rho, **plora.cumulative_merge_stats(),
-            "floor": floor_error(plora, base_dir)}
+    return {
+        "rounding": rounding,
+        "rho": rho,
+        **plora.cumulative_merge_stats(),
+        "floor": floor_error(plora, base_dir),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -165,17 +213,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for lr in s["lrs"]:
             for r in ROUNDINGS:
                 train.append(training_run(r, lr, s, data, dirs["gsm8k"]))
-                print(f"  train lr={lr:g} {r}: cum error {train[-1]['cumulative_rel_error']:.4f} "
-                      f"({train[-1]['seconds']:.0f} s)", flush=True)
-        sweep = [synthetic_run(r, rho, s, dirs["synthetic"]) for rho in s["rhos"]
-                 for r in ROUNDINGS]
-    cols = ("rounding", "lr", "rho", "cumulative_rel_error", "retained_fraction", "floor",
-            "mean_per_unload_rel_error", "final_loss", "seconds")
-    print_table(f"training-derived, {s['unloads']} unloads every {s['unload_every']} steps, bf16",
-                [{k: row[k] for k in cols} for row in train])
-    print_table(f"synthetic sweep, {s['unloads']} unloads, bf16",
-                [{k: row[k] for k in ("rounding", "rho", "cumulative_rel_error",
-                                      "retained_fraction", "floor")} for row in sweep])
+                print(
+                    f"  train lr={lr:g} {r}: cum error {train[-1]['cumulative_rel_error']:.4f} "
+                    f"({train[-1]['seconds']:.0f} s)",
+                    flush=True,
+                )
+        sweep = [
+            synthetic_run(r, rho, s, dirs["synthetic"]) for rho in s["rhos"] for r in ROUNDINGS
+        ]
+    cols = (
+        "rounding",
+        "lr",
+        "rho",
+        "cumulative_rel_error",
+        "retained_fraction",
+        "floor",
+        "mean_per_unload_rel_error",
+        "final_loss",
+        "seconds",
+    )
+    print_table(
+        f"training-derived, {s['unloads']} unloads every {s['unload_every']} steps, bf16",
+        [{k: row[k] for k in cols} for row in train],
+    )
+    print_table(
+        f"synthetic sweep, {s['unloads']} unloads, bf16",
+        [
+            {
+                k: row[k]
+                for k in ("rounding", "rho", "cumulative_rel_error", "retained_fraction", "floor")
+            }
+            for row in sweep
+        ],
+    )
 
     def pick(rows: list[dict[str, Any]], key: str, value: float, rounding: str) -> dict[str, Any]:
         return next(r for r in rows if r[key] == value and r["rounding"] == rounding)
@@ -185,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         headline[f"merge_cum_rel_error_{r}"] = pick(train, "lr", 1e-3, r)["cumulative_rel_error"]
     for r in ROUNDINGS:
         headline[f"merge_cum_rel_error_{r}_lr1e-4"] = pick(train, "lr", 1e-4, r)[
-            "cumulative_rel_error"]
+            "cumulative_rel_error"
+        ]
     for r in ROUNDINGS:
         headline[f"merge_retained_{r}"] = pick(train, "lr", 1e-3, r)["retained_fraction"]
     headline["merge_floor_lr1e-3"] = pick(train, "lr", 1e-3, "from_base")["floor"]
@@ -195,8 +266,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for r in ROUNDINGS:
             headline[f"sweep_rho{rho:g}_{r}"] = pick(sweep, "rho", rho, r)["cumulative_rel_error"]
         headline[f"sweep_rho{rho:g}_floor"] = pick(sweep, "rho", rho, "from_base")["floor"]
-    return write_result("merge_precision", args.quick, headline,
-                        {"settings": s, "training": train, "sweep": sweep}, args.out, started)
+    return write_result(
+        "merge_precision",
+        args.quick,
+        headline,
+        {"settings": s, "training": train, "sweep": sweep},
+        args.out,
+        started,
+    )
 
 
 if __name__ == "__main__":

@@ -50,23 +50,38 @@ VOCAB = 2048
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    return dict(hidden=64 if quick else 128, intermediate=176 if quick else 352,
-                layers=2 if quick else 4, heads=4, batch=4, length=64 if quick else 128,
-                steps=100 if quick else 300, unload_every_run=20 if quick else 50,
-                memory_steps=20 if quick else 60, realistic_interval=200, warmup=3, rank=8,
-                seed=0)
+    return dict(
+        hidden=64 if quick else 128,
+        intermediate=176 if quick else 352,
+        layers=2 if quick else 4,
+        heads=4,
+        batch=4,
+        length=64 if quick else 128,
+        steps=100 if quick else 300,
+        unload_every_run=20 if quick else 50,
+        memory_steps=20 if quick else 60,
+        realistic_interval=200,
+        warmup=3,
+        rank=8,
+        seed=0,
+    )
 
 
 def build(s: dict[str, Any], device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    tiny = TinyModelConfig(hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-                           num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                           num_key_value_heads=s["heads"])
+    tiny = TinyModelConfig(
+        hidden_size=s["hidden"],
+        intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["heads"],
+    )
     dtype = "bfloat16" if device == "cuda" else "float32"
     model = load_model(ModelConfig(tiny=tiny, dtype=dtype), seed=s["seed"], vocab_size=VOCAB)
     torch.manual_seed(s["seed"])
     model = attach_lora(model, LoraConfig(rank=s["rank"])).to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                            betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.99)
+    )
     return model, opt
 
 
@@ -89,8 +104,13 @@ def sync(device: str) -> None:
 def step_times(s: dict[str, Any], device: str) -> dict[str, Any]:
     lora, lora_opt = build(s, device)
     pl_model, pl_opt = build(s, device)
-    plora = PLoRA(pl_model, PLoRAConfig(unload_every=s["unload_every_run"], unload_unit="steps"),
-                  s["batch"], s["seed"], TorchParamAccess(pl_opt))
+    plora = PLoRA(
+        pl_model,
+        PLoRAConfig(unload_every=s["unload_every_run"], unload_unit="steps"),
+        s["batch"],
+        s["seed"],
+        TorchParamAccess(pl_opt),
+    )
     t_lora, t_plora, unload_s = [], [], []
     t_plora_with_unload = []
     for step in range(s["warmup"] + s["steps"]):
@@ -123,11 +143,14 @@ def step_times(s: dict[str, Any], device: str) -> dict[str, Any]:
     paired = [p / q for p, q in zip(t_plora, t_lora)]
     return {
         "paired_ratio_median": statistics.median(paired),
-        "lora_step_s": t_lora, "plora_step_s": t_plora,
-        "lora_step_s_total": sum(t_lora), "plora_step_s_total": sum(t_plora_with_unload),
+        "lora_step_s": t_lora,
+        "plora_step_s": t_plora,
+        "lora_step_s_total": sum(t_lora),
+        "plora_step_s_total": sum(t_plora_with_unload),
         "lora_step_s_median": statistics.median(t_lora),
         "plora_step_s_median": statistics.median(t_plora),
-        "unloads": plora.num_unloads, "unload_s": unload_s,
+        "unloads": plora.num_unloads,
+        "unload_s": unload_s,
     }
 
 
@@ -137,8 +160,13 @@ def peak_memory_child(method: str, s: dict[str, Any], device: str) -> dict[str, 
     plora = None
     if method == "plora":
         every = max(1, s["memory_steps"] // 2)  # two unloads, so their temporaries count
-        plora = PLoRA(model, PLoRAConfig(unload_every=every, unload_unit="steps"),
-                      s["batch"], s["seed"], TorchParamAccess(opt))
+        plora = PLoRA(
+            model,
+            PLoRAConfig(unload_every=every, unload_unit="steps"),
+            s["batch"],
+            s["seed"],
+            TorchParamAccess(opt),
+        )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -155,8 +183,12 @@ def peak_memory_child(method: str, s: dict[str, Any], device: str) -> dict[str, 
             rss_max = max(rss_max, current_rss())
     sync(device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = {"rss_before_bytes": before, "rss_peak_bytes": peak, "rss_start_bytes": rss0,
-           "rss_sampled_max_bytes": rss_max}
+    out = {
+        "rss_before_bytes": before,
+        "rss_peak_bytes": peak,
+        "rss_start_bytes": rss0,
+        "rss_sampled_max_bytes": rss_max,
+    }
     if device == "cuda":
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return out
@@ -195,23 +227,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plora_med = times["plora_step_s_median"]
     unload_med = statistics.median(times["unload_s"])
     interval = s["realistic_interval"]
+
     def growth(m: str) -> float:
         return float(mem[m]["rss_sampled_max_bytes"] - mem[m]["rss_start_bytes"])
 
-    print_table("step time and memory", [
-        {"method": m, "median_step_ms": 1e3 * times[f"{m}_step_s_median"],
-         "total_step_s": times[f"{m}_step_s_total"],
-         "peak_MiB": mem[m][key] / 2**20,
-         "sampled_growth_MiB": growth(m) / 2**20}
-        for m in ("lora", "plora")])
+    print_table(
+        "step time and memory",
+        [
+            {
+                "method": m,
+                "median_step_ms": 1e3 * times[f"{m}_step_s_median"],
+                "total_step_s": times[f"{m}_step_s_total"],
+                "peak_MiB": mem[m][key] / 2**20,
+                "sampled_growth_MiB": growth(m) / 2**20,
+            }
+            for m in ("lora", "plora")
+        ],
+    )
 
     headline = {
         "step_time_ratio": times["paired_ratio_median"] + unload_med / interval / lora_med,
         "realistic_interval_steps": interval,
         "step_time_ratio_steps_only": times["paired_ratio_median"],
         "step_time_ratio_of_medians": plora_med / lora_med,
-        f"step_time_ratio_in_run_every{s['unload_every_run']}":
-            times["plora_step_s_total"] / times["lora_step_s_total"],
+        f"step_time_ratio_in_run_every{s['unload_every_run']}": times["plora_step_s_total"]
+        / times["lora_step_s_total"],
         "unload_share_at_interval": unload_med / interval / lora_med,
         "peak_memory_ratio": mem["plora"][key] / mem["lora"][key],
         "peak_memory_increment_ratio": growth("plora") / max(1.0, growth("lora")),
@@ -220,9 +260,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "unload_in_lora_steps": unload_med / lora_med,
         "lora_step_ms": 1e3 * lora_med,
     }
-    return write_result("overhead", args.quick, headline,
-                        {"device": device, "settings": s, "step_times": times,
-                         "peak_memory": mem}, args.out, started)
+    return write_result(
+        "overhead",
+        args.quick,
+        headline,
+        {"device": device, "settings": s, "step_times": times, "peak_memory": mem},
+        args.out,
+        started,
+    )
 
 
 if __name__ == "__main__":

@@ -73,17 +73,28 @@ OCCUPANCY_DEFINITION = (
     "busy worker-CPU-seconds / available worker-CPU-seconds; busy = sum over trials of "
     "(trainer loop start -> final report, i.e. training + evaluation + export) x the trial's "
     "worker CPUs; available = max_concurrent x num_workers x cpus_per_worker x span (first trial "
-    "launched -> last trial ended, Tune's clock)")
+    "launched -> last trial ended, Tune's clock)"
+)
 
 
 def _shrink(quick: bool, executor: str) -> dict[str, Any]:
-    sets: dict[str, Any] = {"search.scheduler": {"type": "none"}, "search.time_budget_s": None,
-                            "search.trial_executor": executor}
+    sets: dict[str, Any] = {
+        "search.scheduler": {"type": "none"},
+        "search.time_budget_s": None,
+        "search.trial_executor": executor,
+    }
     if quick:
         # The smoke search's 6 trials, each shrunk to 4 steps and a tiny evaluation.
-        sets.update({"train.max_steps": 4, "eval.limit": 2,
-                     "eval.max_gen_toks": 8, "data.max_samples": 64, "plora.unload_every": 16,
-                     "search.points": []})
+        sets.update(
+            {
+                "train.max_steps": 4,
+                "eval.limit": 2,
+                "eval.max_gen_toks": 8,
+                "data.max_samples": 64,
+                "plora.unload_every": 16,
+                "search.points": [],
+            }
+        )
     return sets
 
 
@@ -97,9 +108,16 @@ def _actor_rows() -> list[dict[str, Any]]:
     rows = []
     for raw in accessor.get_actor_table(None, None):
         d = gcs_pb2.ActorTableData.FromString(raw)
-        rows.append({"cls": d.class_name, "pid": d.pid, "alive_at": d.start_time / 1000.0,
-                     "ended_at": (d.end_time / 1000.0) or None, "wid": d.address.worker_id,
-                     "owner": d.owner_address.worker_id})
+        rows.append(
+            {
+                "cls": d.class_name,
+                "pid": d.pid,
+                "alive_at": d.start_time / 1000.0,
+                "ended_at": (d.end_time / 1000.0) or None,
+                "wid": d.address.worker_id,
+                "owner": d.owner_address.worker_id,
+            }
+        )
     return rows
 
 
@@ -114,15 +132,25 @@ def _descendants(rows: list[dict[str, Any]], root: dict[str, Any]) -> list[dict[
 
 def _trial_figures(rec: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     tl = rec.get("timeline") or {}
-    need = ("launched_at", "driver_started_at", "loop_started_at", "final_report_at",
-            "driver_ended_at", "tune_ended_at")
+    need = (
+        "launched_at",
+        "driver_started_at",
+        "loop_started_at",
+        "final_report_at",
+        "driver_ended_at",
+        "tune_ended_at",
+    )
     if any(tl.get(k) is None for k in need):
         return None
-    setup = {k: float(v) for k, v in (tl.get("setup_s") or {}).items()
-             if isinstance(v, (int, float))}
+    setup = {
+        k: float(v) for k, v in (tl.get("setup_s") or {}).items() if isinstance(v, (int, float))
+    }
     fig: dict[str, Any] = {
-        "trial_id": rec["trial_id"], "status": rec["status"], "method": rec["method"],
-        "launched_at": tl["launched_at"], "ended_at": tl["tune_ended_at"],
+        "trial_id": rec["trial_id"],
+        "status": rec["status"],
+        "method": rec["method"],
+        "launched_at": tl["launched_at"],
+        "ended_at": tl["tune_ended_at"],
         "num_workers": tl.get("num_workers") or 1,
         "cpus_per_worker": tl.get("cpus_per_worker") or 1,
         "startup_s": tl["loop_started_at"] - tl["launched_at"],
@@ -130,7 +158,8 @@ def _trial_figures(rec: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str,
         **setup,
         "work_s": tl["final_report_at"] - tl["loop_started_at"],
         "loop_s": (tl["last_step_at"] - tl["loop_started_at"]) if tl.get("last_step_at") else None,
-        "eval_export_s": (tl["final_report_at"] - tl["last_step_at"]) if tl.get("last_step_at")
+        "eval_export_s": (tl["final_report_at"] - tl["last_step_at"])
+        if tl.get("last_step_at")
         else None,
         "trial_overhead_s_with_eval": None,
         "train_teardown_s": tl["driver_ended_at"] - tl["final_report_at"],
@@ -139,8 +168,9 @@ def _trial_figures(rec: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str,
     }
     fig["trial_overhead_s"] = fig["startup_s"] + fig["teardown_s"]
     if tl.get("last_step_at"):
-        fig["trial_overhead_s_with_eval"] = (fig["startup_s"] + tl["tune_ended_at"]
-                                             - tl["last_step_at"])
+        fig["trial_overhead_s_with_eval"] = (
+            fig["startup_s"] + tl["tune_ended_at"] - tl["last_step_at"]
+        )
     # The actors of this trial: its driver (matched by pid and time) and what it created.
     pid = tl.get("driver_pid")
     roots = [r for r in rows if r["pid"] == pid and r["alive_at"] <= tl["driver_started_at"] + 1]
@@ -159,9 +189,24 @@ def _trial_figures(rec: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str,
     return fig
 
 
-PHASES = ("tune_launch_s", "controller_s", "worker_start_s", "dist_init_s", "model_s", "data_s",
-          "engine_s", "startup_s", "loop_s", "eval_export_s", "work_s", "train_teardown_s",
-          "tune_teardown_s", "teardown_s", "trial_overhead_s", "trial_overhead_s_with_eval")
+PHASES = (
+    "tune_launch_s",
+    "controller_s",
+    "worker_start_s",
+    "dist_init_s",
+    "model_s",
+    "data_s",
+    "engine_s",
+    "startup_s",
+    "loop_s",
+    "eval_export_s",
+    "work_s",
+    "train_teardown_s",
+    "tune_teardown_s",
+    "teardown_s",
+    "trial_overhead_s",
+    "trial_overhead_s_with_eval",
+)
 
 
 def _mean(trials: list[dict[str, Any]], key: str) -> float | None:
@@ -169,14 +214,21 @@ def _mean(trials: list[dict[str, Any]], key: str) -> float | None:
     return statistics.mean(vals) if vals else None
 
 
-def run_variant(label: str, executor: str, train_env: dict[str, str], quick: bool,
-                storage: str) -> dict[str, Any]:
+def run_variant(
+    label: str, executor: str, train_env: dict[str, str], quick: bool, storage: str
+) -> dict[str, Any]:
     from plora_ray.search import run_search
 
     t0 = time.time()
     load0 = os.getloadavg()[0]
-    out = run_search(str(SMOKE), storage=storage, name=label, overrides=_shrink(quick, executor),
-                     verbose=0, train_env=train_env)
+    out = run_search(
+        str(SMOKE),
+        storage=storage,
+        name=label,
+        overrides=_shrink(quick, executor),
+        verbose=0,
+        train_env=train_env,
+    )
     wall = time.time() - t0
     rows = _actor_rows()
     timelines = {r["trial_id"]: r.get("timeline") or {} for r in out.records}
@@ -203,12 +255,19 @@ def run_variant(label: str, executor: str, train_env: dict[str, str], quick: boo
     worker_cpus = max(t["num_workers"] * t["cpus_per_worker"] for t in trials)
     busy = sum(t["work_s"] * t["num_workers"] * t["cpus_per_worker"] for t in trials)
     res: dict[str, Any] = {
-        "label": label, "trial_executor": executor, "train_env": train_env,
-        "search_wall_s": wall, "trials": trials,
-        "max_concurrent": slots, "worker_cpus_per_trial": worker_cpus, "span_s": span,
-        "busy_worker_cpu_s": busy, "available_worker_cpu_s": slots * worker_cpus * span,
+        "label": label,
+        "trial_executor": executor,
+        "train_env": train_env,
+        "search_wall_s": wall,
+        "trials": trials,
+        "max_concurrent": slots,
+        "worker_cpus_per_trial": worker_cpus,
+        "span_s": span,
+        "busy_worker_cpu_s": busy,
+        "available_worker_cpu_s": slots * worker_cpus * span,
         "slot_occupancy": busy / (slots * worker_cpus * span) if span > 0 else 0.0,
-        "load_avg_1m_start": load0, "load_avg_1m_end": os.getloadavg()[0],
+        "load_avg_1m_start": load0,
+        "load_avg_1m_end": os.getloadavg()[0],
     }
     for k in PHASES:
         res[k] = _mean(trials, k)
@@ -227,9 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="6 trials of 4 steps per setting")
     ap.add_argument("--out", default=None, help="write the results JSON here")
-    ap.add_argument("--num-cpus", type=int, default=max(2, os.cpu_count() or 1),
-                    help="logical CPUs of the local Ray (default: the machine's, as plora-ray "
-                         "search starts it; a train trial takes 2, an actor trial 1)")
+    ap.add_argument(
+        "--num-cpus",
+        type=int,
+        default=max(2, os.cpu_count() or 1),
+        help="logical CPUs of the local Ray (default: the machine's, as plora-ray "
+        "search starts it; a train trial takes 2, an actor trial 1)",
+    )
     args = ap.parse_args(argv)
 
     import ray
@@ -237,13 +300,20 @@ def main(argv: list[str] | None = None) -> int:
     from plora_ray.search import TRIAL_TRAIN_ENV
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
-             logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=args.num_cpus,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="plora-bench-") as storage:
-        for label, executor, env in (("actor", "actor", dict(TRIAL_TRAIN_ENV)),
-                                     ("train", "train", dict(TRIAL_TRAIN_ENV)),
-                                     ("train_ray_defaults", "train", {})):
+        for label, executor, env in (
+            ("actor", "actor", dict(TRIAL_TRAIN_ENV)),
+            ("train", "train", dict(TRIAL_TRAIN_ENV)),
+            ("train_ray_defaults", "train", {}),
+        ):
             results.append(run_variant(label, executor, env, args.quick, storage))
     ray.shutdown()
 
@@ -275,17 +345,33 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_1m": round(max(r["load_avg_1m_end"] for r in results), 2),
     }
     print(f"{'phase (mean s)':<18}" + "".join(f"{r['label']:>14}" for r in results))
-    for k in PHASES + ("trial_overhead_s_cold", "trial_overhead_s_warm", "slot_occupancy",
-                       "slot_occupancy_warm", "search_wall_s", "processes"):
+    for k in PHASES + (
+        "trial_overhead_s_cold",
+        "trial_overhead_s_warm",
+        "slot_occupancy",
+        "slot_occupancy_warm",
+        "search_wall_s",
+        "processes",
+    ):
         print(f"{k:<18}" + "".join(f"{_fmt(r[k]):>14}" for r in results))
-    print(f"{'trials x slots':<18}" + "".join(
-        f"{str(len(r['trials'])) + ' x ' + str(r['max_concurrent']):>14}" for r in results))
+    print(
+        f"{'trials x slots':<18}"
+        + "".join(
+            f"{str(len(r['trials'])) + ' x ' + str(r['max_concurrent']):>14}" for r in results
+        )
+    )
     print("actors per train trial:", by["train"]["trials"][0].get("actors"))
     print("headline:", json.dumps(headline))
     if args.out:
-        payload = {"benchmark": "search_overhead", "quick": args.quick, "num_cpus": args.num_cpus,
-                   "cpu_count": os.cpu_count(), "occupancy_definition": OCCUPANCY_DEFINITION,
-                   "headline": headline, "settings": results}
+        payload = {
+            "benchmark": "search_overhead",
+            "quick": args.quick,
+            "num_cpus": args.num_cpus,
+            "cpu_count": os.cpu_count(),
+            "occupancy_definition": OCCUPANCY_DEFINITION,
+            "headline": headline,
+            "settings": results,
+        }
         Path(args.out).write_text(json.dumps(payload, indent=2))
     return 0
 

@@ -163,8 +163,13 @@ def _apply_exceptions(new: torch.Tensor, delta: LayerDelta) -> torch.Tensor:
     return new
 
 
-def replay_layer(old: torch.Tensor, delta: LayerDelta, rounding: str, generator: torch.Generator,
-                 add: AddFunction) -> torch.Tensor:
+def replay_layer(
+    old: torch.Tensor,
+    delta: LayerDelta,
+    rounding: str,
+    generator: torch.Generator,
+    add: AddFunction,
+) -> torch.Tensor:
     """The weight after one unload, from its value before: factors, rounding, then exceptions.
 
     Args:
@@ -181,8 +186,9 @@ def replay_layer(old: torch.Tensor, delta: LayerDelta, rounding: str, generator:
     return _apply_exceptions(new, delta)
 
 
-def replay_layer_from_base(w0: torch.Tensor, deltas: list[LayerDelta], dtype: torch.dtype,
-                           device: Any) -> torch.Tensor:
+def replay_layer_from_base(
+    w0: torch.Tensor, deltas: list[LayerDelta], dtype: torch.dtype, device: Any
+) -> torch.Tensor:
     """The weight after a ``from_base`` unload: round_nearest(W_0 + Σ coef·B·A), then exceptions.
 
     Args:
@@ -213,10 +219,20 @@ def save_unload_delta(record: UnloadDelta, directory: str | os.PathLike[str]) ->
         tensors[f"{i}.A"] = ld.A.detach().to(torch.float32).contiguous()
         tensors[f"{i}.exc_index"] = ld.exc_index.to(torch.int64).contiguous()
         tensors[f"{i}.exc_value"] = ld.exc_value.contiguous()
-        layers_meta.append({"name": ld.name, "layer_index": ld.layer_index, "coef": ld.coef,
-                            "base_name": ld.base_name})
-    meta = {"index": record.index, "step": record.step, "rounding": record.rounding,
-            "layers": layers_meta}
+        layers_meta.append(
+            {
+                "name": ld.name,
+                "layer_index": ld.layer_index,
+                "coef": ld.coef,
+                "base_name": ld.base_name,
+            }
+        )
+    meta = {
+        "index": record.index,
+        "step": record.step,
+        "rounding": record.rounding,
+        "layers": layers_meta,
+    }
     path = d / f"unload_{record.index:04d}.safetensors"
     save_file(tensors, str(path), metadata={"plora_unload": json.dumps(meta)})
     return path
@@ -238,19 +254,32 @@ def load_unload_deltas(directory: str | os.PathLike[str]) -> list[UnloadDelta]:
                 raise ValueError(f"{path}: expected 'plora_unload' metadata, found none")
             meta = json.loads(raw)
             layers = [
-                LayerDelta(name=m["name"], layer_index=int(m["layer_index"]),
-                           B=fh.get_tensor(f"{i}.B"), A=fh.get_tensor(f"{i}.A"),
-                           coef=float(m["coef"]), exc_index=fh.get_tensor(f"{i}.exc_index"),
-                           exc_value=fh.get_tensor(f"{i}.exc_value"),
-                           base_name=m.get("base_name", ""))
+                LayerDelta(
+                    name=m["name"],
+                    layer_index=int(m["layer_index"]),
+                    B=fh.get_tensor(f"{i}.B"),
+                    A=fh.get_tensor(f"{i}.A"),
+                    coef=float(m["coef"]),
+                    exc_index=fh.get_tensor(f"{i}.exc_index"),
+                    exc_value=fh.get_tensor(f"{i}.exc_value"),
+                    base_name=m.get("base_name", ""),
+                )
                 for i, m in enumerate(meta["layers"])
             ]
-        out.append(UnloadDelta(index=int(meta["index"]), step=int(meta["step"]),
-                               rounding=meta["rounding"], layers=layers))
+        out.append(
+            UnloadDelta(
+                index=int(meta["index"]),
+                step=int(meta["step"]),
+                rounding=meta["rounding"],
+                layers=layers,
+            )
+        )
     for expected, rec in enumerate(out):
         if rec.index != expected:
-            raise ValueError(f"{directory}: expected unload records 0..{len(out) - 1}, found "
-                             f"{[r.index for r in out]}")
+            raise ValueError(
+                f"{directory}: expected unload records 0..{len(out) - 1}, found "
+                f"{[r.index for r in out]}"
+            )
     return out
 
 
@@ -278,13 +307,22 @@ class BackboneRecorder:
         ValueError: ``from_base`` without ``base_weights``.
     """
 
-    def __init__(self, inner: Any, pairs: list[Any], names: dict[int, str],
-                 generator_for: GeneratorFactory, add: AddFunction,
-                 coef_for: Callable[[Any], float], rounding: str,
-                 base_weights: BaseWeights | None = None) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        pairs: list[Any],
+        names: dict[int, str],
+        generator_for: GeneratorFactory,
+        add: AddFunction,
+        coef_for: Callable[[Any], float],
+        rounding: str,
+        base_weights: BaseWeights | None = None,
+    ) -> None:
         if rounding == FROM_BASE and base_weights is None:
-            raise ValueError("BackboneRecorder: expected base_weights (the W_0 source of the "
-                             "unloads) with rounding 'from_base', found None")
+            raise ValueError(
+                "BackboneRecorder: expected base_weights (the W_0 source of the "
+                "unloads) with rounding 'from_base', found None"
+            )
         self.base_weights = base_weights
         self.inner = inner
         self.pairs = pairs
@@ -332,8 +370,10 @@ class BackboneRecorder:
         params = [t for pr in self.pairs for t in (pr.B, pr.A)]
         with self.inner.gathered(params):
             for i, pr in enumerate(self.pairs):
-                pending[i] = (self.inner.read_trainable(pr.B).detach().float().cpu().clone(),
-                              self.inner.read_trainable(pr.A).detach().float().cpu().clone())
+                pending[i] = (
+                    self.inner.read_trainable(pr.B).detach().float().cpu().clone(),
+                    self.inner.read_trainable(pr.A).detach().float().cpu().clone(),
+                )
         self._pending = pending
         self._layers = []
         self._index = index
@@ -343,8 +383,9 @@ class BackboneRecorder:
         assert self._pending is not None
         B, A = self._pending[i]
         pr = self.pairs[i]
-        delta = LayerDelta(name=self.names[id(p)], layer_index=i, B=B, A=A,
-                           coef=float(self.coef_for(pr)))
+        delta = LayerDelta(
+            name=self.names[id(p)], layer_index=i, B=B, A=A, coef=float(self.coef_for(pr))
+        )
         # p still holds the old weight: write_frozen has not run yet. Replay on p's device, as
         # the unload computed there (a CUDA generator draws other bits than a CPU one).
         old = p.detach()
@@ -355,13 +396,21 @@ class BackboneRecorder:
             assert self.base_weights is not None
             delta.base_name = base_param_name(pr.name)
             prior = [ld for rec in self.records for ld in rec.layers if ld.layer_index == i]
-            got = replay_layer_from_base(self.base_weights(delta.base_name), [*prior, delta],
-                                         old.dtype, old.device)
+            got = replay_layer_from_base(
+                self.base_weights(delta.base_name), [*prior, delta], old.dtype, old.device
+            )
         else:
-            got = replay_layer(old, delta, self.rounding,
-                               self.generator_for(self._index, i, old.device), self.add)
-        differ = (got.reshape(-1).view(_int_view(got.dtype)) !=
-                  want.reshape(-1).view(_int_view(want.dtype))).nonzero().reshape(-1)
+            got = replay_layer(
+                old, delta, self.rounding, self.generator_for(self._index, i, old.device), self.add
+            )
+        differ = (
+            (
+                got.reshape(-1).view(_int_view(got.dtype))
+                != want.reshape(-1).view(_int_view(want.dtype))
+            )
+            .nonzero()
+            .reshape(-1)
+        )
         delta.exc_index = differ.to(torch.int64).cpu()
         delta.exc_value = want.reshape(-1)[differ].cpu().clone()
         return delta
@@ -377,9 +426,14 @@ class BackboneRecorder:
             raise RuntimeError(
                 f"unload {self._index}: expected write_frozen on each of the {len(self.pairs)} "
                 f"target weights, recorded {len(self._layers)}; the backbone change cannot be "
-                "checkpointed")
-        rec = UnloadDelta(index=self._index, step=self._step, rounding=self.rounding,
-                          layers=sorted(self._layers, key=lambda d: d.layer_index))
+                "checkpointed"
+            )
+        rec = UnloadDelta(
+            index=self._index,
+            step=self._step,
+            rounding=self.rounding,
+            layers=sorted(self._layers, key=lambda d: d.layer_index),
+        )
         self.records.append(rec)
         self._pending = None
         self._layers = []
@@ -398,13 +452,15 @@ class BackboneRecorder:
         for rec in self.records:
             for ld in rec.layers:
                 out.setdefault(self.pairs[ld.layer_index].name, []).append(
-                    (ld.coef * ld.B, ld.A.clone()))
+                    (ld.coef * ld.B, ld.A.clone())
+                )
         return out
 
 
 def _int_view(dtype: torch.dtype) -> torch.dtype:
     return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[
-        torch.empty(0, dtype=dtype).element_size()]
+        torch.empty(0, dtype=dtype).element_size()
+    ]
 
 
 def backbone_digests(model: torch.nn.Module, names: list[str], access: Any) -> dict[str, str]:
@@ -418,10 +474,16 @@ def backbone_digests(model: torch.nn.Module, names: list[str], access: Any) -> d
     return out
 
 
-def replay_backbone(model: torch.nn.Module, records: list[UnloadDelta], access: Any,
-                    generator_for: GeneratorFactory, add: AddFunction,
-                    digests: dict[str, str] | None = None, *,
-                    base_weights: BaseWeights | None = None) -> None:
+def replay_backbone(
+    model: torch.nn.Module,
+    records: list[UnloadDelta],
+    access: Any,
+    generator_for: GeneratorFactory,
+    add: AddFunction,
+    digests: dict[str, str] | None = None,
+    *,
+    base_weights: BaseWeights | None = None,
+) -> None:
     """Re-apply recorded unloads, in order, to a freshly built (base) backbone.
 
     Args:
@@ -442,16 +504,22 @@ def replay_backbone(model: torch.nn.Module, records: list[UnloadDelta], access: 
     for rec in records:
         for ld in rec.layers:
             if ld.name not in params:
-                raise ValueError(f"backbone record of unload {rec.index}: expected a weight named "
-                                 f"{ld.name!r} in the model, found none")
+                raise ValueError(
+                    f"backbone record of unload {rec.index}: expected a weight named "
+                    f"{ld.name!r} in the model, found none"
+                )
     roundings = sorted({rec.rounding for rec in records})
     if FROM_BASE in roundings:
         if len(roundings) > 1:
-            raise ValueError(f"backbone records: expected one merge rounding, found {roundings} "
-                             "(from_base cannot follow another rounding)")
+            raise ValueError(
+                f"backbone records: expected one merge rounding, found {roundings} "
+                "(from_base cannot follow another rounding)"
+            )
         if base_weights is None:
-            raise ValueError("backbone records of from_base unloads: expected base_weights (the "
-                             "W_0 source of the run), found None")
+            raise ValueError(
+                "backbone records of from_base unloads: expected base_weights (the "
+                "W_0 source of the run), found None"
+            )
         _replay_from_base(params, records, access, base_weights)
     else:
         for rec in records:
@@ -459,19 +527,30 @@ def replay_backbone(model: torch.nn.Module, records: list[UnloadDelta], access: 
                 p = params[ld.name]
                 with access.gathered([p]):
                     old = p.detach()
-                    new = replay_layer(old, ld, rec.rounding,
-                                       generator_for(rec.index, ld.layer_index, old.device), add)
+                    new = replay_layer(
+                        old,
+                        ld,
+                        rec.rounding,
+                        generator_for(rec.index, ld.layer_index, old.device),
+                        add,
+                    )
                     access.write_frozen(p, new)
     if digests:
         got = backbone_digests(model, list(digests), access)
         bad = [n for n in digests if got[n] != digests[n]]
         if bad:
-            raise ValueError(f"backbone reconstruction: expected the checkpoint's weights bit for "
-                             f"bit, found {len(bad)} weight(s) differing, e.g. {bad[0]!r}")
+            raise ValueError(
+                f"backbone reconstruction: expected the checkpoint's weights bit for "
+                f"bit, found {len(bad)} weight(s) differing, e.g. {bad[0]!r}"
+            )
 
 
-def _replay_from_base(params: dict[str, torch.nn.Parameter], records: list[UnloadDelta],
-                      access: Any, base_weights: BaseWeights) -> None:
+def _replay_from_base(
+    params: dict[str, torch.nn.Parameter],
+    records: list[UnloadDelta],
+    access: Any,
+    base_weights: BaseWeights,
+) -> None:
     # Each from_base unload rewrites the weight from W_0, so the last record of each layer
     # (with all factors up to it) gives the final weight: one product per layer.
     by_layer: dict[str, list[LayerDelta]] = {}
@@ -482,13 +561,15 @@ def _replay_from_base(params: dict[str, torch.nn.Parameter], records: list[Unloa
         p = params[name]
         with access.gathered([p]):
             old = access.read_frozen(p)
-            new = replay_layer_from_base(base_weights(deltas[-1].base_name), deltas, old.dtype,
-                                         old.device)
+            new = replay_layer_from_base(
+                base_weights(deltas[-1].base_name), deltas, old.dtype, old.device
+            )
             access.write_frozen(p, new)
 
 
-def save_backbone(records: list[UnloadDelta], digests: dict[str, str],
-                  directory: str | os.PathLike[str]) -> int:
+def save_backbone(
+    records: list[UnloadDelta], digests: dict[str, str], directory: str | os.PathLike[str]
+) -> int:
     """Write all unload records and the digests into ``directory``; return the bytes written."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -551,9 +632,14 @@ def _maybe_gathered(access: Any, params: list[torch.nn.Parameter]) -> Iterator[N
             yield
 
 
-def export_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-                 out_dir: str | os.PathLike[str], *, access: Any = None,
-                 write: bool = True) -> Path:
+def export_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | os.PathLike[str],
+    *,
+    access: Any = None,
+    write: bool = True,
+) -> Path:
     """Save the merged model in the Hugging Face layout (safetensors, config, tokenizer).
 
     A peft model has its adapter merged into the (already partially merged, under PLoRA)

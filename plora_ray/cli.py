@@ -26,19 +26,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one run from a YAML config on Ray")
     p.add_argument("file")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="dotted-key overrides, e.g. lora.rank=8 plora.momentum=0.1")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted-key overrides, e.g. lora.rank=8 plora.momentum=0.1",
+    )
     p.add_argument("--output", default=None, help="output directory (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --output")
+    p.add_argument(
+        "--resume", action="store_true", help="resume from the newest checkpoint in --output"
+    )
 
     p = sub.add_parser("eval", help="evaluate an exported model directory with lm-eval tasks")
     p.add_argument("--model", required=True, help="directory in the Hugging Face layout")
-    p.add_argument("--tasks", default="gsm8k,mmlu", help="comma-separated: gsm8k,mmlu,arc_easy,arc_challenge")
+    p.add_argument(
+        "--tasks", default="gsm8k,mmlu", help="comma-separated: gsm8k,mmlu,arc_easy,arc_challenge"
+    )
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chat-format", action="store_true")
-    p.add_argument("--data-dir", default=None, help="directory with gsm8k/, mmlu/, arc/ (default: bundled)")
+    p.add_argument(
+        "--data-dir", default=None, help="directory with gsm8k/, mmlu/, arc/ (default: bundled)"
+    )
     p.add_argument("--out", default=None, help="write results JSON here")
 
     p = sub.add_parser("search", help="run a hyperparameter search from a search-space YAML")
@@ -73,8 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "search":
             from plora_ray.search import search_command
 
-            return search_command(args.file, storage=args.storage, name=args.name,
-                                  resume=args.resume, overrides=_overrides(args.set))
+            return search_command(
+                args.file,
+                storage=args.storage,
+                name=args.name,
+                resume=args.resume,
+                overrides=_overrides(args.set),
+            )
         if args.command == "leaderboard":
             from plora_ray.leaderboard import leaderboard_command
 

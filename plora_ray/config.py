@@ -355,10 +355,10 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
             hint = difflib.get_close_matches(str(k), names, n=1)
-            extra = f" (did you mean {(prefix + '.' if prefix else '') + hint[0]!r}?)" if hint else ""
-            problems.append(
-                f"{key}: unknown key{extra}; expected one of {', '.join(names)}"
+            extra = (
+                f" (did you mean {(prefix + '.' if prefix else '') + hint[0]!r}?)" if hint else ""
             )
+            problems.append(f"{key}: unknown key{extra}; expected one of {', '.join(names)}")
             continue
         before = len(problems)
         out = _convert(v, hints[k], key, problems)
@@ -385,46 +385,90 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
         )
     if m.tiny is not None:
         t = m.tiny
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             need(getattr(t, name) >= 1, f"model.tiny.{name}", "an integer >= 1", getattr(t, name))
         if t.num_attention_heads >= 1:
-            need(t.hidden_size % t.num_attention_heads == 0, "model.tiny.hidden_size",
-                 f"a multiple of num_attention_heads ({t.num_attention_heads})", t.hidden_size)
+            need(
+                t.hidden_size % t.num_attention_heads == 0,
+                "model.tiny.hidden_size",
+                f"a multiple of num_attention_heads ({t.num_attention_heads})",
+                t.hidden_size,
+            )
         if t.num_key_value_heads >= 1:
-            need(t.num_attention_heads % t.num_key_value_heads == 0,
-                 "model.tiny.num_attention_heads",
-                 f"a multiple of num_key_value_heads ({t.num_key_value_heads})",
-                 t.num_attention_heads)
+            need(
+                t.num_attention_heads % t.num_key_value_heads == 0,
+                "model.tiny.num_attention_heads",
+                f"a multiple of num_key_value_heads ({t.num_key_value_heads})",
+                t.num_attention_heads,
+            )
     if m.path is not None and _looks_local(m.path) and not Path(m.path).expanduser().is_dir():
-        problems.append(f"model.path: expected an existing directory or a hub id, found {m.path!r} "
-                        "(no such directory)")
-    if m.tokenizer is not None and _looks_local(m.tokenizer) and not Path(m.tokenizer).expanduser().is_dir():
-        problems.append(f"model.tokenizer: expected an existing directory or a hub id, found "
-                        f"{m.tokenizer!r} (no such directory)")
+        problems.append(
+            f"model.path: expected an existing directory or a hub id, found {m.path!r} "
+            "(no such directory)"
+        )
+    if (
+        m.tokenizer is not None
+        and _looks_local(m.tokenizer)
+        and not Path(m.tokenizer).expanduser().is_dir()
+    ):
+        problems.append(
+            f"model.tokenizer: expected an existing directory or a hub id, found "
+            f"{m.tokenizer!r} (no such directory)"
+        )
 
     d = cfg.data
     need(len(d.sources) >= 1, "data.sources", "at least one source", d.sources)
     for i, s in enumerate(d.sources):
         key = f"data.sources[{i}]"
         if (s.path is None) == (s.dataset is None):
-            problems.append(f"{key}: expected exactly one of path and dataset, found "
-                            f"path={s.path!r}, dataset={s.dataset!r}")
-        if s.path is not None and not s.path.startswith("bundled:") and not Path(s.path).expanduser().is_file():
-            problems.append(f"{key}.path: expected an existing JSONL file, found {s.path!r} (no such file)")
+            problems.append(
+                f"{key}: expected exactly one of path and dataset, found "
+                f"path={s.path!r}, dataset={s.dataset!r}"
+            )
+        if (
+            s.path is not None
+            and not s.path.startswith("bundled:")
+            and not Path(s.path).expanduser().is_file()
+        ):
+            problems.append(
+                f"{key}.path: expected an existing JSONL file, found {s.path!r} (no such file)"
+            )
         if s.path is not None and s.path.startswith("bundled:") and s.path not in BUNDLED_SOURCES:
             hint = difflib.get_close_matches(s.path, BUNDLED_SOURCES, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            problems.append(f"{key}.path: expected a JSONL file or one of {', '.join(BUNDLED_SOURCES)}, "
-                            f"found {s.path!r}{extra}")
-        if s.path is not None and s.path.startswith("bundled:") and s.format not in ("auto", "gsm8k"):
-            problems.append(f"{key}.format: expected 'auto' or 'gsm8k' for {s.path}, found {s.format!r}")
-        if s.dataset is not None and _looks_local(s.dataset) and not Path(s.dataset).expanduser().exists():
-            problems.append(f"{key}.dataset: expected a `datasets` hub name or an existing local "
-                            f"directory, found {s.dataset!r} (no such directory)")
+            problems.append(
+                f"{key}.path: expected a JSONL file or one of {', '.join(BUNDLED_SOURCES)}, "
+                f"found {s.path!r}{extra}"
+            )
+        if (
+            s.path is not None
+            and s.path.startswith("bundled:")
+            and s.format not in ("auto", "gsm8k")
+        ):
+            problems.append(
+                f"{key}.format: expected 'auto' or 'gsm8k' for {s.path}, found {s.format!r}"
+            )
+        if (
+            s.dataset is not None
+            and _looks_local(s.dataset)
+            and not Path(s.dataset).expanduser().exists()
+        ):
+            problems.append(
+                f"{key}.dataset: expected a `datasets` hub name or an existing local "
+                f"directory, found {s.dataset!r} (no such directory)"
+            )
         if s.weight is not None and s.count is not None:
-            problems.append(f"{key}: expected weight or count, not both, found weight={s.weight!r}, "
-                            f"count={s.count!r}")
+            problems.append(
+                f"{key}: expected weight or count, not both, found weight={s.weight!r}, "
+                f"count={s.count!r}"
+            )
         if s.weight is not None:
             need(s.weight > 0, f"{key}.weight", "a number > 0", s.weight)
         if s.count is not None:
@@ -441,19 +485,34 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     need(len(lo.targets) >= 1, "lora.targets", "at least one module name", lo.targets)
     if m.tiny is not None:
         unknown = [t for t in lo.targets if t not in LLAMA_LINEAR_TARGETS]
-        need(not unknown, "lora.targets", f"names of LLaMA linear layers ({', '.join(LLAMA_LINEAR_TARGETS)})",
-             unknown)
+        need(
+            not unknown,
+            "lora.targets",
+            f"names of LLaMA linear layers ({', '.join(LLAMA_LINEAR_TARGETS)})",
+            unknown,
+        )
 
     p = cfg.plora
     need(p.unload_every >= 1, "plora.unload_every", "an integer >= 1", p.unload_every)
     need(0.0 <= p.momentum < 1.0, "plora.momentum", "a number in [0, 1)", p.momentum)
-    need(0.0 < p.rank_threshold < 1.0, "plora.rank_threshold", "a number in (0, 1)", p.rank_threshold)
-    need(p.rank_sample_layers >= 0, "plora.rank_sample_layers", "an integer >= 0", p.rank_sample_layers)
+    need(
+        0.0 < p.rank_threshold < 1.0, "plora.rank_threshold", "a number in (0, 1)", p.rank_threshold
+    )
+    need(
+        p.rank_sample_layers >= 0,
+        "plora.rank_sample_layers",
+        "an integer >= 0",
+        p.rank_sample_layers,
+    )
 
     o = cfg.optim
     need(o.lr > 0, "optim.lr", "a number > 0", o.lr)
-    need(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas if b is not None), "optim.betas",
-         "two numbers in [0, 1)", o.betas)
+    need(
+        len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas if b is not None),
+        "optim.betas",
+        "two numbers in [0, 1)",
+        o.betas,
+    )
     need(o.eps > 0, "optim.eps", "a number > 0", o.eps)
     need(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
     need(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
@@ -469,29 +528,44 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     need(r.gpus_per_worker >= 0, "resources.gpus_per_worker", "a number >= 0", r.gpus_per_worker)
     if b.global_batch >= 1 and b.micro_batch >= 1 and r.num_workers >= 1:
         per_step = b.micro_batch * r.num_workers
-        need(b.global_batch % per_step == 0, "batch.global_batch",
-             f"a multiple of batch.micro_batch x resources.num_workers = {b.micro_batch} x "
-             f"{r.num_workers} = {per_step}", b.global_batch)
+        need(
+            b.global_batch % per_step == 0,
+            "batch.global_batch",
+            f"a multiple of batch.micro_batch x resources.num_workers = {b.micro_batch} x "
+            f"{r.num_workers} = {per_step}",
+            b.global_batch,
+        )
 
     t = cfg.train
     need(t.epochs > 0, "train.epochs", "a number > 0", t.epochs)
     if t.max_steps is not None:
         need(t.max_steps >= 1, "train.max_steps", "an integer >= 1 or null", t.max_steps)
     need(t.log_every >= 1, "train.log_every", "an integer >= 1", t.log_every)
-    need(t.divergence_loss_multiple > 1, "train.divergence_loss_multiple", "a number > 1",
-         t.divergence_loss_multiple)
-    need(t.divergence_window >= 1, "train.divergence_window", "an integer >= 1", t.divergence_window)
+    need(
+        t.divergence_loss_multiple > 1,
+        "train.divergence_loss_multiple",
+        "a number > 1",
+        t.divergence_loss_multiple,
+    )
+    need(
+        t.divergence_window >= 1, "train.divergence_window", "an integer >= 1", t.divergence_window
+    )
 
-    need(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "one of 0, 1, 2, 3",
-         cfg.deepspeed.zero_stage)
+    need(
+        cfg.deepspeed.zero_stage in (0, 1, 2, 3),
+        "deepspeed.zero_stage",
+        "one of 0, 1, 2, 3",
+        cfg.deepspeed.zero_stage,
+    )
 
     e = cfg.eval
     for i, task in enumerate(e.tasks):
         if task not in EVAL_TASKS:
             hint = difflib.get_close_matches(task, EVAL_TASKS, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            problems.append(f"eval.tasks[{i}]: expected one of {', '.join(EVAL_TASKS)}, "
-                            f"found {task!r}{extra}")
+            problems.append(
+                f"eval.tasks[{i}]: expected one of {', '.join(EVAL_TASKS)}, found {task!r}{extra}"
+            )
     need(e.limit is None or e.limit >= 1, "eval.limit", "an integer >= 1 or null", e.limit)
     need(e.batch_size >= 1, "eval.batch_size", "an integer >= 1", e.batch_size)
     need(e.max_gen_toks >= 1, "eval.max_gen_toks", "an integer >= 1", e.max_gen_toks)
@@ -500,7 +574,9 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
         if n is not None:
             need(n >= 0, f"eval.num_fewshot.{task}", "an integer >= 0", n)
     if e.data_dir is not None and not Path(e.data_dir).expanduser().is_dir():
-        problems.append(f"eval.data_dir: expected an existing directory, found {e.data_dir!r} (no such directory)")
+        problems.append(
+            f"eval.data_dir: expected an existing directory, found {e.data_dir!r} (no such directory)"
+        )
 
     c = cfg.checkpoint
     if c.every_steps is not None:
@@ -574,14 +650,20 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             if isinstance(part, int):
                 if not isinstance(node, list) or part >= len(node):
                     parent = ".".join(str(p) for p in parts[:depth])
-                    found = (f"a list of {len(node)} item(s)" if isinstance(node, list)
-                             else f"no list at {parent}")
-                    problems.append(f"override {dotted}: expected {where} to index an existing list "
-                                    f"item, found {found}")
+                    found = (
+                        f"a list of {len(node)} item(s)"
+                        if isinstance(node, list)
+                        else f"no list at {parent}"
+                    )
+                    problems.append(
+                        f"override {dotted}: expected {where} to index an existing list "
+                        f"item, found {found}"
+                    )
                     break
             elif not isinstance(node, dict):
-                problems.append(f"override {dotted}: expected a section at {where}, found "
-                                f"{type(node).__name__}")
+                problems.append(
+                    f"override {dotted}: expected a section at {where}, found {type(node).__name__}"
+                )
                 break
             if last:
                 node[part] = value

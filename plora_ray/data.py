@@ -67,8 +67,12 @@ IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 # FastChat / ShareGPT speaker names -> chat roles.
 CONVERSATION_ROLES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
     "bing": "assistant",
     "system": "system",
 }
@@ -160,11 +164,13 @@ class DataStats:
 
     def summary(self) -> str:
         src = ", ".join(f"{s.name}: {s.used}" for s in self.sources)
-        return (f"data: {self.train_examples} train examples ({src}) in {self.train_rows} rows, "
-                f"{self.held_out_examples} held out, {self.truncated} truncated to "
-                f"{self.max_length} tokens, {self.dropped_no_labels} dropped without assistant "
-                f"tokens, {self.invalid_skipped} invalid records skipped; "
-                f"{self.train_tokens} tokens ({self.train_label_tokens} labelled)")
+        return (
+            f"data: {self.train_examples} train examples ({src}) in {self.train_rows} rows, "
+            f"{self.held_out_examples} held out, {self.truncated} truncated to "
+            f"{self.max_length} tokens, {self.dropped_no_labels} dropped without assistant "
+            f"tokens, {self.invalid_skipped} invalid records skipped; "
+            f"{self.train_tokens} tokens ({self.train_label_tokens} labelled)"
+        )
 
 
 # --------------------------------------------------------------------------- records -> dialogues
@@ -174,27 +180,36 @@ class _Invalid(Exception):
     """A record that does not fit; the message says what was expected and found."""
 
 
-def _role_content(turns: Any, key: str, role_key: str, text_key: str,
-                  roles: dict[str, str]) -> list[dict[str, str]]:
+def _role_content(
+    turns: Any, key: str, role_key: str, text_key: str, roles: dict[str, str]
+) -> list[dict[str, str]]:
     if not isinstance(turns, list) or not turns:
         raise _Invalid(f"expected {key!r} to be a non-empty list of turns, found {turns!r:.80}")
     out = []
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
             found = sorted(turn) if isinstance(turn, dict) else repr(turn)[:80]
-            raise _Invalid(f"expected {key}[{j}] to be an object with {role_key!r} and "
-                           f"{text_key!r}, found {found}")
+            raise _Invalid(
+                f"expected {key}[{j}] to be an object with {role_key!r} and "
+                f"{text_key!r}, found {found}"
+            )
         role = roles.get(turn[role_key]) if isinstance(turn[role_key], str) else None
         if role is None:
-            raise _Invalid(f"expected {key}[{j}].{role_key} to be one of "
-                           f"{', '.join(sorted(roles))}, found {turn[role_key]!r}")
+            raise _Invalid(
+                f"expected {key}[{j}].{role_key} to be one of "
+                f"{', '.join(sorted(roles))}, found {turn[role_key]!r}"
+            )
         if not isinstance(turn[text_key], str):
-            raise _Invalid(f"expected {key}[{j}].{text_key} to be a string, found "
-                           f"{type(turn[text_key]).__name__}")
+            raise _Invalid(
+                f"expected {key}[{j}].{text_key} to be a string, found "
+                f"{type(turn[text_key]).__name__}"
+            )
         out.append({"role": role, "content": turn[text_key]})
     if not any(m["role"] == "assistant" for m in out):
-        raise _Invalid(f"expected at least one assistant turn in {key!r} (loss is on assistant "
-                       f"tokens only), found roles {[m['role'] for m in out]}")
+        raise _Invalid(
+            f"expected at least one assistant turn in {key!r} (loss is on assistant "
+            f"tokens only), found roles {[m['role'] for m in out]}"
+        )
     return out
 
 
@@ -226,19 +241,25 @@ def _record_to_messages(record: Any, fmt: str) -> list[dict[str, str]]:
         elif "question" in record and "answer" in record:
             fmt = "gsm8k"
         else:
-            raise _Invalid("expected a record with 'messages', 'conversations', or 'question' and "
-                           f"'answer', found keys {sorted(record)}")
+            raise _Invalid(
+                "expected a record with 'messages', 'conversations', or 'question' and "
+                f"'answer', found keys {sorted(record)}"
+            )
     if fmt == "messages":
-        return _role_content(record.get("messages"), "messages", "role", "content",
-                             {r: r for r in ROLES})
+        return _role_content(
+            record.get("messages"), "messages", "role", "content", {r: r for r in ROLES}
+        )
     if fmt == "conversations":
-        return _role_content(record.get("conversations"), "conversations", "from", "value",
-                             CONVERSATION_ROLES)
+        return _role_content(
+            record.get("conversations"), "conversations", "from", "value", CONVERSATION_ROLES
+        )
     if fmt == "gsm8k":
         q, a = record.get("question"), record.get("answer")
         if not isinstance(q, str) or not isinstance(a, str):
-            raise _Invalid("expected string fields 'question' and 'answer' (gsm8k format), found "
-                           f"keys {sorted(record)}")
+            raise _Invalid(
+                "expected string fields 'question' and 'answer' (gsm8k format), found "
+                f"keys {sorted(record)}"
+            )
         return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     raise _Invalid(f"expected format auto, messages, conversations or gsm8k, found {fmt!r}")
 
@@ -252,8 +273,14 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             try:
                 yield lineno, json.loads(line), None
             except json.JSONDecodeError as exc:
-                yield lineno, None, (f"expected a JSON object, found invalid JSON ({exc.msg} at "
-                                     f"column {exc.colno}): {line.strip()[:60]!r}")
+                yield (
+                    lineno,
+                    None,
+                    (
+                        f"expected a JSON object, found invalid JSON ({exc.msg} at "
+                        f"column {exc.colno}): {line.strip()[:60]!r}"
+                    ),
+                )
 
 
 def _dataset_rows(source: DataSource) -> tuple[str, Iterable[Any]]:
@@ -262,23 +289,32 @@ def _dataset_rows(source: DataSource) -> tuple[str, Iterable[Any]]:
     name = source.dataset
     assert name is not None
     local = Path(name).expanduser()
-    if local.is_dir() and ((local / "dataset_dict.json").exists()
-                           or (local / "dataset_info.json").exists()
-                           or (local / "state.json").exists()):
+    if local.is_dir() and (
+        (local / "dataset_dict.json").exists()
+        or (local / "dataset_info.json").exists()
+        or (local / "state.json").exists()
+    ):
         ds = datasets.load_from_disk(str(local))  # a directory written by save_to_disk
         if isinstance(ds, datasets.DatasetDict):
             if source.split not in ds:
-                raise ValueError(f"{name}: expected split {source.split!r} "
-                                 f"(data.sources[].split), found splits {sorted(ds)}")
+                raise ValueError(
+                    f"{name}: expected split {source.split!r} "
+                    f"(data.sources[].split), found splits {sorted(ds)}"
+                )
             ds = ds[source.split]
     else:
         ds = datasets.load_dataset(str(local) if local.is_dir() else name, split=source.split)
     return f"{name}[{source.split}]", ds
 
 
-def load_source(source: DataSource, *, skip_invalid: bool = False, base_dir: Path | None = None,
-                stats: SourceStats | None = None,
-                invalid_examples: list[str] | None = None) -> list[Dialogue]:
+def load_source(
+    source: DataSource,
+    *,
+    skip_invalid: bool = False,
+    base_dir: Path | None = None,
+    stats: SourceStats | None = None,
+    invalid_examples: list[str] | None = None,
+) -> list[Dialogue]:
     """Read one data source into dialogues.
 
     Args:
@@ -304,8 +340,10 @@ def load_source(source: DataSource, *, skip_invalid: bool = False, base_dir: Pat
             if base_dir is not None and not path.is_absolute():
                 path = base_dir / path
         if not path.is_file():
-            raise FileNotFoundError(f"data.sources[].path: expected an existing JSONL file, found "
-                                    f"{str(path)!r} (no such file)")
+            raise FileNotFoundError(
+                f"data.sources[].path: expected an existing JSONL file, found "
+                f"{str(path)!r} (no such file)"
+            )
         label = str(path)
         rows: Iterable[tuple[int, Any, str | None]] = _jsonl_records(path)
         sep = ":"
@@ -330,8 +368,10 @@ def load_source(source: DataSource, *, skip_invalid: bool = False, base_dir: Pat
             invalid_examples.append(message)
     stats.records += len(out)
     if not out:
-        raise ValueError(f"{label}: expected at least one valid record, found none "
-                         f"({stats.invalid_skipped} invalid skipped)")
+        raise ValueError(
+            f"{label}: expected at least one valid record, found none "
+            f"({stats.invalid_skipped} invalid skipped)"
+        )
     return out
 
 
@@ -342,8 +382,9 @@ def _take(items: list[Dialogue], n: int, rng: np.random.Generator) -> list[Dialo
     return items * full + [items[i] for i in sorted(pick)]
 
 
-def mix_sources(per_source: list[list[Dialogue]], sources: list[DataSource],
-                seed: int) -> list[Dialogue]:
+def mix_sources(
+    per_source: list[list[Dialogue]], sources: list[DataSource], seed: int
+) -> list[Dialogue]:
     """One epoch's samples from several sources (deterministic for ``seed``).
 
     A source with ``count: N`` contributes exactly N samples (repeating the source when N exceeds
@@ -379,8 +420,9 @@ def _source_name(s: DataSource, i: int) -> str:
     return s.name or s.path or s.dataset or f"source{i}"
 
 
-def load_dialogues(data: DataConfig, base_dir: Path | None = None, *, seed: int = 0,
-                   stats: DataStats | None = None) -> list[Dialogue]:
+def load_dialogues(
+    data: DataConfig, base_dir: Path | None = None, *, seed: int = 0, stats: DataStats | None = None
+) -> list[Dialogue]:
     """Load every source of ``data`` and mix them into one epoch's list of dialogues.
 
     Args:
@@ -397,8 +439,13 @@ def load_dialogues(data: DataConfig, base_dir: Path | None = None, *, seed: int 
     per_source = []
     for i, src in enumerate(data.sources):
         st = SourceStats(name=_source_name(src, i))
-        dialogues = load_source(src, skip_invalid=data.skip_invalid, base_dir=base_dir, stats=st,
-                                invalid_examples=stats.invalid_examples)
+        dialogues = load_source(
+            src,
+            skip_invalid=data.skip_invalid,
+            base_dir=base_dir,
+            stats=st,
+            invalid_examples=stats.invalid_examples,
+        )
         for dl in dialogues:
             dl.source = i
         per_source.append(dialogues)
@@ -407,8 +454,9 @@ def load_dialogues(data: DataConfig, base_dir: Path | None = None, *, seed: int 
     return mix_sources(per_source, data.sources, seed)
 
 
-def split_held_out(dialogues: list[Dialogue], n: int,
-                   seed: int) -> tuple[list[Dialogue], list[Dialogue]]:
+def split_held_out(
+    dialogues: list[Dialogue], n: int, seed: int
+) -> tuple[list[Dialogue], list[Dialogue]]:
     """(train, held_out): ``n`` distinct dialogues held out; every copy of them leaves train.
 
     Raises:
@@ -418,8 +466,10 @@ def split_held_out(dialogues: list[Dialogue], n: int,
         return list(dialogues), []
     origins = sorted({d.origin for d in dialogues})
     if len(origins) <= n:
-        raise ValueError(f"data.held_out: expected fewer than the {len(origins)} distinct samples "
-                         f"the sources hold, found {n}")
+        raise ValueError(
+            f"data.held_out: expected fewer than the {len(origins)} distinct samples "
+            f"the sources hold, found {n}"
+        )
     rng = np.random.default_rng([seed, 104729])
     held = {origins[i] for i in rng.permutation(len(origins))[:n]}
     first = {}
@@ -456,15 +506,20 @@ def has_generation_tags(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(_GENERATION_TAG.search(_template_text(tokenizer) or ""))
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
-            add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        add_generation_prompt=add_generation_prompt)
+def _render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    add_generation_prompt: bool = False,
+) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
     return list(out["input_ids"])
 
 
-def assistant_mask_by_prefix(tokenizer: PreTrainedTokenizerBase,
-                             messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+def assistant_mask_by_prefix(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
+) -> tuple[list[int], list[int]]:
     """(input_ids, mask) with mask 1 on assistant tokens, found by rendering prefix by prefix.
 
     Raises:
@@ -480,10 +535,12 @@ def assistant_mask_by_prefix(tokenizer: PreTrainedTokenizerBase,
         before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else []
         upto = _render(tokenizer, messages[: i + 1])
         if ids[: len(before)] != before or ids[: len(upto)] != upto:
-            raise ValueError("chat template: expected the rendering of a conversation prefix "
-                             "to be a token prefix of the whole conversation (needed to find "
-                             "assistant tokens without {% generation %} markers), found it is "
-                             "not; add {% generation %} markers to the template")
+            raise ValueError(
+                "chat template: expected the rendering of a conversation prefix "
+                "to be a token prefix of the whole conversation (needed to find "
+                "assistant tokens without {% generation %} markers), found it is "
+                "not; add {% generation %} markers to the template"
+            )
         end = len(upto)
         last_special = max((k for k in range(len(before), end) if ids[k] in special), default=None)
         if last_special is not None:
@@ -493,9 +550,13 @@ def assistant_mask_by_prefix(tokenizer: PreTrainedTokenizerBase,
     return ids, mask
 
 
-def tokenize_dialogue(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
-                      max_length: int, *, use_generation_tags: bool | None = None
-                      ) -> tuple[list[int], list[int], bool]:
+def tokenize_dialogue(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    max_length: int,
+    *,
+    use_generation_tags: bool | None = None,
+) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated): labels are the token ids on assistant tokens, -100 elsewhere.
 
     Args:
@@ -510,8 +571,9 @@ def tokenize_dialogue(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
     if use_generation_tags is None:
         use_generation_tags = has_generation_tags(tokenizer)
     if use_generation_tags:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     else:
         ids, mask = assistant_mask_by_prefix(tokenizer, messages)
@@ -520,8 +582,9 @@ def tokenize_dialogue(tokenizer: PreTrainedTokenizerBase, messages: list[dict[st
     return ids[:max_length], labels[:max_length], truncated
 
 
-def pack_examples(examples: list[tuple[list[int], list[int]]], max_length: int, pad_token_id: int
-                  ) -> TokenizedSet:
+def pack_examples(
+    examples: list[tuple[list[int], list[int]]], max_length: int, pad_token_id: int
+) -> TokenizedSet:
     """Greedily pack examples, in the given order, into rows of at most ``max_length`` tokens.
 
     Each example keeps its own labels; ``position_ids`` restart at 0 per example (see the module
@@ -544,9 +607,13 @@ def pack_examples(examples: list[tuple[list[int], list[int]]], max_length: int, 
     return TokenizedSet(rows_ids, rows_labels, counts, pad_token_id, rows_pos)
 
 
-def tokenize_dialogues(dialogues: list[Dialogue], tokenizer: PreTrainedTokenizerBase,
-                       max_length: int, stats: DataStats | None = None,
-                       kept: list[int] | None = None) -> list[tuple[list[int], list[int]]]:
+def tokenize_dialogues(
+    dialogues: list[Dialogue],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    stats: DataStats | None = None,
+    kept: list[int] | None = None,
+) -> list[tuple[list[int], list[int]]]:
     """Tokenize dialogues; truncation and examples left without labels are counted in ``stats``.
 
     Examples whose assistant tokens were all truncated away are dropped: they carry no loss.
@@ -557,8 +624,9 @@ def tokenize_dialogues(dialogues: list[Dialogue], tokenizer: PreTrainedTokenizer
         stats.assistant_mask = "generation_tags" if use_tags else "prefix_diff"
     out = []
     for i, d in enumerate(dialogues):
-        ids, labels, truncated = tokenize_dialogue(tokenizer, d.messages, max_length,
-                                                   use_generation_tags=use_tags)
+        ids, labels, truncated = tokenize_dialogue(
+            tokenizer, d.messages, max_length, use_generation_tags=use_tags
+        )
         if stats is not None:
             stats.truncated += int(truncated)
         if all(label == IGNORE_INDEX for label in labels):
@@ -571,8 +639,9 @@ def tokenize_dialogues(dialogues: list[Dialogue], tokenizer: PreTrainedTokenizer
     return out
 
 
-def build_datasets(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase,
-                   base_dir: Path | None = None) -> tuple[TokenizedSet, TokenizedSet, DataStats]:
+def build_datasets(
+    cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, base_dir: Path | None = None
+) -> tuple[TokenizedSet, TokenizedSet, DataStats]:
     """Train and held-out token sets for a run, with the pipeline's statistics.
 
     Order of work: load and mix sources (seed ``cfg.seed``), hold out ``data.held_out``
@@ -601,18 +670,22 @@ def build_datasets(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase,
         stats.sources[train_d[i].source].used += 1
     held_ex = tokenize_dialogues(held_d, tokenizer, d.max_length, stats)
     if not train_ex:
-        raise ValueError("data: expected at least one training example with assistant tokens, "
-                         f"found none ({stats.dropped_no_labels} dropped, data.max_length="
-                         f"{d.max_length})")
+        raise ValueError(
+            "data: expected at least one training example with assistant tokens, "
+            f"found none ({stats.dropped_no_labels} dropped, data.max_length="
+            f"{d.max_length})"
+        )
     if d.packing:
         # Pack in a seeded shuffled order so rows mix sources; Batcher reshuffles rows per epoch.
         order = np.random.default_rng([cfg.seed, 32452843]).permutation(len(train_ex))
         train = pack_examples([train_ex[i] for i in order], d.max_length, int(pad))
     else:
-        train = TokenizedSet([e[0] for e in train_ex], [e[1] for e in train_ex],
-                             [1] * len(train_ex), int(pad))
-    held = TokenizedSet([e[0] for e in held_ex], [e[1] for e in held_ex], [1] * len(held_ex),
-                        int(pad))
+        train = TokenizedSet(
+            [e[0] for e in train_ex], [e[1] for e in train_ex], [1] * len(train_ex), int(pad)
+        )
+    held = TokenizedSet(
+        [e[0] for e in held_ex], [e[1] for e in held_ex], [1] * len(held_ex), int(pad)
+    )
     stats.train_examples = train.total_examples
     stats.held_out_examples = len(held)
     stats.train_rows = len(train)
@@ -673,14 +746,17 @@ class Batcher:
         ValueError: bad rank / world size / micro batch, or an empty set.
     """
 
-    def __init__(self, data: TokenizedSet, micro_batch: int, rank: int, world_size: int,
-                 seed: int) -> None:
+    def __init__(
+        self, data: TokenizedSet, micro_batch: int, rank: int, world_size: int, seed: int
+    ) -> None:
         if len(data) == 0:
             raise ValueError("Batcher: expected a non-empty data set, found 0 rows")
         if micro_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"Batcher: expected micro_batch >= 1 and 0 <= rank < world_size, "
-                             f"found micro_batch={micro_batch}, rank={rank}, "
-                             f"world_size={world_size}")
+            raise ValueError(
+                f"Batcher: expected micro_batch >= 1 and 0 <= rank < world_size, "
+                f"found micro_batch={micro_batch}, rank={rank}, "
+                f"world_size={world_size}"
+            )
         self.data = data
         self.micro_batch = micro_batch
         self.rank = rank
@@ -710,7 +786,7 @@ class Batcher:
         rows: list[int] = []
         while len(rows) < need:
             perm = self._permutation(self.epoch)
-            take = perm[self.index: self.index + need - len(rows)]
+            take = perm[self.index : self.index + need - len(rows)]
             rows.extend(int(x) for x in take)
             self.index += len(take)
             if self.index >= len(perm):
@@ -723,7 +799,7 @@ class Batcher:
         rows = self._global_rows()
         self.samples_seen += int(self._counts[rows].sum())
         self.tokens_seen += int(self._lengths[rows].sum())
-        mine = rows[self.rank * self.micro_batch: (self.rank + 1) * self.micro_batch]
+        mine = rows[self.rank * self.micro_batch : (self.rank + 1) * self.micro_batch]
         return collate(self.data, mine)
 
     @property
@@ -733,8 +809,14 @@ class Batcher:
 
     def state_dict(self) -> dict[str, Any]:
         """The position: enough to continue with the identical sequence of batches."""
-        return {"epoch": self.epoch, "index": self.index, "samples_seen": self.samples_seen,
-                "tokens_seen": self.tokens_seen, "seed": self.seed, "rows": len(self.data)}
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "seed": self.seed,
+            "rows": len(self.data),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``.
@@ -744,9 +826,11 @@ class Batcher:
                 differ silently otherwise).
         """
         if state.get("rows") != len(self.data) or state.get("seed") != self.seed:
-            raise ValueError(f"data position: expected a state for {len(self.data)} rows and seed "
-                             f"{self.seed}, found rows={state.get('rows')}, "
-                             f"seed={state.get('seed')} (did the data or seed change?)")
+            raise ValueError(
+                f"data position: expected a state for {len(self.data)} rows and seed "
+                f"{self.seed}, found rows={state.get('rows')}, "
+                f"seed={state.get('seed')} (did the data or seed change?)"
+            )
         self.epoch = int(state["epoch"])
         self.index = int(state["index"])
         self.samples_seen = int(state["samples_seen"])

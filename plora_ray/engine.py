@@ -68,9 +68,16 @@ from plora_ray.config import RunConfig
 # lives elsewhere compiles with other include paths, so each environment's build overwrites the
 # other's and the next engine start rebuilds (~25 s on a 2-core CPU, in every process that starts
 # an engine meanwhile). One cache per Python environment, set before DeepSpeed's first import.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
-    os.path.expanduser("~"), ".cache", "plora-ray", "torch_extensions",
-    hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]))
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR",
+    os.path.join(
+        os.path.expanduser("~"),
+        ".cache",
+        "plora-ray",
+        "torch_extensions",
+        hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:12],
+    ),
+)
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

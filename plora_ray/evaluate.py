@@ -101,15 +101,20 @@ class EvalResult:
 
     def as_dict(self) -> dict[str, Any]:
         """lm-eval's structure plus ``objectives``, ``seconds``, ``seconds_per_task``."""
-        return {**self.results, "objectives": dict(self.objectives), "seconds": self.seconds,
-                "seconds_per_task": dict(self.seconds_per_task)}
+        return {
+            **self.results,
+            "objectives": dict(self.objectives),
+            "seconds": self.seconds,
+            "seconds_per_task": dict(self.seconds_per_task),
+        }
 
 
 # --------------------------------------------------------------------------- lm-eval models
 
 
-def _local_hflm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int,
-                max_gen_toks: int) -> LM:
+def _local_hflm(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int, max_gen_toks: int
+) -> LM:
     """lm-eval's HFLM around an in-memory model, with our default generation cap."""
     from lm_eval.models.huggingface import HFLM
 
@@ -184,22 +189,26 @@ def shard_lm(inner: LM, rank: int, world_size: int) -> LM:
                     result[i] = out
                     seen += 1
             if seen != len(requests):
-                raise RuntimeError(f"sharded evaluation: gathered {seen} responses for "
-                                   f"{len(requests)} requests (ranks built different requests)")
+                raise RuntimeError(
+                    f"sharded evaluation: gathered {seen} responses for "
+                    f"{len(requests)} requests (ranks built different requests)"
+                )
             return result
 
         def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Any]:
             return self._run("loglikelihood", requests, disable_tqdm=disable_tqdm)
 
-        def loglikelihood_rolling(self, requests: list[Instance],
-                                  disable_tqdm: bool = False) -> list[Any]:
+        def loglikelihood_rolling(
+            self, requests: list[Instance], disable_tqdm: bool = False
+        ) -> list[Any]:
             return self._run("loglikelihood_rolling", requests, disable_tqdm=disable_tqdm)
 
         def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Any]:
             return self._run("generate_until", requests, disable_tqdm=disable_tqdm)
 
-        def apply_chat_template(self, chat_history: list[dict[str, str]],
-                                add_generation_prompt: bool = True) -> str:
+        def apply_chat_template(
+            self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+        ) -> str:
             return self.inner.apply_chat_template(chat_history, add_generation_prompt)
 
         @property
@@ -246,17 +255,23 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def _check_distributed(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank/world_size: expected 0 <= rank < world_size, found rank={rank}, "
-                         f"world_size={world_size}")
+        raise ValueError(
+            f"rank/world_size: expected 0 <= rank < world_size, found rank={rank}, "
+            f"world_size={world_size}"
+        )
     if world_size > 1:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"world_size={world_size} needs an initialized torch.distributed "
-                               "process group (Ray Train workers have one)")
+            raise RuntimeError(
+                f"world_size={world_size} needs an initialized torch.distributed "
+                "process group (Ray Train workers have one)"
+            )
         if dist.get_world_size() != world_size or dist.get_rank() != rank:
-            raise ValueError(f"rank/world_size ({rank}/{world_size}) differ from the process "
-                             f"group's ({dist.get_rank()}/{dist.get_world_size()})")
+            raise ValueError(
+                f"rank/world_size ({rank}/{world_size}) differ from the process "
+                f"group's ({dist.get_rank()}/{dist.get_world_size()})"
+            )
 
 
 def _broadcast(obj: Any, rank: int) -> Any:
@@ -296,15 +311,18 @@ def _validate(ev: EvalConfig) -> None:
         raise ValueError(f"eval.batch_size: expected an integer >= 1, found {ev.batch_size!r}")
     unknown = [k for k in ev.num_fewshot if k not in TASK_NAMES]
     if unknown:
-        raise ValueError(f"eval.num_fewshot: unknown task {', '.join(map(repr, unknown))}; "
-                         f"expected names from {', '.join(TASK_NAMES)}")
+        raise ValueError(
+            f"eval.num_fewshot: unknown task {', '.join(map(repr, unknown))}; "
+            f"expected names from {', '.join(TASK_NAMES)}"
+        )
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def run_tasks(lm: LM, ev: EvalConfig, tasks: dict[str, Any] | None = None
-              ) -> tuple[dict[str, Any], dict[str, float]]:
+def run_tasks(
+    lm: LM, ev: EvalConfig, tasks: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Evaluate ``ev.tasks`` with any lm-eval LM through ``lm_eval.evaluator.evaluate``.
 
     Seeds as lm-eval's ``simple_evaluate`` does (so few-shot examples match a stock run), runs one
@@ -327,8 +345,9 @@ def run_tasks(lm: LM, ev: EvalConfig, tasks: dict[str, Any] | None = None
     """
     if tasks is None:
         _validate(ev)
-        tasks = build_tasks(list(ev.tasks), ev.data_dir, dict(ev.num_fewshot), ev.limit,
-                            ev.limit_seed)
+        tasks = build_tasks(
+            list(ev.tasks), ev.data_dir, dict(ev.num_fewshot), ev.limit, ev.limit_seed
+        )
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     with _preserved_rng():
@@ -337,8 +356,9 @@ def run_tasks(lm: LM, ev: EvalConfig, tasks: dict[str, Any] | None = None
     return results, seconds
 
 
-def _run_one(lm: LM, ev: EvalConfig, name: str, obj: Any, results: dict[str, Any],
-             seconds: dict[str, float]) -> None:
+def _run_one(
+    lm: LM, ev: EvalConfig, name: str, obj: Any, results: dict[str, Any], seconds: dict[str, float]
+) -> None:
     """One top-level task through lm_eval.evaluator.evaluate, merged into ``results``."""
     import numpy as np
     from lm_eval.evaluator import evaluate
@@ -365,8 +385,10 @@ def _run_one(lm: LM, ev: EvalConfig, name: str, obj: Any, results: dict[str, Any
         fewshot_as_multiturn=ev.chat_format,
     )
     if part is None:
-        raise RuntimeError(f"lm-eval returned no results for {name} on rank {lm.rank}; pass "
-                           "an LM that reports rank 0 (shard_lm does)")
+        raise RuntimeError(
+            f"lm-eval returned no results for {name} on rank {lm.rank}; pass "
+            "an LM that reports rank 0 (shard_lm does)"
+        )
     _merge_results(results, dict(part))
     seconds[name] = time.perf_counter() - t0
 
@@ -411,14 +433,18 @@ def evaluate_model(
         return _evaluate_model(model, tokenizer, ev, rank, world_size)
 
 
-def _evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ev: EvalConfig,
-                    rank: int, world_size: int) -> EvalResult:
+def _evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ev: EvalConfig,
+    rank: int,
+    world_size: int,
+) -> EvalResult:
     start = time.perf_counter()
     # Build (and so validate) every task before the model does any work, on every rank (also
     # those that will only wait for rank 0's broadcast): a bad data file then fails all ranks
     # alike instead of leaving the others blocked in a collective.
-    tasks = build_tasks(list(ev.tasks), ev.data_dir, dict(ev.num_fewshot), ev.limit,
-                        ev.limit_seed)
+    tasks = build_tasks(list(ev.tasks), ev.data_dir, dict(ev.num_fewshot), ev.limit, ev.limit_seed)
     sharded = world_size > 1 and ev.sharded
     runs_here = sharded or rank == 0
 
@@ -430,16 +456,27 @@ def _evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                 lm = shard_lm(lm, rank, world_size)
             results, seconds = run_tasks(lm, ev, tasks)
             t0 = time.perf_counter()
-            proxy = proxy_nll(model, tokenizer, ev, rank=rank if sharded else 0,
-                              world_size=world_size if sharded else 1)
+            proxy = proxy_nll(
+                model,
+                tokenizer,
+                ev,
+                rank=rank if sharded else 0,
+                world_size=world_size if sharded else 1,
+            )
             if proxy:
                 seconds["proxy_nll"] = time.perf_counter() - t0
         results["config"] = {
-            "backend": ev.backend, "batch_size": ev.batch_size, "limit": ev.limit,
-            "limit_seed": ev.limit_seed, "num_fewshot": dict(ev.num_fewshot),
-            "chat_format": ev.chat_format, "max_gen_toks": ev.max_gen_toks,
-            "data_dir": str(data_root(ev.data_dir)), "world_size": world_size,
-            "sharded": sharded, "lm_eval_version": _lm_eval_version(),
+            "backend": ev.backend,
+            "batch_size": ev.batch_size,
+            "limit": ev.limit,
+            "limit_seed": ev.limit_seed,
+            "num_fewshot": dict(ev.num_fewshot),
+            "chat_format": ev.chat_format,
+            "max_gen_toks": ev.max_gen_toks,
+            "data_dir": str(data_root(ev.data_dir)),
+            "world_size": world_size,
+            "sharded": sharded,
+            "lm_eval_version": _lm_eval_version(),
             "model": getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
         }
         objectives = objectives_from_results(results)
@@ -449,8 +486,12 @@ def _evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         payload = _broadcast(payload, rank)
     assert payload is not None
     results, objectives, seconds = payload
-    return EvalResult(objectives=objectives, results=results,
-                      seconds=time.perf_counter() - start, seconds_per_task=seconds)
+    return EvalResult(
+        objectives=objectives,
+        results=results,
+        seconds=time.perf_counter() - start,
+        seconds_per_task=seconds,
+    )
 
 
 def _lm_eval_version() -> str:
@@ -462,8 +503,9 @@ def _lm_eval_version() -> str:
 # --------------------------------------------------------------------------- proxy objective
 
 
-def _proxy_pairs(ev: EvalConfig, tokenizer: PreTrainedTokenizerBase
-                 ) -> dict[str, list[tuple[str, str]]]:
+def _proxy_pairs(
+    ev: EvalConfig, tokenizer: PreTrainedTokenizerBase
+) -> dict[str, list[tuple[str, str]]]:
     """(context, continuation) text pairs per proxy, prompts rendered from the stock configs."""
     from lm_eval.utils import apply_template
 
@@ -474,8 +516,10 @@ def _proxy_pairs(ev: EvalConfig, tokenizer: PreTrainedTokenizerBase
         rows = read_gsm8k(root, "test")
         idx = fixed_subsample("gsm8k_nll", len(rows), ev.proxy_samples, ev.limit_seed)
         picked = rows if idx is None else [rows[i] for i in idx]
-        docs["gsm8k_nll"] = [(apply_template(cfg["doc_to_text"], d), " ",
-                              apply_template(cfg["doc_to_target"], d)) for d in picked]
+        docs["gsm8k_nll"] = [
+            (apply_template(cfg["doc_to_text"], d), " ", apply_template(cfg["doc_to_target"], d))
+            for d in picked
+        ]
     if "mmlu" in ev.tasks:
         cfg = stock_config("mmlu/default/_default_template_yaml")
         letters = cfg["doc_to_choice"]
@@ -487,8 +531,9 @@ def _proxy_pairs(ev: EvalConfig, tokenizer: PreTrainedTokenizerBase
         out = []
         for subject, d in picked_m:
             description = stock_config(f"mmlu/default/mmlu_{subject}.yaml").get("description", "")
-            out.append((description + apply_template(cfg["doc_to_text"], d), " ",
-                        letters[d["answer"]]))
+            out.append(
+                (description + apply_template(cfg["doc_to_text"], d), " ", letters[d["answer"]])
+            )
         docs["mmlu_nll"] = out
     pairs: dict[str, list[tuple[str, str]]] = {}
     for key, items in docs.items():
@@ -498,21 +543,30 @@ def _proxy_pairs(ev: EvalConfig, tokenizer: PreTrainedTokenizerBase
             pairs[key] = []
             for ctx, _, answer in items:
                 user = [{"role": "user", "content": ctx}]
-                prefix = tokenizer.apply_chat_template(user, add_generation_prompt=True,
-                                                       tokenize=False)
+                prefix = tokenizer.apply_chat_template(
+                    user, add_generation_prompt=True, tokenize=False
+                )
                 full = tokenizer.apply_chat_template(
-                    user + [{"role": "assistant", "content": answer}], tokenize=False)
+                    user + [{"role": "assistant", "content": answer}], tokenize=False
+                )
                 if not full.startswith(prefix):
-                    raise ValueError("eval.chat_format: the tokenizer's chat template does not "
-                                     "extend the generation prompt with the assistant turn")
-                pairs[key].append((prefix, full[len(prefix):]))
+                    raise ValueError(
+                        "eval.chat_format: the tokenizer's chat template does not "
+                        "extend the generation prompt with the assistant turn"
+                    )
+                pairs[key].append((prefix, full[len(prefix) :]))
         else:
             pairs[key] = [(ctx, delim + answer) for ctx, delim, answer in items]
     return pairs
 
 
-def _sum_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-             pairs: list[tuple[str, str]], batch_size: int, chat: bool) -> tuple[float, int]:
+def _sum_nll(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[tuple[str, str]],
+    batch_size: int,
+    chat: bool,
+) -> tuple[float, int]:
     """Summed NLL of the continuation tokens and their count, batched with left padding."""
     device = next(model.parameters()).device
     max_len = int(getattr(getattr(model, "config", None), "max_position_embeddings", 4096))
@@ -529,26 +583,30 @@ def _sum_nll(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.no_grad():
         for b in range(0, len(encoded), batch_size):
-            batch = encoded[b:b + batch_size]
+            batch = encoded[b : b + batch_size]
             width = max(len(ids) for ids, _ in batch)
             keep = max(n for _, n in batch) + 1
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for i, (ids, _) in enumerate(batch):
-                input_ids[i, width - len(ids):] = torch.tensor(ids)
-                mask[i, width - len(ids):] = 1
+                input_ids[i, width - len(ids) :] = torch.tensor(ids)
+                mask[i, width - len(ids) :] = 1
             # Left padding puts every continuation at the end, so only the last `keep` positions
             # need logits (a vocabulary-sized row per position is most of the memory).
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                        position_ids=position_ids.to(device), logits_to_keep=keep)
+            out = model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=position_ids.to(device),
+                logits_to_keep=keep,
+            )
             logp = torch.log_softmax(out.logits.float(), dim=-1)
             for i, (ids, n) in enumerate(batch):
                 if n <= 0:
                     continue
                 # logits at position t predict token t+1; the last n tokens are the continuation.
                 targets = torch.tensor(ids[-n:], device=logp.device)
-                rows = logp[i, keep - 1 - n: keep - 1]
+                rows = logp[i, keep - 1 - n : keep - 1]
                 total -= float(rows.gather(-1, targets[:, None]).sum())
                 count += n
     return total, count
@@ -595,8 +653,9 @@ def proxy_nll(
     sums: dict[str, tuple[float, int]] = {}
     with _preserved_rng(), _eval_mode(model):
         for key, items in pairs.items():
-            sums[key] = _sum_nll(model, tokenizer, items[rank::world_size], ev.batch_size,
-                                 ev.chat_format)
+            sums[key] = _sum_nll(
+                model, tokenizer, items[rank::world_size], ev.batch_size, ev.chat_format
+            )
     if world_size > 1:
         import torch.distributed as dist
 
@@ -608,9 +667,14 @@ def proxy_nll(
 
 # --------------------------------------------------------------------------- command line
 
-_WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin",
-                    "pytorch_model-*.bin", "model.safetensors.index.json",
-                    "pytorch_model.bin.index.json")
+_WEIGHT_PATTERNS = (
+    "model.safetensors",
+    "model-*.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model-*.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -625,16 +689,20 @@ def check_model_dir(path: str | os.PathLike[str]) -> Path:
     """
     d = Path(path).expanduser()
     if not d.is_dir():
-        raise FileNotFoundError(f"--model: expected a model directory, found no directory at "
-                                f"{str(d)!r}")
+        raise FileNotFoundError(
+            f"--model: expected a model directory, found no directory at {str(d)!r}"
+        )
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"--model {d}: expected config.json, found none")
     if not any(any(d.glob(p)) for p in _WEIGHT_PATTERNS):
-        raise FileNotFoundError(f"--model {d}: expected weights (model.safetensors or "
-                                f"pytorch_model.bin, or sharded with an index), found none")
+        raise FileNotFoundError(
+            f"--model {d}: expected weights (model.safetensors or "
+            f"pytorch_model.bin, or sharded with an index), found none"
+        )
     if not any((d / f).is_file() for f in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"--model {d}: expected a tokenizer "
-                                f"({' or '.join(_TOKENIZER_FILES)}), found none")
+        raise FileNotFoundError(
+            f"--model {d}: expected a tokenizer ({' or '.join(_TOKENIZER_FILES)}), found none"
+        )
     return d
 
 
@@ -665,15 +733,23 @@ def eval_command(args: Any) -> int:
         shots = dict.fromkeys(names, args.num_fewshot)
     else:
         shots = {k: v for k, v in defaults.num_fewshot.items() if k in names}
-    ev = EvalConfig(tasks=names, num_fewshot=shots, limit=args.limit, batch_size=args.batch_size,
-                    chat_format=bool(args.chat_format), data_dir=args.data_dir)
+    ev = EvalConfig(
+        tasks=names,
+        num_fewshot=shots,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        chat_format=bool(args.chat_format),
+        data_dir=args.data_dir,
+    )
     try:
         _validate(ev)
         check_data(names, ev.data_dir)
         model_dir = check_model_dir(args.model)
         if any(n.startswith("arc_") and shots.get(n, 0) > 0 for n in names):
-            raise ValueError("--num-fewshot: ARC runs 0-shot here (only its test split is "
-                             "shipped); evaluate ARC separately with --num-fewshot 0")
+            raise ValueError(
+                "--num-fewshot: ARC runs 0-shot here (only its test split is "
+                "shipped); evaluate ARC separately with --num-fewshot 0"
+            )
         dtype: Any = _checkpoint_dtype(model_dir)
         mcfg = ModelConfig(path=str(model_dir), dtype=dtype)
         tokenizer = load_tokenizer(mcfg)
@@ -691,8 +767,11 @@ def eval_command(args: Any) -> int:
     print("objectives:")
     for k, v in result.objectives.items():
         print(f"  {k:<{width}}  {v:.4f}")
-    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds_per_task.items())
-          + f"; total {result.seconds:.1f}")
+    print(
+        "seconds: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds_per_task.items())
+        + f"; total {result.seconds:.1f}"
+    )
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

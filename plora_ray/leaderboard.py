@@ -53,14 +53,26 @@ from typing import Any
 import yaml
 
 OBJECTIVE_METRICS = (
-    "gsm8k", "gsm8k_flexible", "mmlu", "mmlu_humanities", "mmlu_stem", "mmlu_social_sciences",
-    "mmlu_other", "arc_easy", "arc_challenge",
+    "gsm8k",
+    "gsm8k_flexible",
+    "mmlu",
+    "mmlu_humanities",
+    "mmlu_stem",
+    "mmlu_social_sciences",
+    "mmlu_other",
+    "arc_easy",
+    "arc_challenge",
 )
 STATUSES = ("completed", "early_stopped", "diverged", "failed")
 BASELINE_METHODS = ("lora", "full")
 LEADERBOARD_DIR = "leaderboard"
-OUTPUT_FILES = ("leaderboard.json", "leaderboard.csv", "leaderboard.md", "index.html",
-                "best_config.yaml")
+OUTPUT_FILES = (
+    "leaderboard.json",
+    "leaderboard.csv",
+    "leaderboard.md",
+    "index.html",
+    "best_config.yaml",
+)
 # A temp file older than this is a leftover of a killed writer (a live write takes milliseconds).
 STALE_TEMP_S = 600.0
 # How many of the top trials get a loss curve in the plot (more lines would not be readable).
@@ -99,8 +111,9 @@ class ObjectiveSpec:
             return "maximise" if d == "max" else "minimise"
 
         if self.pareto:
-            return "Pareto front of " + ", ".join(f"{m} ({word(d)})"
-                                                  for m, d in zip(self.metrics, self.directions))
+            return "Pareto front of " + ", ".join(
+                f"{m} ({word(d)})" for m, d in zip(self.metrics, self.directions)
+            )
         if self.weights is not None:
             terms = " + ".join(f"{w:g}·{m}" for w, m in zip(self.weights, self.metrics))
             return f"{word(self.scalar_direction)} {terms}"
@@ -123,13 +136,21 @@ class ObjectiveSpec:
         if self.weights is None:
             return float(values[0])  # type: ignore[arg-type]
         if mixed:
-            return sum(w * (v if d == "max" else -v)  # type: ignore[operator]
-                       for w, v, d in zip(self.weights, values, self.directions))
+            return sum(
+                w * (v if d == "max" else -v)  # type: ignore[operator]
+                for w, v, d in zip(self.weights, values, self.directions)
+            )
         return sum(w * v for w, v in zip(self.weights, values))  # type: ignore[operator]
 
 
-_DIRECTION_WORDS = {"max": "max", "maximize": "max", "maximise": "max",
-                    "min": "min", "minimize": "min", "minimise": "min"}
+_DIRECTION_WORDS = {
+    "max": "max",
+    "maximize": "max",
+    "maximise": "max",
+    "min": "min",
+    "minimize": "min",
+    "minimise": "min",
+}
 
 
 def parse_objective_spec(data: dict[str, Any], source: str) -> ObjectiveSpec:
@@ -145,44 +166,59 @@ def parse_objective_spec(data: dict[str, Any], source: str) -> ObjectiveSpec:
     if isinstance(spec, str):
         spec = {"metrics": [spec]}
     if not isinstance(spec, dict):
-        raise LeaderboardError(f"{source}: objective: expected a mapping with metrics and "
-                               f"directions, found {spec!r}")
+        raise LeaderboardError(
+            f"{source}: objective: expected a mapping with metrics and directions, found {spec!r}"
+        )
     metrics = spec.get("metrics", spec.get("metric"))
     if isinstance(metrics, str):
         metrics = [metrics]
     if not metrics or not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
-        raise LeaderboardError(f"{source}: objective.metrics: expected a non-empty list of metric "
-                               f"names, found {metrics!r}")
+        raise LeaderboardError(
+            f"{source}: objective.metrics: expected a non-empty list of metric "
+            f"names, found {metrics!r}"
+        )
     raw_dirs = spec.get("directions", spec.get("direction", spec.get("mode", "max")))
     if isinstance(raw_dirs, str):
         raw_dirs = [raw_dirs] * len(metrics)
     if not isinstance(raw_dirs, list):
-        raise LeaderboardError(f"{source}: objective.directions: expected a list of max/min, "
-                               f"found {raw_dirs!r}")
+        raise LeaderboardError(
+            f"{source}: objective.directions: expected a list of max/min, found {raw_dirs!r}"
+        )
     if len(raw_dirs) == 1 and len(metrics) > 1:
         raw_dirs = raw_dirs * len(metrics)
     dirs = []
     for d in raw_dirs:
         if str(d).lower() not in _DIRECTION_WORDS:
-            raise LeaderboardError(f"{source}: objective.directions: expected max or min "
-                                   f"(maximize/minimize), found {d!r}")
+            raise LeaderboardError(
+                f"{source}: objective.directions: expected max or min "
+                f"(maximize/minimize), found {d!r}"
+            )
         dirs.append(_DIRECTION_WORDS[str(d).lower()])
     if len(dirs) != len(metrics):
-        raise LeaderboardError(f"{source}: objective: expected one direction per metric "
-                               f"({len(metrics)}), found {len(dirs)}")
+        raise LeaderboardError(
+            f"{source}: objective: expected one direction per metric "
+            f"({len(metrics)}), found {len(dirs)}"
+        )
     weights = spec.get("weights")
     if isinstance(weights, dict):
         weights = [weights.get(m) for m in metrics]
     if weights is not None:
-        if (not isinstance(weights, list) or len(weights) != len(metrics)
-                or not all(_finite(w) for w in weights)):
-            raise LeaderboardError(f"{source}: objective.weights: expected one number per metric "
-                                   f"({len(metrics)}), found {weights!r}")
+        if (
+            not isinstance(weights, list)
+            or len(weights) != len(metrics)
+            or not all(_finite(w) for w in weights)
+        ):
+            raise LeaderboardError(
+                f"{source}: objective.weights: expected one number per metric "
+                f"({len(metrics)}), found {weights!r}"
+            )
         weights = tuple(float(w) for w in weights)
     pareto = bool(spec.get("pareto", False))
     if len(metrics) > 1 and weights is None and not pareto:
-        raise LeaderboardError(f"{source}: objective: several metrics need weights or pareto: "
-                               f"true, found metrics={metrics!r} without either")
+        raise LeaderboardError(
+            f"{source}: objective: several metrics need weights or pareto: "
+            f"true, found metrics={metrics!r} without either"
+        )
     return ObjectiveSpec(tuple(metrics), tuple(dirs), weights, pareto)
 
 
@@ -201,12 +237,20 @@ class SearchInfo:
     num_records: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "objective": {
-            "metrics": list(self.spec.metrics), "directions": list(self.spec.directions),
-            "weights": list(self.spec.weights) if self.spec.weights else None,
-            "pareto": self.spec.pareto, "description": self.spec.describe()},
-            "study_name": self.study_name, "storage_url": self.storage_url,
-            "num_trials": self.num_records}
+        return {
+            "name": self.name,
+            "path": self.path,
+            "objective": {
+                "metrics": list(self.spec.metrics),
+                "directions": list(self.spec.directions),
+                "weights": list(self.spec.weights) if self.spec.weights else None,
+                "pareto": self.spec.pareto,
+                "description": self.spec.describe(),
+            },
+            "study_name": self.study_name,
+            "storage_url": self.storage_url,
+            "num_trials": self.num_records,
+        }
 
 
 @dataclass
@@ -264,18 +308,34 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "rank": self.rank, "search": self.search, "trial_id": self.trial_id,
-            "status": self.status, "reason": self.reason, "method": self.method,
-            "lora_rank": self.lora_rank, "baseline": self.is_baseline,
-            "pareto_front": self.on_pareto_front, "front": self.front, "score": self.score,
-            "objective_value": self.objective_value, "objectives": self.objectives,
-            "gain_over_baseline": self.gain, "gain_baseline": self.gain_baseline,
-            "params": self.params, "proxy": self.proxy, "final_loss": self.final_loss,
-            "num_unloads": self.num_unloads, "delta_effective_rank": self.delta_effective_rank,
-            "wall_time_s": self.wall_time_s, "accelerator_hours": self.accelerator_hours,
-            "checkpoint_path": self.checkpoint_path, "model_path": self.model_path,
-            "started_at": self.started_at, "ended_at": self.ended_at,
-            "loss_curve": self.loss_curve, "config": self.config,
+            "rank": self.rank,
+            "search": self.search,
+            "trial_id": self.trial_id,
+            "status": self.status,
+            "reason": self.reason,
+            "method": self.method,
+            "lora_rank": self.lora_rank,
+            "baseline": self.is_baseline,
+            "pareto_front": self.on_pareto_front,
+            "front": self.front,
+            "score": self.score,
+            "objective_value": self.objective_value,
+            "objectives": self.objectives,
+            "gain_over_baseline": self.gain,
+            "gain_baseline": self.gain_baseline,
+            "params": self.params,
+            "proxy": self.proxy,
+            "final_loss": self.final_loss,
+            "num_unloads": self.num_unloads,
+            "delta_effective_rank": self.delta_effective_rank,
+            "wall_time_s": self.wall_time_s,
+            "accelerator_hours": self.accelerator_hours,
+            "checkpoint_path": self.checkpoint_path,
+            "model_path": self.model_path,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "loss_curve": self.loss_curve,
+            "config": self.config,
         }
 
 
@@ -302,49 +362,67 @@ def row_from_record(rec: Any, search: str, source: str) -> Row:
         LeaderboardError: naming ``source`` and the field, when the record is not usable.
     """
     if not isinstance(rec, dict):
-        raise LeaderboardError(f"{source}: expected a JSON object (trial record), found "
-                               f"{type(rec).__name__}")
+        raise LeaderboardError(
+            f"{source}: expected a JSON object (trial record), found {type(rec).__name__}"
+        )
     tid = rec.get("trial_id")
     if not isinstance(tid, (str, int)) or isinstance(tid, bool) or str(tid) == "":
         raise LeaderboardError(f"{source}: trial_id: expected a non-empty string, found {tid!r}")
     status = rec.get("status")
     if status not in STATUSES:
-        raise LeaderboardError(f"{source}: status: expected one of {', '.join(STATUSES)}, "
-                               f"found {status!r}")
+        raise LeaderboardError(
+            f"{source}: status: expected one of {', '.join(STATUSES)}, found {status!r}"
+        )
     objectives = rec.get("objectives") or {}
     if not isinstance(objectives, dict):
-        raise LeaderboardError(f"{source}: objectives: expected an object of metric: number, "
-                               f"found {objectives!r}")
+        raise LeaderboardError(
+            f"{source}: objectives: expected an object of metric: number, found {objectives!r}"
+        )
     params = rec.get("params") or {}
     if not isinstance(params, dict):
-        raise LeaderboardError(f"{source}: params: expected an object of dotted.key: value, "
-                               f"found {params!r}")
+        raise LeaderboardError(
+            f"{source}: params: expected an object of dotted.key: value, found {params!r}"
+        )
     config = rec.get("config")
     if config is not None and not isinstance(config, dict):
-        raise LeaderboardError(f"{source}: config: expected a run-config object, found "
-                               f"{type(config).__name__}")
+        raise LeaderboardError(
+            f"{source}: config: expected a run-config object, found {type(config).__name__}"
+        )
     curve = []
     for point in rec.get("loss_curve") or []:
-        if (isinstance(point, (list, tuple)) and len(point) == 2
-                and _finite(point[0]) and _finite(point[1])):
+        if (
+            isinstance(point, (list, tuple))
+            and len(point) == 2
+            and _finite(point[0])
+            and _finite(point[1])
+        ):
             curve.append([float(point[0]), float(point[1])])
     method = rec.get("method") or (config or {}).get("method")
     lora_rank = rec.get("lora_rank")
     if lora_rank is None and isinstance(config, dict):
         lora_rank = (config.get("lora") or {}).get("rank")
     return Row(
-        search=search, trial_id=str(tid), status=status, reason=_opt_str(rec.get("reason")),
-        params=params, config=config, method=_opt_str(method),
+        search=search,
+        trial_id=str(tid),
+        status=status,
+        reason=_opt_str(rec.get("reason")),
+        params=params,
+        config=config,
+        method=_opt_str(method),
         lora_rank=_int(lora_rank) if method != "full" else None,
         objectives={str(k): float(v) for k, v in objectives.items() if _finite(v)},
-        objective_value=_num(rec.get("objective_value")), proxy=_num(rec.get("proxy")),
-        final_loss=_num(rec.get("final_loss")), num_unloads=_int(rec.get("num_unloads")),
+        objective_value=_num(rec.get("objective_value")),
+        proxy=_num(rec.get("proxy")),
+        final_loss=_num(rec.get("final_loss")),
+        num_unloads=_int(rec.get("num_unloads")),
         delta_effective_rank=rec.get("delta_effective_rank"),
         wall_time_s=_num(rec.get("wall_time_s")),
         accelerator_hours=_num(rec.get("accelerator_hours")),
         checkpoint_path=_opt_str(rec.get("checkpoint_path")),
         model_path=_opt_str(rec.get("model_path")),
-        started_at=rec.get("started_at"), ended_at=rec.get("ended_at"), loss_curve=curve,
+        started_at=rec.get("started_at"),
+        ended_at=rec.get("ended_at"),
+        loss_curve=curve,
     )
 
 
@@ -366,8 +444,11 @@ def pareto_fronts(points: Sequence[Sequence[float]], directions: Sequence[str]) 
     remaining = set(range(len(signed)))
     level = 0
     while remaining:
-        current = {i for i in remaining
-                   if not any(dominates(signed[j], signed[i]) for j in remaining if j != i)}
+        current = {
+            i
+            for i in remaining
+            if not any(dominates(signed[j], signed[i]) for j in remaining if j != i)
+        }
         for i in current:
             fronts[i] = level
         remaining -= current
@@ -400,20 +481,36 @@ def rank_rows(rows: list[Row], spec: ObjectiveSpec) -> list[Row]:
             rest.append(r)
     sign = {"max": -1.0, "min": 1.0}
     if spec.pareto:
-        fronts = pareto_fronts([[r.objectives[m] for m in spec.metrics] for r in scored],
-                               spec.directions)
+        fronts = pareto_fronts(
+            [[r.objectives[m] for m in spec.metrics] for r in scored], spec.directions
+        )
         for r, f in zip(scored, fronts):
             r.front = f
-        scored.sort(key=lambda r: (r.front, *[sign[d] * r.objectives[m]
-                                              for m, d in zip(spec.metrics, spec.directions)],
-                                   _time_key(r.ended_at), r.trial_id))
+        scored.sort(
+            key=lambda r: (
+                r.front,
+                *[sign[d] * r.objectives[m] for m, d in zip(spec.metrics, spec.directions)],
+                _time_key(r.ended_at),
+                r.trial_id,
+            )
+        )
     else:
         s = sign[spec.scalar_direction]
-        scored.sort(key=lambda r: (s * r.score,  # type: ignore[operator]
-                                   _time_key(r.ended_at), r.trial_id))
-    rest.sort(key=lambda r: (_STATUS_ORDER.get(r.status, 9),
-                             r.proxy if r.proxy is not None else math.inf,
-                             _time_key(r.ended_at), r.trial_id))
+        scored.sort(
+            key=lambda r: (
+                s * r.score,  # type: ignore[operator]
+                _time_key(r.ended_at),
+                r.trial_id,
+            )
+        )
+    rest.sort(
+        key=lambda r: (
+            _STATUS_ORDER.get(r.status, 9),
+            r.proxy if r.proxy is not None else math.inf,
+            _time_key(r.ended_at),
+            r.trial_id,
+        )
+    )
     ordered = scored + rest
     for i, r in enumerate(ordered, 1):
         r.rank = i
@@ -457,7 +554,7 @@ def _is_uri(path: str) -> bool:
 
 
 def _local(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
+    return path[len("file://") :] if path.startswith("file://") else path
 
 
 class _Store:
@@ -480,8 +577,11 @@ class _Store:
             self.base = os.path.abspath(os.path.expanduser(_local(root)))
 
     def display(self, *parts: str) -> str:
-        return "/".join([self.root, *parts]) if self.fs is not None and _is_uri(self.root) \
+        return (
+            "/".join([self.root, *parts])
+            if self.fs is not None and _is_uri(self.root)
             else os.path.join(self.base, *parts)
+        )
 
     def _p(self, *parts: str) -> str:
         if self.fs is not None:
@@ -553,8 +653,9 @@ class _Store:
             return self.display(*rel.split("/"))
         directory = os.path.dirname(target)
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(target) + ".",
-                                   suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(
+            dir=directory, prefix="." + os.path.basename(target) + ".", suffix=".tmp"
+        )
         try:
             with os.fdopen(fd, "wb") as f:
                 for chunk in chunks:
@@ -619,7 +720,9 @@ class Board:
     def to_dict(self) -> dict[str, Any]:
         best = self.best
         return {
-            "format": "plora-ray leaderboard", "version": 1, "generated_at": self.generated_at,
+            "format": "plora-ray leaderboard",
+            "version": 1,
+            "generated_at": self.generated_at,
             "ranked_globally": self.ranked_globally,
             "searches": [s.to_dict() for s in self.searches],
             "best": {"search": best.search, "trial_id": best.trial_id} if best else None,
@@ -631,11 +734,15 @@ class Board:
 def _read_search(store: _Store, warnings: list[str]) -> tuple[SearchInfo, list[Row]]:
     where = store.display("search.json")
     if not store.is_dir():
-        raise LeaderboardError(f"{store.display()}: expected a search directory, found "
-                               f"{'a file' if store.exists() else 'nothing'} there")
+        raise LeaderboardError(
+            f"{store.display()}: expected a search directory, found "
+            f"{'a file' if store.exists() else 'nothing'} there"
+        )
     if not store.exists("search.json"):
-        raise LeaderboardError(f"{where}: expected search.json (written when the search starts) "
-                               "in the search directory, found no such file")
+        raise LeaderboardError(
+            f"{where}: expected search.json (written when the search starts) "
+            "in the search directory, found no such file"
+        )
     try:
         meta = json.loads(store.read_text("search.json"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -645,10 +752,16 @@ def _read_search(store: _Store, warnings: list[str]) -> tuple[SearchInfo, list[R
     name = str(meta.get("name") or os.path.basename(store.base.rstrip("/")))
     optuna_meta = meta.get("optuna") if isinstance(meta.get("optuna"), dict) else {}
     info = SearchInfo(
-        name=name, path=store.display(), spec=parse_objective_spec(meta, where),
+        name=name,
+        path=store.display(),
+        spec=parse_objective_spec(meta, where),
         study_name=_opt_str(meta.get("study_name") or optuna_meta.get("study_name")),
-        storage_url=_opt_str(meta.get("storage_url") or meta.get("optuna_storage")
-                             or optuna_meta.get("storage_url") or optuna_meta.get("storage")),
+        storage_url=_opt_str(
+            meta.get("storage_url")
+            or meta.get("optuna_storage")
+            or optuna_meta.get("storage_url")
+            or optuna_meta.get("storage")
+        ),
     )
     rows = []
     for fname in store.list_names("trials"):
@@ -676,9 +789,11 @@ def _expand(paths: Sequence[str]) -> list[str]:
             continue
         subs = [n for n in store.list_names() if store.exists(n, "search.json")]
         if not subs:
-            raise LeaderboardError(f"{store.display()}: expected a search directory (with "
-                                   "search.json) or a storage directory holding some, found "
-                                   "neither")
+            raise LeaderboardError(
+                f"{store.display()}: expected a search directory (with "
+                "search.json) or a storage directory holding some, found "
+                "neither"
+            )
         out.extend(p.rstrip("/") + "/" + n for n in subs)
     return out
 
@@ -826,70 +941,137 @@ def _csv_safe(v: Any) -> Any:
 def render_csv(board: Board) -> str:
     """One line per trial, in board order; params and objectives as their own columns."""
     pkeys, mkeys, gkeys = _param_keys(board.rows), _metric_keys(board, True), _gain_keys(board)
-    header = (["rank", "search", "trial_id", "status", "reason", "method", "lora_rank", "baseline",
-               "pareto_front", "score"] + [f"param.{k}" for k in pkeys]
-              + [f"objective.{k}" for k in mkeys] + [f"gain.{k}" for k in gkeys]
-              + ["proxy", "final_loss", "accelerator_hours", "wall_time_s", "num_unloads",
-                 "delta_effective_rank", "checkpoint_path", "model_path", "started_at", "ended_at"])
+    header = (
+        [
+            "rank",
+            "search",
+            "trial_id",
+            "status",
+            "reason",
+            "method",
+            "lora_rank",
+            "baseline",
+            "pareto_front",
+            "score",
+        ]
+        + [f"param.{k}" for k in pkeys]
+        + [f"objective.{k}" for k in mkeys]
+        + [f"gain.{k}" for k in gkeys]
+        + [
+            "proxy",
+            "final_loss",
+            "accelerator_hours",
+            "wall_time_s",
+            "num_unloads",
+            "delta_effective_rank",
+            "checkpoint_path",
+            "model_path",
+            "started_at",
+            "ended_at",
+        ]
+    )
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     for r in board.rows:
         params = [r.params.get(k) for k in pkeys]
-        w.writerow([_csv_safe(v) for v in [
-            r.rank, r.search, r.trial_id, r.status, r.reason, r.method, r.lora_rank,
-            r.is_baseline, r.on_pareto_front, r.score,
-            *[json.dumps(v) if isinstance(v, (list, dict)) else v for v in params],
-            *[r.objectives.get(k) for k in mkeys], *[r.gain.get(k) for k in gkeys],
-            r.proxy, r.final_loss, r.accelerator_hours, r.wall_time_s, r.num_unloads,
-            r.effective_rank_value, r.checkpoint_path, r.model_path, r.started_at, r.ended_at]])
+        w.writerow(
+            [
+                _csv_safe(v)
+                for v in [
+                    r.rank,
+                    r.search,
+                    r.trial_id,
+                    r.status,
+                    r.reason,
+                    r.method,
+                    r.lora_rank,
+                    r.is_baseline,
+                    r.on_pareto_front,
+                    r.score,
+                    *[json.dumps(v) if isinstance(v, (list, dict)) else v for v in params],
+                    *[r.objectives.get(k) for k in mkeys],
+                    *[r.gain.get(k) for k in gkeys],
+                    r.proxy,
+                    r.final_loss,
+                    r.accelerator_hours,
+                    r.wall_time_s,
+                    r.num_unloads,
+                    r.effective_rank_value,
+                    r.checkpoint_path,
+                    r.model_path,
+                    r.started_at,
+                    r.ended_at,
+                ]
+            ]
+        )
     return buf.getvalue()
 
 
 def _md(v: Any) -> str:
     text = _fmt(v) if not isinstance(v, str) else v
     # Keep a cell a cell: no pipes or newlines; HTML in user text shown, not rendered.
-    return (html.escape(text, quote=False).replace("|", "\\|").replace("\r", " ")
-            .replace("\n", " "))
+    return html.escape(text, quote=False).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
 def render_markdown(board: Board) -> str:
     """A readable summary: the objective, the best trial, and the ranked table."""
-    mkeys = [m for m in ("gsm8k", "gsm8k_flexible", "mmlu", "arc_easy", "arc_challenge")
-             if m in _metric_keys(board)]
+    mkeys = [
+        m
+        for m in ("gsm8k", "gsm8k_flexible", "mmlu", "arc_easy", "arc_challenge")
+        if m in _metric_keys(board)
+    ]
     for s in board.searches:
         mkeys.extend(m for m in s.spec.metrics if m not in mkeys)
     gkeys = _gain_keys(board)
     lines = [f"# Leaderboard: {_md(', '.join(s.name for s in board.searches))}", ""]
     for s in board.searches:
-        lines.append(f"- **{_md(s.name)}**: {_md(s.spec.describe())}; {s.num_records} trial(s); "
-                     f"`{_md(s.path)}`")
+        lines.append(
+            f"- **{_md(s.name)}**: {_md(s.spec.describe())}; {s.num_records} trial(s); "
+            f"`{_md(s.path)}`"
+        )
     best = board.best
     lines.append("")
     if best:
-        lines.append(f"Best: **{_md(best.label)}** ({_md(best.method)}"
-                     + (f", rank {best.lora_rank}" if best.lora_rank else "") + "), "
-                     + ", ".join(f"{m} {_fmt(best.objectives.get(m))}"
-                                 for m in board.spec_of(best).metrics)
-                     + ". Run it again: `plora-ray train best_config.yaml`.")
+        lines.append(
+            f"Best: **{_md(best.label)}** ({_md(best.method)}"
+            + (f", rank {best.lora_rank}" if best.lora_rank else "")
+            + "), "
+            + ", ".join(f"{m} {_fmt(best.objectives.get(m))}" for m in board.spec_of(best).metrics)
+            + ". Run it again: `plora-ray train best_config.yaml`."
+        )
     else:
         lines.append("No completed trial with an objective yet.")
     if board.warnings:
         lines += ["", "Warnings:"] + [f"- {_md(w)}" for w in board.warnings]
-    head = (["#", "search", "trial", "status", "method", "r", "params"] + mkeys
-            + ["score"] + [f"gain {g}" for g in gkeys]
-            + ["proxy", "loss", "accel-h", "wall", "unloads", "ΔW rank", "model"])
+    head = (
+        ["#", "search", "trial", "status", "method", "r", "params"]
+        + mkeys
+        + ["score"]
+        + [f"gain {g}" for g in gkeys]
+        + ["proxy", "loss", "accel-h", "wall", "unloads", "ΔW rank", "model"]
+    )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in board.rows:
         status = r.status + (f": {r.reason}" if r.reason else "")
         rank = f"{r.rank}{' ★' if r.on_pareto_front else ''}"
         method = (r.method or "") + (" (baseline)" if r.is_baseline else "")
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(r.params.items()))
-        cells = ([rank, r.search, r.trial_id, status, method, r.lora_rank, params]
-                 + [r.objectives.get(m) for m in mkeys] + [r.score]
-                 + [_fmt_gain(r.gain.get(g)) for g in gkeys]
-                 + [r.proxy, r.final_loss, r.accelerator_hours, _fmt_duration(r.wall_time_s),
-                    r.num_unloads, r.effective_rank_value, r.model_path])
+        cells = (
+            [rank, r.search, r.trial_id, status, method, r.lora_rank, params]
+            + [r.objectives.get(m) for m in mkeys]
+            + [r.score]
+            + [_fmt_gain(r.gain.get(g)) for g in gkeys]
+            + [
+                r.proxy,
+                r.final_loss,
+                r.accelerator_hours,
+                _fmt_duration(r.wall_time_s),
+                r.num_unloads,
+                r.effective_rank_value,
+                r.model_path,
+            ]
+        )
         lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
     if any(s.spec.pareto for s in board.searches):
         lines += ["", "★ on the Pareto front."]
@@ -913,8 +1095,7 @@ def render_best_config(board: Board) -> str | None:
 
     header = [
         "# Best configuration of the search, exported by plora-ray's leaderboard.",
-        f"# search: {one_line(best.search)}   trial: {one_line(best.trial_id)}   "
-        f"rank: {best.rank}",
+        f"# search: {one_line(best.search)}   trial: {one_line(best.trial_id)}   rank: {best.rank}",
         f"# objective: {one_line(spec.describe())}: "
         + ", ".join(f"{m}={_fmt(best.objectives.get(m))}" for m in spec.metrics),
         "# Run it:  plora-ray train best_config.yaml",
@@ -977,9 +1158,17 @@ def _tick_label(v: float, ticks: list[float]) -> str:
 class _Axes:
     """A linear x/y frame in an SVG of fixed size: ticks, grid, axis labels, title."""
 
-    def __init__(self, title: str, xlabel: str, ylabel: str, xs: Sequence[float],
-                 ys: Sequence[float], left: int = 62, legend_width: int = 150,
-                 height: int = _H) -> None:
+    def __init__(
+        self,
+        title: str,
+        xlabel: str,
+        ylabel: str,
+        xs: Sequence[float],
+        ys: Sequence[float],
+        left: int = 62,
+        legend_width: int = 150,
+        height: int = _H,
+    ) -> None:
         self.title, self.xlabel, self.ylabel = title, xlabel, ylabel
         # The legend gets its own column right of the frame, so it never hides a point.
         self.width, self.height = _W + legend_width, height
@@ -1001,30 +1190,44 @@ class _Axes:
 
     def open(self, plot_id: str) -> list[str]:
         w, h = self.width, self.height
-        out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" id="{plot_id}" '
-               f'viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
-               f'aria-labelledby="{plot_id}-title">',
-               f'<title id="{plot_id}-title">{_e(self.title)}</title>',
-               f'<text x="{w / 2:.1f}" y="20" class="ptitle" text-anchor="middle">'
-               f'{_e(self.title)}</text>']
+        out = [
+            f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" id="{plot_id}" '
+            f'viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
+            f'aria-labelledby="{plot_id}-title">',
+            f'<title id="{plot_id}-title">{_e(self.title)}</title>',
+            f'<text x="{w / 2:.1f}" y="20" class="ptitle" text-anchor="middle">'
+            f"{_e(self.title)}</text>",
+        ]
         for v in self.yt:
             y = self.y(v)
-            out.append(f'<line class="grid" x1="{self.l}" x2="{w - self.r}" y1="{y:.1f}" '
-                       f'y2="{y:.1f}"/>')
-            out.append(f'<text class="tick" x="{self.l - 6}" y="{y + 4:.1f}" '
-                       f'text-anchor="end">{_tick_label(v, self.yt)}</text>')
+            out.append(
+                f'<line class="grid" x1="{self.l}" x2="{w - self.r}" y1="{y:.1f}" y2="{y:.1f}"/>'
+            )
+            out.append(
+                f'<text class="tick" x="{self.l - 6}" y="{y + 4:.1f}" '
+                f'text-anchor="end">{_tick_label(v, self.yt)}</text>'
+            )
         for v in self.xt:
             x = self.x(v)
-            out.append(f'<line class="grid" y1="{self.t}" y2="{h - self.b}" x1="{x:.1f}" '
-                       f'x2="{x:.1f}"/>')
-            out.append(f'<text class="tick" x="{x:.1f}" y="{h - self.b + 16}" '
-                       f'text-anchor="middle">{_tick_label(v, self.xt)}</text>')
-        out.append(f'<rect class="frame" x="{self.l}" y="{self.t}" '
-                   f'width="{w - self.l - self.r}" height="{h - self.t - self.b}"/>')
-        out.append(f'<text class="alabel" x="{(self.l + w - self.r) / 2:.1f}" y="{h - 8}" '
-                   f'text-anchor="middle">{_e(self.xlabel)}</text>')
-        out.append(f'<text class="alabel" transform="translate(14 {(self.t + h - self.b) / 2:.1f})'
-                   f' rotate(-90)" text-anchor="middle">{_e(self.ylabel)}</text>')
+            out.append(
+                f'<line class="grid" y1="{self.t}" y2="{h - self.b}" x1="{x:.1f}" x2="{x:.1f}"/>'
+            )
+            out.append(
+                f'<text class="tick" x="{x:.1f}" y="{h - self.b + 16}" '
+                f'text-anchor="middle">{_tick_label(v, self.xt)}</text>'
+            )
+        out.append(
+            f'<rect class="frame" x="{self.l}" y="{self.t}" '
+            f'width="{w - self.l - self.r}" height="{h - self.t - self.b}"/>'
+        )
+        out.append(
+            f'<text class="alabel" x="{(self.l + w - self.r) / 2:.1f}" y="{h - 8}" '
+            f'text-anchor="middle">{_e(self.xlabel)}</text>'
+        )
+        out.append(
+            f'<text class="alabel" transform="translate(14 {(self.t + h - self.b) / 2:.1f})'
+            f' rotate(-90)" text-anchor="middle">{_e(self.ylabel)}</text>'
+        )
         return out
 
 
@@ -1034,11 +1237,14 @@ def _legend(items: Sequence[tuple[str, str, str]], x: float, y: float) -> list[s
     for i, (label, color, shape) in enumerate(items):
         yy = y + i * 15
         if shape == "square":
-            out.append(f'<rect x="{x - 4:.1f}" y="{yy - 4:.1f}" width="8" height="8" '
-                       f'fill="{color}"/>')
+            out.append(
+                f'<rect x="{x - 4:.1f}" y="{yy - 4:.1f}" width="8" height="8" fill="{color}"/>'
+            )
         elif shape == "line":
-            out.append(f'<line x1="{x - 7:.1f}" x2="{x + 7:.1f}" y1="{yy:.1f}" y2="{yy:.1f}" '
-                       f'stroke="{color}" stroke-width="2.5"/>')
+            out.append(
+                f'<line x1="{x - 7:.1f}" x2="{x + 7:.1f}" y1="{yy:.1f}" y2="{yy:.1f}" '
+                f'stroke="{color}" stroke-width="2.5"/>'
+            )
         else:
             out.append(f'<circle cx="{x:.1f}" cy="{yy:.1f}" r="4" fill="{color}"/>')
         out.append(f'<text class="legend" x="{x + 10:.1f}" y="{yy + 4:.1f}">{_e(label)}</text>')
@@ -1049,32 +1255,43 @@ def _empty_plot(plot_id: str, title: str, message: str) -> str:
     # SVG text does not wrap by itself; a long reason (a path) is cut into lines.
     lines = textwrap.wrap(message, 80, break_long_words=True)[:6] or [""]
     height = 70 + 17 * len(lines)
-    spans = "".join(f'<tspan x="{_W / 2}" dy="{0 if i == 0 else 17}">{_e(line)}</tspan>'
-                    for i, line in enumerate(lines))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="plot empty" id="{_e(plot_id)}" '
-            f'viewBox="0 0 {_W} {height}" width="{_W}" height="{height}" role="img">'
-            f'<title>{_e(title)}</title>'
-            f'<text x="{_W / 2}" y="22" class="ptitle" text-anchor="middle">{_e(title)}</text>'
-            f'<text x="{_W / 2}" y="56" class="note" text-anchor="middle">{spans}</text>'
-            '</svg>')
+    spans = "".join(
+        f'<tspan x="{_W / 2}" dy="{0 if i == 0 else 17}">{_e(line)}</tspan>'
+        for i, line in enumerate(lines)
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot empty" id="{_e(plot_id)}" '
+        f'viewBox="0 0 {_W} {height}" width="{_W}" height="{height}" role="img">'
+        f"<title>{_e(title)}</title>"
+        f'<text x="{_W / 2}" y="22" class="ptitle" text-anchor="middle">{_e(title)}</text>'
+        f'<text x="{_W / 2}" y="56" class="note" text-anchor="middle">{spans}</text>'
+        "</svg>"
+    )
 
 
 def _marker(row: Row, x: float, y: float, tip: str, ring: bool = False) -> str:
     color = _METHOD_COLORS.get(row.method or "", "#777")
     stroke = ' stroke="#111" stroke-width="1.6"' if ring else ' stroke="#fff" stroke-width="0.8"'
     if row.is_baseline:
-        return (f'<rect class="pt" x="{x - 4.5:.1f}" y="{y - 4.5:.1f}" width="9" height="9" '
-                f'fill="{color}"{stroke}><title>{_e(tip)}</title></rect>')
-    return (f'<circle class="pt" cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{color}"{stroke}>'
-            f'<title>{_e(tip)}</title></circle>')
+        return (
+            f'<rect class="pt" x="{x - 4.5:.1f}" y="{y - 4.5:.1f}" width="9" height="9" '
+            f'fill="{color}"{stroke}><title>{_e(tip)}</title></rect>'
+        )
+    return (
+        f'<circle class="pt" cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{color}"{stroke}>'
+        f"<title>{_e(tip)}</title></circle>"
+    )
 
 
 def _method_legend(rows: Sequence[Row]) -> list[tuple[str, str, str]]:
     seen = []
     for r in rows:
         label = (r.method or "?") + (" (baseline)" if r.is_baseline else "")
-        item = (label, _METHOD_COLORS.get(r.method or "", "#777"),
-                "square" if r.is_baseline else "circle")
+        item = (
+            label,
+            _METHOD_COLORS.get(r.method or "", "#777"),
+            "square" if r.is_baseline else "circle",
+        )
         if item not in seen:
             seen.append(item)
     return seen
@@ -1084,8 +1301,15 @@ def plot_objective_over_time(board: Board) -> str:
     """Each completed trial's objective against its finishing time, with the best so far."""
     pid, title = "plot-objective-time", "Objective by trial over time"
     done = [r for r in board.rows if r.status == "completed"]
-    t0 = min((t for r in board.rows for t in [to_epoch(r.started_at), to_epoch(r.ended_at)]
-              if t is not None), default=None)
+    t0 = min(
+        (
+            t
+            for r in board.rows
+            for t in [to_epoch(r.started_at), to_epoch(r.ended_at)]
+            if t is not None
+        ),
+        default=None,
+    )
 
     def when(r: Row, i: int) -> float:
         t = to_epoch(r.ended_at)
@@ -1103,8 +1327,9 @@ def plot_objective_over_time(board: Board) -> str:
     else:
         metrics = list(dict.fromkeys(m for s in board.searches for m in s.spec.metrics))
         for m in metrics:
-            pts = [(when(r, i), r.objectives[m], r) for i, r in enumerate(chrono)
-                   if m in r.objectives]
+            pts = [
+                (when(r, i), r.objectives[m], r) for i, r in enumerate(chrono) if m in r.objectives
+            ]
             series.append((m, pts, None))
         ylabel = "objective value"
     allpts = [p for _, pts, _ in series for p in pts]
@@ -1125,14 +1350,18 @@ def plot_objective_over_time(board: Board) -> str:
                     best = y
                 path.append(("M" if not path else "L") + f"{ax.x(x):.1f},{ax.y(best):.1f}")
             path.append(f"L{ax.x(ax.xt[-1]):.1f},{ax.y(best):.1f}")  # type: ignore[arg-type]
-            out.append(f'<path class="best" d="{" ".join(path)}" fill="none" stroke="#555" '
-                       'stroke-dasharray="4 3" stroke-width="1.5"/>')
+            out.append(
+                f'<path class="best" d="{" ".join(path)}" fill="none" stroke="#555" '
+                'stroke-dasharray="4 3" stroke-width="1.5"/>'
+            )
             legend.append(("best so far", "#555", "line"))
         for x, y, r in pts:
             tip = f"{r.label} ({r.method}): {name} = {_fmt(y)}"
             if direction is None and len(series) > 1:
-                out.append(f'<circle class="pt" cx="{ax.x(x):.1f}" cy="{ax.y(y):.1f}" r="4.5" '
-                           f'fill="{color}"><title>{_e(tip)}</title></circle>')
+                out.append(
+                    f'<circle class="pt" cx="{ax.x(x):.1f}" cy="{ax.y(y):.1f}" r="4.5" '
+                    f'fill="{color}"><title>{_e(tip)}</title></circle>'
+                )
             else:
                 out.append(_marker(r, ax.x(x), ax.y(y), tip))
         if direction is None and len(series) > 1:
@@ -1147,8 +1376,11 @@ def plot_objective_over_time(board: Board) -> str:
 def plot_gsm8k_vs_mmlu(board: Board) -> str:
     """GSM8K against MMLU for every completed trial, the Pareto front of the two drawn as a line."""
     pid, title = "plot-pareto", "GSM8K vs MMLU (Pareto front of the two)"
-    rows = [r for r in board.rows
-            if r.status == "completed" and "gsm8k" in r.objectives and "mmlu" in r.objectives]
+    rows = [
+        r
+        for r in board.rows
+        if r.status == "completed" and "gsm8k" in r.objectives and "mmlu" in r.objectives
+    ]
     if not rows:
         return _empty_plot(pid, title, "no completed trial with both GSM8K and MMLU yet")
     xs = [r.objectives["mmlu"] for r in rows]
@@ -1166,12 +1398,17 @@ def plot_gsm8k_vs_mmlu(board: Board) -> str:
             nxt = front[front.index((x, y)) + 1]
             d.append(f"L{ax.x(nxt[0]):.1f},{ax.y(y):.1f}")
     d.append(f"L{ax.x(ax.xt[0]):.1f},{ax.y(front[-1][1]):.1f}")
-    out.append(f'<path class="front" d="{" ".join(d)}" fill="none" stroke="#111" '
-               'stroke-width="1.4" stroke-dasharray="5 3"/>')
+    out.append(
+        f'<path class="front" d="{" ".join(d)}" fill="none" stroke="#111" '
+        'stroke-width="1.4" stroke-dasharray="5 3"/>'
+    )
     for r, x, y, f in zip(rows, xs, ys, fronts):
-        tip = (f"{r.label} ({r.method}"
-               + (f", r={r.lora_rank}" if r.lora_rank else "") + f"): GSM8K {_fmt(y)}, "
-               f"MMLU {_fmt(x)}" + (" — on the front" if f == 0 else ""))
+        tip = (
+            f"{r.label} ({r.method}"
+            + (f", r={r.lora_rank}" if r.lora_rank else "")
+            + f"): GSM8K {_fmt(y)}, "
+            f"MMLU {_fmt(x)}" + (" — on the front" if f == 0 else "")
+        )
         out.append(_marker(r, ax.x(x), ax.y(y), tip, ring=f == 0))
     legend = _method_legend(rows) + [("Pareto front", "#111", "line")]
     out += _legend(legend, ax.legend_x, ax.t + 8)
@@ -1189,7 +1426,7 @@ def param_importances(info: SearchInfo) -> tuple[dict[str, dict[str, float]], st
         return {}, "search.json names no Optuna study (study_name and storage URL)"
     url = info.storage_url
     if url.startswith("sqlite:///"):
-        db = url[len("sqlite:///"):]
+        db = url[len("sqlite:///") :]
         if not os.path.isfile(db):
             return {}, f"the study's database {db} does not exist"
     try:
@@ -1208,8 +1445,8 @@ def param_importances(info: SearchInfo) -> tuple[dict[str, dict[str, float]], st
             if n_obj > 1:
                 target = lambda t, i=i: t.values[i]  # noqa: E731
             out[name] = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
-                target=target)
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=target
+            )
         if not any(out.values()):
             return {}, "no parameter varied across the completed trials"
         return out, None
@@ -1224,34 +1461,47 @@ def plot_importances(info: SearchInfo) -> str:
     imps, why = param_importances(info)
     if not imps:
         return _empty_plot(pid, title, f"not available: {why}")
-    params = sorted({p for d in imps.values() for p in d},
-                    key=lambda p: -max(d.get(p, 0.0) for d in imps.values()))
+    params = sorted(
+        {p for d in imps.values() for p in d},
+        key=lambda p: -max(d.get(p, 0.0) for d in imps.values()),
+    )
     groups = list(imps)
     bar_h, gap = 14, 8
     left = min(260, 20 + 7 * max(len(p) for p in params))
     height = 40 + len(params) * (len(groups) * bar_h + gap) + 20 + 15 * len(groups)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" id="{_e(pid)}" '
-           f'viewBox="0 0 {_W} {height}" width="{_W}" height="{height}" role="img">',
-           f'<title>{_e(title)}</title>',
-           f'<text x="{_W / 2}" y="20" class="ptitle" text-anchor="middle">{_e(title)}</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" id="{_e(pid)}" '
+        f'viewBox="0 0 {_W} {height}" width="{_W}" height="{height}" role="img">',
+        f"<title>{_e(title)}</title>",
+        f'<text x="{_W / 2}" y="20" class="ptitle" text-anchor="middle">{_e(title)}</text>',
+    ]
     y = 36
     span = _W - left - 60
     for p in params:
-        out.append(f'<text class="tick" x="{left - 6}" y="{y + bar_h * len(groups) / 2 + 4:.1f}" '
-                   f'text-anchor="end">{_e(p)}</text>')
+        out.append(
+            f'<text class="tick" x="{left - 6}" y="{y + bar_h * len(groups) / 2 + 4:.1f}" '
+            f'text-anchor="end">{_e(p)}</text>'
+        )
         for k, g in enumerate(groups):
             v = imps[g].get(p, 0.0)
             color = _SERIES_COLORS[k % len(_SERIES_COLORS)]
-            out.append(f'<rect class="bar" x="{left}" y="{y}" width="{max(v * span, 0.5):.1f}" '
-                       f'height="{bar_h - 2}" fill="{color}"><title>{_e(p)} for {_e(g)}: '
-                       f'{v:.3f}</title></rect>')
-            out.append(f'<text class="tick" x="{left + v * span + 4:.1f}" y="{y + bar_h - 4}">'
-                       f'{v:.2f}</text>')
+            out.append(
+                f'<rect class="bar" x="{left}" y="{y}" width="{max(v * span, 0.5):.1f}" '
+                f'height="{bar_h - 2}" fill="{color}"><title>{_e(p)} for {_e(g)}: '
+                f"{v:.3f}</title></rect>"
+            )
+            out.append(
+                f'<text class="tick" x="{left + v * span + 4:.1f}" y="{y + bar_h - 4}">'
+                f"{v:.2f}</text>"
+            )
             y += bar_h
         y += gap
     if len(groups) > 1:
-        out += _legend([(g, _SERIES_COLORS[k % len(_SERIES_COLORS)], "square")
-                        for k, g in enumerate(groups)], left + 10, y + 8)
+        out += _legend(
+            [(g, _SERIES_COLORS[k % len(_SERIES_COLORS)], "square") for k, g in enumerate(groups)],
+            left + 10,
+            y + 8,
+        )
     out.append("</svg>")
     return "\n".join(out)
 
@@ -1269,10 +1519,14 @@ def plot_loss_curves(board: Board) -> str:
     legend = []
     for k, r in enumerate(top):
         color = _SERIES_COLORS[k % len(_SERIES_COLORS)]
-        d = " ".join(("M" if i == 0 else "L") + f"{ax.x(s):.1f},{ax.y(v):.1f}"
-                     for i, (s, v) in enumerate(r.loss_curve))
-        out.append(f'<path class="curve" d="{d}" fill="none" stroke="{color}" stroke-width="1.8">'
-                   f'<title>{_e(r.label)} (#{r.rank}, {_e(r.method)})</title></path>')
+        d = " ".join(
+            ("M" if i == 0 else "L") + f"{ax.x(s):.1f},{ax.y(v):.1f}"
+            for i, (s, v) in enumerate(r.loss_curve)
+        )
+        out.append(
+            f'<path class="curve" d="{d}" fill="none" stroke="{color}" stroke-width="1.8">'
+            f"<title>{_e(r.label)} (#{r.rank}, {_e(r.method)})</title></path>"
+        )
         label = f"#{r.rank} {r.label} ({r.method})"
         legend.append((label if len(label) <= 34 else label[:33] + "…", color, "line"))
     out += _legend(legend, ax.legend_x, ax.t + 8)
@@ -1286,8 +1540,13 @@ def plot_loss_curves(board: Board) -> str:
 def json_for_script(data: Any) -> str:
     """JSON that is safe inside a ``<script>`` element: no ``</script>``, ``<!--`` or U+2028."""
     text = json.dumps(data, ensure_ascii=False, allow_nan=False, default=str)
-    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+    return (
+        text.replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
 
 
 def _jsonable(v: Any) -> Any:
@@ -1319,23 +1578,36 @@ def _columns(board: Board) -> list[tuple[str, str, str, Callable[[Row], str]]]:
     cols: list[tuple[str, str, str, Callable[[Row], str]]] = []
 
     def rank_cell(r: Row) -> str:
-        star = ' <span class="badge front" title="on the Pareto front">★ front</span>' \
-            if r.on_pareto_front else ""
+        star = (
+            ' <span class="badge front" title="on the Pareto front">★ front</span>'
+            if r.on_pareto_front
+            else ""
+        )
         return _cell(f"{r.rank}{star}", r.rank, "num")
 
     cols.append(("#", "num", "rank by the search's objective", rank_cell))
     if multi:
-        cols.append(("search", "text", "the search this trial belongs to",
-                     lambda r: _cell(_e(r.search), r.search)))
+        cols.append(
+            (
+                "search",
+                "text",
+                "the search this trial belongs to",
+                lambda r: _cell(_e(r.search), r.search),
+            )
+        )
     cols.append(("trial", "text", "trial id", lambda r: _cell(_e(r.trial_id), r.trial_id, "mono")))
 
     def status_cell(r: Row) -> str:
         reason = f'<div class="reason">{_e(r.reason)}</div>' if r.reason else ""
-        return _cell(f'<span class="status {_e(r.status)}">{_e(r.status.replace("_", " "))}'
-                     f"</span>{reason}", r.status, title=r.reason)
+        return _cell(
+            f'<span class="status {_e(r.status)}">{_e(r.status.replace("_", " "))}</span>{reason}',
+            r.status,
+            title=r.reason,
+        )
 
-    cols.append(("status", "text", "completed, early stopped (ASHA), diverged or failed",
-                 status_cell))
+    cols.append(
+        ("status", "text", "completed, early stopped (ASHA), diverged or failed", status_cell)
+    )
 
     def method_cell(r: Row) -> str:
         badge = ' <span class="badge base">baseline</span>' if r.is_baseline else ""
@@ -1344,64 +1616,137 @@ def _columns(board: Board) -> list[tuple[str, str, str, Callable[[Row], str]]]:
     cols.append(("method", "text", "plora, or a lora / full baseline", method_cell))
     cols.append(("r", "num", "LoRA rank", lambda r: _cell(_fmt(r.lora_rank), r.lora_rank, "num")))
     for k in pkeys:
+
         def pcell(r: Row, k: str = k) -> str:
             v = r.params.get(k)
             sv = v if _finite(v) else (json.dumps(v) if isinstance(v, (list, dict)) else v)
-            return _cell(_e(_fmt(v) if not isinstance(v, (list, dict)) else json.dumps(v)),
-                         sv, "num param" if _finite(v) else "param")
-        cols.append((k, "num" if all(_finite(r.params.get(k)) or k not in r.params
-                                      for r in board.rows) else "text",
-                     f"sampled parameter {k}", pcell))
+            return _cell(
+                _e(_fmt(v) if not isinstance(v, (list, dict)) else json.dumps(v)),
+                sv,
+                "num param" if _finite(v) else "param",
+            )
+
+        cols.append(
+            (
+                k,
+                "num"
+                if all(_finite(r.params.get(k)) or k not in r.params for r in board.rows)
+                else "text",
+                f"sampled parameter {k}",
+                pcell,
+            )
+        )
     for m in mkeys:
-        cols.append((m, "num", f"objective {m}",
-                     lambda r, m=m: _cell(_fmt(r.objectives.get(m)), r.objectives.get(m), "num")))
-    cols.append(("score", "num", "the search's scalar objective",
-                 lambda r: _cell(_fmt(r.score), r.score, "num")))
+        cols.append(
+            (
+                m,
+                "num",
+                f"objective {m}",
+                lambda r, m=m: _cell(_fmt(r.objectives.get(m)), r.objectives.get(m), "num"),
+            )
+        )
+    cols.append(
+        (
+            "score",
+            "num",
+            "the search's scalar objective",
+            lambda r: _cell(_fmt(r.score), r.score, "num"),
+        )
+    )
     for g in gkeys:
+
         def gcell(r: Row, g: str = g) -> str:
             v = r.gain.get(g)
             cls = "num gain " + ("pos" if v and v > 0 else "neg" if v and v < 0 else "")
             ref = r.gain_baseline.get(g)
             return _cell(_fmt_gain(v), v, cls, f"vs best baseline {ref}" if ref else None)
-        cols.append((f"gain {g}", "num",
-                     f"PLoRA minus the best lora baseline of the same rank or full ({g}); "
-                     "positive = PLoRA better", gcell))
+
+        cols.append(
+            (
+                f"gain {g}",
+                "num",
+                f"PLoRA minus the best lora baseline of the same rank or full ({g}); "
+                "positive = PLoRA better",
+                gcell,
+            )
+        )
     cols += [
-        ("proxy", "num", "held-out GSM8K NLL (lower is better)",
-         lambda r: _cell(_fmt(r.proxy), r.proxy, "num")),
-        ("loss", "num", "final training loss",
-         lambda r: _cell(_fmt(r.final_loss), r.final_loss, "num")),
-        ("accel-h", "num", "accelerator-hours",
-         lambda r: _cell(_fmt(r.accelerator_hours, 3), r.accelerator_hours, "num")),
-        ("wall", "num", "wall time", lambda r: _cell(_fmt_duration(r.wall_time_s),
-                                                     r.wall_time_s, "num")),
-        ("unloads", "num", "number of PLoRA unloads",
-         lambda r: _cell(_fmt(r.num_unloads), r.num_unloads, "num")),
-        ("ΔW rank", "num", "final effective rank of W_now − W_0 (mean over sampled layers)",
-         lambda r: _cell(_fmt(r.effective_rank_value, 3), r.effective_rank_value, "num",
-                         json.dumps(r.delta_effective_rank)
-                         if isinstance(r.delta_effective_rank, dict) else None)),
-        ("checkpoint", "text", "checkpoint location",
-         lambda r: _cell(_e(r.checkpoint_path or ""), r.checkpoint_path, "path")),
-        ("model", "text", "exported model location",
-         lambda r: _cell(_e(r.model_path or ""), r.model_path, "path")),
+        (
+            "proxy",
+            "num",
+            "held-out GSM8K NLL (lower is better)",
+            lambda r: _cell(_fmt(r.proxy), r.proxy, "num"),
+        ),
+        (
+            "loss",
+            "num",
+            "final training loss",
+            lambda r: _cell(_fmt(r.final_loss), r.final_loss, "num"),
+        ),
+        (
+            "accel-h",
+            "num",
+            "accelerator-hours",
+            lambda r: _cell(_fmt(r.accelerator_hours, 3), r.accelerator_hours, "num"),
+        ),
+        (
+            "wall",
+            "num",
+            "wall time",
+            lambda r: _cell(_fmt_duration(r.wall_time_s), r.wall_time_s, "num"),
+        ),
+        (
+            "unloads",
+            "num",
+            "number of PLoRA unloads",
+            lambda r: _cell(_fmt(r.num_unloads), r.num_unloads, "num"),
+        ),
+        (
+            "ΔW rank",
+            "num",
+            "final effective rank of W_now − W_0 (mean over sampled layers)",
+            lambda r: _cell(
+                _fmt(r.effective_rank_value, 3),
+                r.effective_rank_value,
+                "num",
+                json.dumps(r.delta_effective_rank)
+                if isinstance(r.delta_effective_rank, dict)
+                else None,
+            ),
+        ),
+        (
+            "checkpoint",
+            "text",
+            "checkpoint location",
+            lambda r: _cell(_e(r.checkpoint_path or ""), r.checkpoint_path, "path"),
+        ),
+        (
+            "model",
+            "text",
+            "exported model location",
+            lambda r: _cell(_e(r.model_path or ""), r.model_path, "path"),
+        ),
     ]
     return cols
 
 
 def _table(board: Board) -> str:
     cols = _columns(board)
-    head = "".join(f'<th data-type="{t}" title="{_e(tip)}" tabindex="0" scope="col">{_e(h)}</th>'
-                   for h, t, tip, _ in cols)
+    head = "".join(
+        f'<th data-type="{t}" title="{_e(tip)}" tabindex="0" scope="col">{_e(h)}</th>'
+        for h, t, tip, _ in cols
+    )
     body = []
     for r in board.rows:
         cls = ["front"] if r.on_pareto_front else []
         if r.is_baseline:
             cls.append("baseline")
-        body.append(f'<tr class="{" ".join(cls)}" data-trial="{_e(r.label)}">'
-                    + "".join(render(r) for *_, render in cols) + "</tr>")
-    return (f'<table id="board"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>')
+        body.append(
+            f'<tr class="{" ".join(cls)}" data-trial="{_e(r.label)}">'
+            + "".join(render(r) for *_, render in cols)
+            + "</tr>"
+        )
+    return f'<table id="board"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
 def _summary(board: Board) -> str:
@@ -1411,26 +1756,35 @@ def _summary(board: Board) -> str:
         for r in board.rows:
             if r.search == s.name:
                 counts[r.status] = counts.get(r.status, 0) + 1
-        tally = (", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items())
-                 or "no trials yet")
-        parts.append(f"<li><b>{_e(s.name)}</b>: {_e(s.spec.describe())}; {tally}. "
-                     f'<span class="path">{_e(s.path)}</span></li>')
+        tally = (
+            ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items()) or "no trials yet"
+        )
+        parts.append(
+            f"<li><b>{_e(s.name)}</b>: {_e(s.spec.describe())}; {tally}. "
+            f'<span class="path">{_e(s.path)}</span></li>'
+        )
     best = board.best
     if best is not None:
         spec = board.spec_of(best)
         vals = ", ".join(f"{_e(m)} <b>{_e(_fmt(best.objectives.get(m)))}</b>" for m in spec.metrics)
-        gain = "".join(f"; gain over the best baseline ({_e(g)}): {_e(_fmt_gain(v))}"
-                       for g, v in best.gain.items())
-        best_html = (f'<p class="best">Best: <b>{_e(best.label)}</b> ({_e(best.method)}'
-                     + (f", rank {best.lora_rank}" if best.lora_rank else "") + f") — {vals}"
-                     f"{gain}. Run it again: <code>plora-ray train best_config.yaml</code> "
-                     '(<a href="best_config.yaml">best_config.yaml</a>).</p>')
+        gain = "".join(
+            f"; gain over the best baseline ({_e(g)}): {_e(_fmt_gain(v))}"
+            for g, v in best.gain.items()
+        )
+        best_html = (
+            f'<p class="best">Best: <b>{_e(best.label)}</b> ({_e(best.method)}'
+            + (f", rank {best.lora_rank}" if best.lora_rank else "")
+            + f") — {vals}"
+            f"{gain}. Run it again: <code>plora-ray train best_config.yaml</code> "
+            '(<a href="best_config.yaml">best_config.yaml</a>).</p>'
+        )
     else:
         best_html = '<p class="best">No completed trial with an objective yet.</p>'
-    scope = ("Trials of all searches are ranked together (same objective)."
-             if board.ranked_globally or len(board.searches) == 1 else
-             "The searches have different objectives: each is ranked by its own, one after "
-             "another.")
+    scope = (
+        "Trials of all searches are ranked together (same objective)."
+        if board.ranked_globally or len(board.searches) == 1
+        else "The searches have different objectives: each is ranked by its own, one after another."
+    )
     return f'<ul class="searches">{"".join(parts)}</ul>{best_html}<p class="note">{scope}</p>'
 
 
@@ -1446,8 +1800,12 @@ def render_html(board: Board) -> str:
     # Content-Security-Policy allows exactly our inline script (by hash): defence in depth on top of
     # escaping, and it also proves the page needs no network (default-src 'none').
     digest = base64.b64encode(hashlib.sha256(m.group(1).encode("utf-8")).digest()).decode()
-    plots = [plot_objective_over_time(board), plot_gsm8k_vs_mmlu(board),
-             *[plot_importances(s) for s in board.searches], plot_loss_curves(board)]
+    plots = [
+        plot_objective_over_time(board),
+        plot_gsm8k_vs_mmlu(board),
+        *[plot_importances(s) for s in board.searches],
+        plot_loss_curves(board),
+    ]
     warnings = "".join(f"<li>{_e(w)}</li>" for w in board.warnings)
     names = ", ".join(s.name for s in board.searches)
     values = {
@@ -1457,7 +1815,7 @@ def render_html(board: Board) -> str:
         "summary": _summary(board),
         "warnings": f'<ul class="warnings">{warnings}</ul>' if warnings else "",
         "table": _table(board),
-        "plots": "\n".join(f'<figure>{p}</figure>' for p in plots),
+        "plots": "\n".join(f"<figure>{p}</figure>" for p in plots),
         "data_json": json_for_script(_jsonable(board.to_dict())),
         "count": str(len(board.rows)),
     }
@@ -1480,8 +1838,10 @@ def write_board(board: Board, out_dir: str | os.PathLike[str]) -> Path | str:
     out = str(out_dir)
     store = _Store(out)
     rendered = {
-        "leaderboard.json": json.dumps(_jsonable(board.to_dict()), indent=1, ensure_ascii=False,
-                                       allow_nan=False, default=str) + "\n",
+        "leaderboard.json": json.dumps(
+            _jsonable(board.to_dict()), indent=1, ensure_ascii=False, allow_nan=False, default=str
+        )
+        + "\n",
         "leaderboard.csv": render_csv(board),
         "leaderboard.md": render_markdown(board),
         "index.html": render_html(board),
@@ -1503,11 +1863,13 @@ def _check_best_config(board: Board) -> None:
     from plora_ray.config import ConfigError, config_from_dict
 
     try:
-        config_from_dict({k: v for k, v in best.config.items() if k != "search"},
-                         source="best_config.yaml")
+        config_from_dict(
+            {k: v for k, v in best.config.items() if k != "search"}, source="best_config.yaml"
+        )
     except ConfigError as exc:
-        board.warnings.append(f"best_config.yaml does not validate on this machine: "
-                              f"{'; '.join(exc.problems)}")
+        board.warnings.append(
+            f"best_config.yaml does not validate on this machine: {'; '.join(exc.problems)}"
+        )
 
 
 def publish(search_dir: str | os.PathLike[str]) -> Path | str:
@@ -1549,13 +1911,16 @@ def leaderboard_command(paths: Sequence[str], out: str | None) -> int:
     for w in board.warnings:
         print(f"warning: {w}", file=sys.stderr)
     best = board.best
-    print(f"leaderboard: {len(board.rows)} trial(s) from {len(board.searches)} search(es) -> "
-          f"{where}/index.html")
+    print(
+        f"leaderboard: {len(board.rows)} trial(s) from {len(board.searches)} search(es) -> "
+        f"{where}/index.html"
+    )
     if best is not None:
-        print(f"best: {best.label} ({best.method}), "
-              + ", ".join(f"{m}={_fmt(best.objectives.get(m))}"
-                          for m in board.spec_of(best).metrics)
-              + f"; config: {where}/best_config.yaml")
+        print(
+            f"best: {best.label} ({best.method}), "
+            + ", ".join(f"{m}={_fmt(best.objectives.get(m))}" for m in board.spec_of(best).metrics)
+            + f"; config: {where}/best_config.yaml"
+        )
     return 0
 
 

@@ -41,8 +41,16 @@ TINY_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
-TINY_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>",
-                       "<|end|>"]
+TINY_SPECIAL_TOKENS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+]
 
 
 def build_tiny_tokenizer(out_dir: Path = TINY_TOKENIZER_DIR, vocab_size: int = 2048) -> None:
@@ -69,8 +77,12 @@ def build_tiny_tokenizer(out_dir: Path = TINY_TOKENIZER_DIR, vocab_size: int = 2
     )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>", additional_special_tokens=TINY_SPECIAL_TOKENS[4:],
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=TINY_SPECIAL_TOKENS[4:],
     )
     fast.chat_template = TINY_CHAT_TEMPLATE
     fast.model_max_length = 4096
@@ -156,7 +168,9 @@ def load_model(cfg: ModelConfig, seed: int = 0, vocab_size: int | None = None) -
 
 def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
     """Raise ValueError naming ``lora.targets`` and each name the model has no Linear for."""
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    names = {
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
     missing = [t for t in targets if t not in names]
     if missing:
         raise ValueError(

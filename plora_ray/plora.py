@@ -321,14 +321,18 @@ def round_to_dtype(
         return x.to(dtype)
     if dtype == torch.bfloat16:
         bits = x.contiguous().view(torch.int32)
-        noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32,
-                              device=x.device)
+        noise = torch.randint(
+            0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=x.device
+        )
         # -65536 == ~0xFFFF: clear the 16 bits bf16 drops; the bf16 cast is then exact.
         return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
     near = x.to(dtype)
     err = x - near.float()
-    toward = torch.where(err > 0, torch.tensor(math.inf, dtype=dtype, device=x.device),
-                         torch.tensor(-math.inf, dtype=dtype, device=x.device))
+    toward = torch.where(
+        err > 0,
+        torch.tensor(math.inf, dtype=dtype, device=x.device),
+        torch.tensor(-math.inf, dtype=dtype, device=x.device),
+    )
     other = torch.nextafter(near, toward)
     spacing = (other.float() - near.float()).abs()
     prob = torch.where(spacing > 0, err.abs() / spacing, torch.zeros_like(err))
@@ -337,7 +341,9 @@ def round_to_dtype(
 
 
 def add_with_rounding(
-    weight: torch.Tensor, delta_fp32: torch.Tensor, rounding: str,
+    weight: torch.Tensor,
+    delta_fp32: torch.Tensor,
+    rounding: str,
     generator: torch.Generator | None,
 ) -> None:
     """In place: weight <- round(weight + delta) in weight's dtype (the sum is formed in fp32).
@@ -357,12 +363,13 @@ def base_param_name(pair_name: str) -> str:
     -> ``model.layers.0.self_attn.q_proj.weight`` (the name in the checkpoint files).
     """
     prefix = "base_model.model."
-    name = pair_name[len(prefix):] if pair_name.startswith(prefix) else pair_name
+    name = pair_name[len(prefix) :] if pair_name.startswith(prefix) else pair_name
     return name + ".weight"
 
 
-def merge_from_base(w0: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]],
-                    dtype: torch.dtype) -> torch.Tensor:
+def merge_from_base(
+    w0: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
+) -> torch.Tensor:
     """``from_base``'s new weight: round_nearest(W_0 + Σ_s B_s A_s) in ``dtype``, on W_0's device.
 
     One product of the stacked factors, Σ_s B_s A_s = [B_1 .. B_k] [A_1; ..; A_k], in fp32. The
@@ -397,8 +404,9 @@ def safetensors_base_weights(model_dir: str | Path) -> Callable[[str], torch.Ten
     given = Path(model_dir)
     files = [given] if given.is_file() else sorted(given.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"base weights: expected *.safetensors files in {model_dir}, "
-                                "found none")
+        raise FileNotFoundError(
+            f"base weights: expected *.safetensors files in {model_dir}, found none"
+        )
     where: dict[str, Path] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
@@ -407,8 +415,9 @@ def safetensors_base_weights(model_dir: str | Path) -> Callable[[str], torch.Ten
 
     def read(name: str) -> torch.Tensor:
         if name not in where:
-            raise KeyError(f"base weights in {model_dir}: expected a tensor named {name!r}, "
-                           "found none")
+            raise KeyError(
+                f"base weights in {model_dir}: expected a tensor named {name!r}, found none"
+            )
         with safe_open(str(where[name]), framework="pt") as fh:
             return fh.get_tensor(name)
 
@@ -493,8 +502,14 @@ class RestartableLR(torch.optim.lr_scheduler.LRScheduler):
     cosine from 1 down to ``min_lr_ratio`` at t = stage_length - 1 (held there after).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int,
-                 min_lr_ratio: float, stage_length_steps: int | None) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        schedule: str,
+        warmup_steps: int,
+        min_lr_ratio: float,
+        stage_length_steps: int | None,
+    ) -> None:
         self.schedule = schedule
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
@@ -514,7 +529,9 @@ class RestartableLR(torch.optim.lr_scheduler.LRScheduler):
         length = self.stage_length_steps or 1
         span = max(1, length - 1 - warm)
         progress = min(1.0, (t - warm) / span)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         f = self.factor(self.last_epoch - self.stage_start)
@@ -528,8 +545,9 @@ class RestartableLR(torch.optim.lr_scheduler.LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
-                      stage_length_steps: int | None) -> RestartableLR:
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, optim: OptimConfig, stage_length_steps: int | None
+) -> RestartableLR:
     """The run's LR schedule; PLoRA calls ``restart()`` at each unload.
 
     Args:
@@ -547,11 +565,17 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
         raise _bad("optim.warmup_steps", "an integer >= 0", optim.warmup_steps)
     if not 0.0 <= optim.min_lr_ratio <= 1.0:
         raise _bad("optim.min_lr_ratio", "a number in [0, 1]", optim.min_lr_ratio)
-    if optim.schedule == "cosine_restart" and (stage_length_steps is None or stage_length_steps < 1):
-        raise _bad("stage_length_steps", "an integer >= 1 for optim.schedule cosine_restart",
-                   stage_length_steps)
-    return RestartableLR(optimizer, optim.schedule, optim.warmup_steps, optim.min_lr_ratio,
-                         stage_length_steps)
+    if optim.schedule == "cosine_restart" and (
+        stage_length_steps is None or stage_length_steps < 1
+    ):
+        raise _bad(
+            "stage_length_steps",
+            "an integer >= 1 for optim.schedule cosine_restart",
+            stage_length_steps,
+        )
+    return RestartableLR(
+        optimizer, optim.schedule, optim.warmup_steps, optim.min_lr_ratio, stage_length_steps
+    )
 
 
 # --------------------------------------------------------------------------- the method
@@ -620,15 +644,26 @@ class PLoRA:
             without LoRA layers, or ``from_base`` without ``base_weights``.
     """
 
-    def __init__(self, model: nn.Module, cfg: PLoRAConfig, global_batch: int, seed: int,
-                 access: ParamAccess, *, scheduler: RestartableLR | None = None,
-                 track_all_layers: bool = False,
-                 base_weights: Callable[[str], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: PLoRAConfig,
+        global_batch: int,
+        seed: int,
+        access: ParamAccess,
+        *,
+        scheduler: RestartableLR | None = None,
+        track_all_layers: bool = False,
+        base_weights: Callable[[str], torch.Tensor] | None = None,
+    ) -> None:
         _validate_plora_config(cfg, global_batch)
         if cfg.merge_rounding == "from_base" and base_weights is None:
-            raise _bad("plora.merge_rounding", "nearest or stochastic, or 'from_base' together "
-                       "with PLoRA(base_weights=...) (a source of the original weights)",
-                       cfg.merge_rounding)
+            raise _bad(
+                "plora.merge_rounding",
+                "nearest or stochastic, or 'from_base' together "
+                "with PLoRA(base_weights=...) (a source of the original weights)",
+                cfg.merge_rounding,
+            )
         self.base_weights = base_weights
         # from_base: per layer, the factors (coef·B, A) of every unload so far (fp32, CPU).
         self.base_factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -639,7 +674,9 @@ class PLoRA:
         self.scheduler = scheduler
         self.pairs = lora_pairs(model)
         if not self.pairs:
-            raise ValueError("model: expected peft LoRA layers (call attach_lora first), found none")
+            raise ValueError(
+                "model: expected peft LoRA layers (call attach_lora first), found none"
+            )
         self.num_unloads = 0
         self.last_step = 0
         self.last_samples = 0
@@ -658,16 +695,19 @@ class PLoRA:
             # W_0's shape, not p.base's: ZeRO-3 shows an empty placeholder outside gathered().
             self.intended_sum[p.name] = torch.zeros(self.w0[p.name].shape, dtype=torch.float32)
 
-    def _from_base(self, p: LoraPair, coef_b: torch.Tensor, a: torch.Tensor,
-                   w: torch.Tensor) -> torch.Tensor:
+    def _from_base(
+        self, p: LoraPair, coef_b: torch.Tensor, a: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
         """round_nearest(W_0 + Σ intended) for one layer, W_0 re-read from the source."""
         factors = self.base_factors.setdefault(p.name, [])
         factors.append((coef_b.detach().float().cpu().clone(), a.detach().float().cpu().clone()))
         assert self.base_weights is not None
         w0 = self.base_weights(base_param_name(p.name)).to(device=w.device, dtype=torch.float32)
         if w0.shape != w.shape:
-            raise ValueError(f"base_weights({base_param_name(p.name)!r}): expected shape "
-                             f"{tuple(w.shape)}, found {tuple(w0.shape)}")
+            raise ValueError(
+                f"base_weights({base_param_name(p.name)!r}): expected shape "
+                f"{tuple(w.shape)}, found {tuple(w0.shape)}"
+            )
         return merge_from_base(w0, factors, w.dtype)
 
     @property
@@ -710,15 +750,19 @@ class PLoRA:
                     new = self._from_base(p, (1.0 - m) * p.scaling * b, a, w)
                 else:
                     gen = _generator(w.device, self.seed, k, i, "merge")
-                    new = round_to_dtype(w32 + intended.to(w.device), w.dtype, cfg.merge_rounding,
-                                         gen)
+                    new = round_to_dtype(
+                        w32 + intended.to(w.device), w.dtype, cfg.merge_rounding, gen
+                    )
                 applied = new.float() - w32
                 err_sq += (applied - intended.to(w.device)).double().pow(2).sum().cpu()
                 int_sq += intended.double().pow(2).sum().cpu()
                 self.access.write_frozen(p.base, new)
                 if m == 0.0:
-                    a_new = lora_init_A(a.shape[0], a.shape[1],
-                                        _generator(torch.device("cpu"), self.seed, k, i, "init_A"))
+                    a_new = lora_init_A(
+                        a.shape[0],
+                        a.shape[1],
+                        _generator(torch.device("cpu"), self.seed, k, i, "init_A"),
+                    )
                     self.access.write_trainable(p.A, a_new.to(a.device))
                     self.access.write_trainable(p.B, torch.zeros_like(b))
                 elif cfg.variant == "exact":
@@ -729,8 +773,9 @@ class PLoRA:
                 if p.name in self.w0:
                     self.intended_sum[p.name] += intended.cpu()
                     delta_now = new.float().cpu() - self.w0[p.name].float()
-                    cum_err_sq += float((delta_now - self.intended_sum[p.name]).double()
-                                        .pow(2).sum())
+                    cum_err_sq += float(
+                        (delta_now - self.intended_sum[p.name]).double().pow(2).sum()
+                    )
                     cum_int_sq += float(self.intended_sum[p.name].double().pow(2).sum())
                     if i in self.sampled:
                         ranks[p.name] = effective_rank(delta_now, cfg.rank_threshold)
@@ -743,9 +788,15 @@ class PLoRA:
         # An all-zero intended update (e.g. an unload before any step) applies nothing: error 0.
         rel = float(err_sq.sqrt() / int_sq.sqrt()) if float(int_sq) > 0 else 0.0
         cum = (math.sqrt(cum_err_sq / cum_int_sq) if cum_int_sq > 0 else 0.0) if self.w0 else None
-        return UnloadReport(index=k, step=step, samples=samples_seen, merge_rel_error=rel,
-                            cumulative_rel_error=cum, effective_rank=ranks,
-                            seconds=time.perf_counter() - t0)
+        return UnloadReport(
+            index=k,
+            step=step,
+            samples=samples_seen,
+            merge_rel_error=rel,
+            cumulative_rel_error=cum,
+            effective_rank=ranks,
+            seconds=time.perf_counter() - t0,
+        )
 
     def delta_effective_rank(self) -> dict[str, int]:
         """Effective rank of W_now - W_0 for each tracked layer, now."""
@@ -789,8 +840,9 @@ class PLoRA:
             "layers": [p.name for p in self.pairs],
             "w0": {k: v.clone() for k, v in self.w0.items()},
             "intended_sum": {k: v.clone() for k, v in self.intended_sum.items()},
-            "base_factors": {k: [(b.clone(), a.clone()) for b, a in v]
-                             for k, v in self.base_factors.items()},
+            "base_factors": {
+                k: [(b.clone(), a.clone()) for b, a in v] for k, v in self.base_factors.items()
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -801,8 +853,10 @@ class PLoRA:
         """
         names = [p.name for p in self.pairs]
         if state["layers"] != names:
-            raise ValueError(f"PLoRA state: expected LoRA layers {names[:3]}..., found "
-                             f"{state['layers'][:3]}... (a checkpoint of another model or targets)")
+            raise ValueError(
+                f"PLoRA state: expected LoRA layers {names[:3]}..., found "
+                f"{state['layers'][:3]}... (a checkpoint of another model or targets)"
+            )
         if int(state["seed"]) != self.seed:
             raise ValueError(f"PLoRA state: expected seed {self.seed}, found {state['seed']}")
         self.num_unloads = int(state["num_unloads"])
@@ -811,5 +865,7 @@ class PLoRA:
         self.w0 = {k: v.clone() for k, v in state["w0"].items()}
         self.intended_sum = {k: v.clone() for k, v in state["intended_sum"].items()}
         # Absent in states saved before from_base existed (they used an element-wise rounding).
-        self.base_factors = {k: [(b.clone(), a.clone()) for b, a in v]
-                             for k, v in state.get("base_factors", {}).items()}
+        self.base_factors = {
+            k: [(b.clone(), a.clone()) for b, a in v]
+            for k, v in state.get("base_factors", {}).items()
+        }

@@ -90,8 +90,18 @@ __all__ = [
 # Metrics a trial can be judged on: the evaluation's objectives (plora_ray.evaluate) plus the
 # training loss at the end. *_nll and final_loss are naturally minimised, the rest maximised.
 OBJECTIVE_METRICS = (
-    "gsm8k", "gsm8k_flexible", "mmlu", "mmlu_humanities", "mmlu_stem", "mmlu_social_sciences",
-    "mmlu_other", "arc_easy", "arc_challenge", "gsm8k_nll", "mmlu_nll", "final_loss",
+    "gsm8k",
+    "gsm8k_flexible",
+    "mmlu",
+    "mmlu_humanities",
+    "mmlu_stem",
+    "mmlu_social_sciences",
+    "mmlu_other",
+    "arc_easy",
+    "arc_challenge",
+    "gsm8k_nll",
+    "mmlu_nll",
+    "final_loss",
 )
 # Metrics the trainer reports *during* training, usable by the early-stopping scheduler.
 PROXY_METRICS = ("gsm8k_nll", "mmlu_nll", "loss")
@@ -143,7 +153,9 @@ class ParamSpec:
         if not self.low <= value <= self.high:
             return False
         if self.distribution == "int":
-            return float(value).is_integer() and (int(value) - int(self.low)) % (self.step or 1) == 0
+            return (
+                float(value).is_integer() and (int(value) - int(self.low)) % (self.step or 1) == 0
+            )
         return True
 
 
@@ -178,8 +190,13 @@ class ObjectiveSpec:
         return float(sum(w * float(objectives[m]) for m, w in self.weights.items()))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "metrics": self.metrics, "directions": self.directions,
-                "weights": self.weights, "pareto": self.kind == "pareto"}
+        return {
+            "kind": self.kind,
+            "metrics": self.metrics,
+            "directions": self.directions,
+            "weights": self.weights,
+            "pareto": self.kind == "pareto",
+        }
 
 
 @dataclass
@@ -225,8 +242,11 @@ def _leaf_types(cls: type = RunConfig, prefix: str = "") -> dict[str, Any]:
             continue
         key = f"{prefix}{f.name}"
         tp = get_type_hints(cls)[f.name]
-        inner = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (
-            Union, getattr(__import__("types"), "UnionType")) else [tp]
+        inner = (
+            [a for a in get_args(tp) if a is not type(None)]
+            if get_origin(tp) in (Union, getattr(__import__("types"), "UnionType"))
+            else [tp]
+        )
         section = next((a for a in inner if dataclasses.is_dataclass(a)), None)
         item = get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else None
         if section is not None:
@@ -286,8 +306,20 @@ def _get_dotted(data: dict[str, Any], key: str) -> Any:
 
 
 _TOP_KEYS = {
-    "algorithm", "seed", "num_samples", "max_concurrent", "time_budget_s", "driver_cpus",
-    "max_retries", "storage", "study_storage", "objective", "scheduler", "params", "points", "name",
+    "algorithm",
+    "seed",
+    "num_samples",
+    "max_concurrent",
+    "time_budget_s",
+    "driver_cpus",
+    "max_retries",
+    "storage",
+    "study_storage",
+    "objective",
+    "scheduler",
+    "params",
+    "points",
+    "name",
     "trial_executor",
 }
 
@@ -311,8 +343,11 @@ def _flatten_params(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in raw.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and "distribution" not in v and v and all(
-            isinstance(x, dict) for x in v.values()
+        if (
+            isinstance(v, dict)
+            and "distribution" not in v
+            and v
+            and all(isinstance(x, dict) for x in v.values())
         ):
             out.update(_flatten_params(v, key + "."))
         else:
@@ -322,22 +357,28 @@ def _flatten_params(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _parse_param(key: str, raw: Any, where: str, problems: list[str]) -> ParamSpec | None:
     if not isinstance(raw, dict):
-        problems.append(f"{where}: expected a mapping with a 'distribution' (one of "
-                        f"{', '.join(DISTRIBUTIONS)}), found {raw!r}")
+        problems.append(
+            f"{where}: expected a mapping with a 'distribution' (one of "
+            f"{', '.join(DISTRIBUTIONS)}), found {raw!r}"
+        )
         return None
     dist = raw.get("distribution")
     if dist not in DISTRIBUTIONS:
         hint = difflib.get_close_matches(str(dist), DISTRIBUTIONS, n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        problems.append(f"{where}.distribution: expected one of {', '.join(DISTRIBUTIONS)}, "
-                        f"found {dist!r}{extra}")
+        problems.append(
+            f"{where}.distribution: expected one of {', '.join(DISTRIBUTIONS)}, "
+            f"found {dist!r}{extra}"
+        )
         return None
     allowed, required = _DIST_FIELDS[dist]
     before = len(problems)
     for k in raw:
         if k not in allowed | {"distribution", "when"}:
-            problems.append(f"{where}.{k}: unknown field for distribution {dist!r}; expected "
-                            f"{', '.join(sorted(allowed | {'when'}))}")
+            problems.append(
+                f"{where}.{k}: unknown field for distribution {dist!r}; expected "
+                f"{', '.join(sorted(allowed | {'when'}))}"
+            )
     for k in sorted(required - set(raw)):
         problems.append(f"{where}.{k}: required for distribution {dist!r}, found nothing")
     if len(problems) > before:
@@ -354,12 +395,16 @@ def _parse_param(key: str, raw: Any, where: str, problems: list[str]) -> ParamSp
         spec.values = values
     else:
         if not _is_numeric_type(tp):
-            problems.append(f"{where}.distribution: {dist!r} samples numbers but {key} expects "
-                            f"a non-numeric value; use distribution: choice")
+            problems.append(
+                f"{where}.distribution: {dist!r} samples numbers but {key} expects "
+                f"a non-numeric value; use distribution: choice"
+            )
             return None
         if dist != "int" and spec.is_int and dist != "qloguniform":
-            problems.append(f"{where}.distribution: {key} is an integer; expected int, choice or "
-                            f"qloguniform, found {dist!r}")
+            problems.append(
+                f"{where}.distribution: {key} is an integer; expected int, choice or "
+                f"qloguniform, found {dist!r}"
+            )
             return None
         lo, hi = _number(raw["low"]), _number(raw["high"])
         if lo is None:
@@ -369,19 +414,23 @@ def _parse_param(key: str, raw: Any, where: str, problems: list[str]) -> ParamSp
         if lo is None or hi is None:
             return None
         if lo > hi:
-            problems.append(f"{where}: expected low <= high, found low={raw['low']!r} > "
-                            f"high={raw['high']!r}")
+            problems.append(
+                f"{where}: expected low <= high, found low={raw['low']!r} > high={raw['high']!r}"
+            )
             return None
         if dist in ("loguniform", "qloguniform") or (dist == "int" and raw.get("log")):
             if lo <= 0:
-                problems.append(f"{where}.low: expected a number > 0 for a log scale, found "
-                                f"{raw['low']!r}")
+                problems.append(
+                    f"{where}.low: expected a number > 0 for a log scale, found {raw['low']!r}"
+                )
                 return None
         spec.low, spec.high = lo, hi
         if dist == "int":
             if not (lo.is_integer() and hi.is_integer()):
-                problems.append(f"{where}: expected integer low and high, found low={raw['low']!r}, "
-                                f"high={raw['high']!r}")
+                problems.append(
+                    f"{where}: expected integer low and high, found low={raw['low']!r}, "
+                    f"high={raw['high']!r}"
+                )
                 return None
             spec.low, spec.high = int(lo), int(hi)
             step = raw.get("step", 1)
@@ -393,12 +442,16 @@ def _parse_param(key: str, raw: Any, where: str, problems: list[str]) -> ParamSp
                 problems.append(f"{where}.log: expected true or false, found {log!r}")
                 return None
             if log and step != 1:
-                problems.append(f"{where}: expected step 1 with log: true (Optuna cannot combine "
-                                f"them), found step={step!r}")
+                problems.append(
+                    f"{where}: expected step 1 with log: true (Optuna cannot combine "
+                    f"them), found step={step!r}"
+                )
                 return None
             if (spec.high - spec.low) % step:
-                problems.append(f"{where}: expected high - low to be a multiple of step, found "
-                                f"low={spec.low}, high={spec.high}, step={step}")
+                problems.append(
+                    f"{where}: expected high - low to be a multiple of step, found "
+                    f"low={spec.low}, high={spec.high}, step={step}"
+                )
                 return None
             spec.step, spec.log = step, log
         if dist == "qloguniform":
@@ -413,19 +466,23 @@ def _parse_param(key: str, raw: Any, where: str, problems: list[str]) -> ParamSp
 def _parse_objective(raw: Any, problems: list[str]) -> ObjectiveSpec | None:
     where = "search.objective"
     if not isinstance(raw, dict):
-        problems.append(f"{where}: expected a mapping with metric+direction, weighted+direction or "
-                        f"pareto, found {raw!r}")
+        problems.append(
+            f"{where}: expected a mapping with metric+direction, weighted+direction or "
+            f"pareto, found {raw!r}"
+        )
         return None
     kinds = [k for k in ("metric", "weighted", "pareto") if k in raw]
     unknown = [k for k in raw if k not in ("metric", "weighted", "pareto", "direction")]
     for k in unknown:
         hint = difflib.get_close_matches(str(k), ["metric", "weighted", "pareto", "direction"], n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        problems.append(f"{where}.{k}: unknown key{extra}; expected metric, weighted, pareto, "
-                        "direction")
+        problems.append(
+            f"{where}.{k}: unknown key{extra}; expected metric, weighted, pareto, direction"
+        )
     if len(kinds) != 1:
-        problems.append(f"{where}: expected exactly one of metric, weighted, pareto, found "
-                        f"{kinds or 'none'}")
+        problems.append(
+            f"{where}: expected exactly one of metric, weighted, pareto, found {kinds or 'none'}"
+        )
         return None
 
     def metric_ok(m: Any, key: str) -> bool:
@@ -433,7 +490,9 @@ def _parse_objective(raw: Any, problems: list[str]) -> ObjectiveSpec | None:
             return True
         hint = difflib.get_close_matches(str(m), OBJECTIVE_METRICS, n=1)
         extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-        problems.append(f"{key}: expected one of {', '.join(OBJECTIVE_METRICS)}, found {m!r}{extra}")
+        problems.append(
+            f"{key}: expected one of {', '.join(OBJECTIVE_METRICS)}, found {m!r}{extra}"
+        )
         return False
 
     def direction_ok(d: Any, key: str) -> bool:
@@ -445,16 +504,24 @@ def _parse_objective(raw: Any, problems: list[str]) -> ObjectiveSpec | None:
     kind = kinds[0]
     if kind == "pareto":
         if "direction" in raw:
-            problems.append(f"{where}.direction: a Pareto objective gives a direction per metric "
-                            f"(pareto: {{gsm8k: maximize, mmlu: maximize}}), found direction: "
-                            f"{raw['direction']!r}")
+            problems.append(
+                f"{where}.direction: a Pareto objective gives a direction per metric "
+                f"(pareto: {{gsm8k: maximize, mmlu: maximize}}), found direction: "
+                f"{raw['direction']!r}"
+            )
         p = raw["pareto"]
         if not isinstance(p, dict) or len(p) < 2:
-            problems.append(f"{where}.pareto: expected a mapping of two or more metrics to "
-                            f"maximize/minimize, found {p!r}")
+            problems.append(
+                f"{where}.pareto: expected a mapping of two or more metrics to "
+                f"maximize/minimize, found {p!r}"
+            )
             return None
-        ok = all([metric_ok(m, f"{where}.pareto.{m}") and direction_ok(d, f"{where}.pareto.{m}")
-                  for m, d in p.items()])
+        ok = all(
+            [
+                metric_ok(m, f"{where}.pareto.{m}") and direction_ok(d, f"{where}.pareto.{m}")
+                for m, d in p.items()
+            ]
+        )
         return ObjectiveSpec("pareto", list(p), list(p.values())) if ok else None
     direction = raw.get("direction")
     if kind == "metric" and not metric_ok(raw["metric"], f"{where}.metric"):
@@ -504,15 +571,20 @@ def _parse_scheduler(raw: Any, problems: list[str]) -> SchedulerSpec:
         return spec
     spec.metric = raw.get("metric", spec.metric)
     if spec.metric not in PROXY_METRICS:
-        problems.append(f"{where}.metric: expected a metric the trainer reports during training "
-                        f"({', '.join(PROXY_METRICS)}), found {spec.metric!r}")
+        problems.append(
+            f"{where}.metric: expected a metric the trainer reports during training "
+            f"({', '.join(PROXY_METRICS)}), found {spec.metric!r}"
+        )
     spec.direction = raw.get("direction", spec.direction)
     if spec.direction not in DIRECTIONS:
-        problems.append(f"{where}.direction: expected maximize or minimize, found {spec.direction!r}")
+        problems.append(
+            f"{where}.direction: expected maximize or minimize, found {spec.direction!r}"
+        )
     spec.time_attr = raw.get("time_attr", spec.time_attr)
     if spec.time_attr not in TIME_ATTRS:
-        problems.append(f"{where}.time_attr: expected one of {', '.join(TIME_ATTRS)}, found "
-                        f"{spec.time_attr!r}")
+        problems.append(
+            f"{where}.time_attr: expected one of {', '.join(TIME_ATTRS)}, found {spec.time_attr!r}"
+        )
     for k, lo in (("grace_period", 1), ("max_t", 1)):
         v = raw.get(k, getattr(spec, k))
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -521,18 +593,23 @@ def _parse_scheduler(raw: Any, problems: list[str]) -> SchedulerSpec:
             setattr(spec, k, v)
     rf = _number(raw.get("reduction_factor", spec.reduction_factor))
     if rf is None or rf < 2:
-        problems.append(f"{where}.reduction_factor: expected a number >= 2, found "
-                        f"{raw.get('reduction_factor')!r}")
+        problems.append(
+            f"{where}.reduction_factor: expected a number >= 2, found "
+            f"{raw.get('reduction_factor')!r}"
+        )
     else:
         spec.reduction_factor = rf
     if spec.grace_period > spec.max_t:
-        problems.append(f"{where}: expected grace_period <= max_t, found grace_period="
-                        f"{spec.grace_period} > max_t={spec.max_t}")
+        problems.append(
+            f"{where}: expected grace_period <= max_t, found grace_period="
+            f"{spec.grace_period} > max_t={spec.max_t}"
+        )
     return spec
 
 
-def _check_conditions(params: list[ParamSpec], base: dict[str, Any], raw_params: dict[str, Any],
-                      problems: list[str]) -> None:
+def _check_conditions(
+    params: list[ParamSpec], base: dict[str, Any], raw_params: dict[str, Any], problems: list[str]
+) -> None:
     seen: dict[str, ParamSpec] = {}
     for p in params:
         where = f"search.params.{p.key}.when"
@@ -541,8 +618,9 @@ def _check_conditions(params: list[ParamSpec], base: dict[str, Any], raw_params:
             seen[p.key] = p
             continue
         if not isinstance(raw, dict) or not raw:
-            problems.append(f"{where}: expected a mapping of key -> value or list of values, found "
-                            f"{raw!r}")
+            problems.append(
+                f"{where}: expected a mapping of key -> value or list of values, found {raw!r}"
+            )
             seen[p.key] = p
             continue
         for ck, cv in raw.items():
@@ -554,24 +632,32 @@ def _check_conditions(params: list[ParamSpec], base: dict[str, Any], raw_params:
                 if dep.distribution == "choice":
                     bad = [v for v in allowed if v not in (dep.values or [])]
                     if bad:
-                        problems.append(f"{where}.{ck}: expected values among {dep.values}, found "
-                                        f"{bad!r} (the condition could never hold)")
+                        problems.append(
+                            f"{where}.{ck}: expected values among {dep.values}, found "
+                            f"{bad!r} (the condition could never hold)"
+                        )
             elif any(q.key == ck for q in params):
-                problems.append(f"{where}.{ck}: the condition's parameter must be listed before "
-                                f"{p.key} in search.params (it is sampled first)")
+                problems.append(
+                    f"{where}.{ck}: the condition's parameter must be listed before "
+                    f"{p.key} in search.params (it is sampled first)"
+                )
             else:
                 why = _key_problem(ck)
                 if why is not None:
-                    problems.append(f"{where}.{ck}: expected a search parameter or run-config key, "
-                                    f"found {ck!r}: {why}")
+                    problems.append(
+                        f"{where}.{ck}: expected a search parameter or run-config key, "
+                        f"found {ck!r}: {why}"
+                    )
             p.when[ck] = allowed
         seen[p.key] = p
 
 
-def _check_values_against_schema(spec: SearchSpec, base: dict[str, Any], source: str | None,
-                                 problems: list[str]) -> None:
+def _check_values_against_schema(
+    spec: SearchSpec, base: dict[str, Any], source: str | None, problems: list[str]
+) -> None:
     """Build the run config with each param's extreme values, so an out-of-range bound (momentum
     1.5) fails here with the run config's own message instead of in trial 7 on the cluster."""
+
     def run_problems(overrides: dict[str, Any]) -> list[str]:
         try:
             config_from_dict(base, None, overrides=overrides)
@@ -598,12 +684,15 @@ def _check_values_against_schema(spec: SearchSpec, base: dict[str, Any], source:
                 break
 
 
-def _check_points(spec: SearchSpec, base: dict[str, Any], raw: Any, declared: set[str],
-                  problems: list[str]) -> None:
+def _check_points(
+    spec: SearchSpec, base: dict[str, Any], raw: Any, declared: set[str], problems: list[str]
+) -> None:
     if raw is None:
         return
     if not isinstance(raw, list):
-        problems.append(f"search.points: expected a list of mappings (param -> value), found {raw!r}")
+        problems.append(
+            f"search.points: expected a list of mappings (param -> value), found {raw!r}"
+        )
         return
     by_key = {p.key: p for p in spec.params}
     for i, point in enumerate(raw):
@@ -611,7 +700,9 @@ def _check_points(spec: SearchSpec, base: dict[str, Any], raw: Any, declared: se
         if not isinstance(point, dict):
             problems.append(f"{where}: expected a mapping of param -> value, found {point!r}")
             continue
-        point = _flatten_params(point) if any(isinstance(v, dict) for v in point.values()) else point
+        point = (
+            _flatten_params(point) if any(isinstance(v, dict) for v in point.values()) else point
+        )
         point = dict(point)
         ok = True
         for k, v in list(point.items()):
@@ -626,21 +717,26 @@ def _check_points(spec: SearchSpec, base: dict[str, Any], raw: Any, declared: se
             elif p is None:
                 hint = difflib.get_close_matches(str(k), list(by_key), n=1)
                 extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-                problems.append(f"{where}.{k}: not a search parameter{extra}; expected one of "
-                                f"{', '.join(by_key)}")
+                problems.append(
+                    f"{where}.{k}: not a search parameter{extra}; expected one of "
+                    f"{', '.join(by_key)}"
+                )
                 ok = False
             elif not p.contains(v):
                 rng = p.values if p.distribution == "choice" else f"[{p.low}, {p.high}]"
-                problems.append(f"{where}.{k}: expected a value of the distribution ({rng}), "
-                                f"found {v!r}")
+                problems.append(
+                    f"{where}.{k}: expected a value of the distribution ({rng}), found {v!r}"
+                )
                 ok = False
         if not ok:
             continue
         active = _active_keys(spec, point, base)
         for k in point:
             if k not in active:
-                problems.append(f"{where}.{k}: the parameter is inactive at this point (its "
-                                f"'when' condition does not hold); remove it")
+                problems.append(
+                    f"{where}.{k}: the parameter is inactive at this point (its "
+                    f"'when' condition does not hold); remove it"
+                )
         spec.points.append(dict(point))
 
 
@@ -679,8 +775,9 @@ def parse_search_block(data: dict[str, Any], source: str | None = None) -> Searc
         if k not in _TOP_KEYS:
             hint = difflib.get_close_matches(str(k), sorted(_TOP_KEYS), n=1)
             extra = f" (did you mean {'search.' + hint[0]!r}?)" if hint else ""
-            problems.append(f"search.{k}: unknown key{extra}; expected one of "
-                            f"{', '.join(sorted(_TOP_KEYS))}")
+            problems.append(
+                f"search.{k}: unknown key{extra}; expected one of {', '.join(sorted(_TOP_KEYS))}"
+            )
 
     objective = _parse_objective(raw.get("objective"), problems)
     scheduler = _parse_scheduler(raw.get("scheduler"), problems)
@@ -689,8 +786,10 @@ def parse_search_block(data: dict[str, Any], source: str | None = None) -> Searc
     params: list[ParamSpec] = []
     flat: dict[str, Any] = {}
     if not isinstance(raw_params, dict) or not raw_params:
-        problems.append(f"search.params: expected a mapping of dotted run-config keys to "
-                        f"distributions, found {raw_params!r}")
+        problems.append(
+            f"search.params: expected a mapping of dotted run-config keys to "
+            f"distributions, found {raw_params!r}"
+        )
     else:
         flat = _flatten_params(raw_params)
         for key, spec_raw in flat.items():
@@ -703,8 +802,11 @@ def parse_search_block(data: dict[str, Any], source: str | None = None) -> Searc
             if p is not None:
                 params.append(p)
 
-    spec = SearchSpec(objective=objective or ObjectiveSpec("single", ["gsm8k"], ["maximize"]),
-                      params=params, scheduler=scheduler)
+    spec = SearchSpec(
+        objective=objective or ObjectiveSpec("single", ["gsm8k"], ["maximize"]),
+        params=params,
+        scheduler=scheduler,
+    )
     _check_conditions(params, base, flat, problems)
 
     def get(key: str, kind: str, default: Any, ok: Any, expected: str) -> Any:
@@ -719,47 +821,77 @@ def parse_search_block(data: dict[str, Any], source: str | None = None) -> Searc
             return default
         return int(num) if kind == "int" else num
 
-    spec.algorithm = get("algorithm", "str", "tpe", lambda v: v in ALGORITHMS,
-                         "one of " + ", ".join(ALGORITHMS))
+    spec.algorithm = get(
+        "algorithm", "str", "tpe", lambda v: v in ALGORITHMS, "one of " + ", ".join(ALGORITHMS)
+    )
     spec.seed = get("seed", "int", 0, lambda v: v >= 0, "an integer >= 0")
-    spec.max_concurrent = get("max_concurrent", "int", None, lambda v: v >= 1,
-                              "an integer >= 1 or null")
-    spec.time_budget_s = get("time_budget_s", "float", None, lambda v: v > 0, "a number > 0 or null")
+    spec.max_concurrent = get(
+        "max_concurrent", "int", None, lambda v: v >= 1, "an integer >= 1 or null"
+    )
+    spec.time_budget_s = get(
+        "time_budget_s", "float", None, lambda v: v > 0, "a number > 0 or null"
+    )
     spec.driver_cpus = get("driver_cpus", "float", 1.0, lambda v: v >= 0, "a number >= 0")
-    spec.trial_executor = get("trial_executor", "str", "auto", lambda v: v in TRIAL_EXECUTORS,
-                              "one of " + ", ".join(TRIAL_EXECUTORS))
+    spec.trial_executor = get(
+        "trial_executor",
+        "str",
+        "auto",
+        lambda v: v in TRIAL_EXECUTORS,
+        "one of " + ", ".join(TRIAL_EXECUTORS),
+    )
     if spec.trial_executor == "actor":
         workers = _get_dotted(base, "resources.num_workers")
         if workers is not None and workers != 1:
-            problems.append(f"search.trial_executor: actor trains each trial in its Tune actor, "
-                            f"one worker; expected resources.num_workers 1, found {workers!r} "
-                            "(use trial_executor: train for multi-worker trials)")
+            problems.append(
+                f"search.trial_executor: actor trains each trial in its Tune actor, "
+                f"one worker; expected resources.num_workers 1, found {workers!r} "
+                "(use trial_executor: train for multi-worker trials)"
+            )
         for p in params:
             if p.key.startswith("resources."):
-                problems.append(f"search.params.{p.key}: with search.trial_executor actor every "
-                                "trial's actor takes the same resources; expected a fixed "
-                                "value, found a searched parameter (use trial_executor: train)")
+                problems.append(
+                    f"search.params.{p.key}: with search.trial_executor actor every "
+                    "trial's actor takes the same resources; expected a fixed "
+                    "value, found a searched parameter (use trial_executor: train)"
+                )
     spec.max_retries = get("max_retries", "int", 0, lambda v: v >= 0, "an integer >= 0")
-    spec.storage = get("storage", "str", "runs/search", lambda v: isinstance(v, str) and v,
-                       "a local path or s3:// / gs:// URI")
-    spec.study_storage = get("study_storage", "str", None,
-                             lambda v: isinstance(v, str) and "://" in v,
-                             "null (SQLite in the search directory) or a database URL such as "
-                             "postgresql://user@host/db")
-    spec.name = get("name", "str", None, lambda v: isinstance(v, str) and v and "/" not in v,
-                    "a name without '/'")
+    spec.storage = get(
+        "storage",
+        "str",
+        "runs/search",
+        lambda v: isinstance(v, str) and v,
+        "a local path or s3:// / gs:// URI",
+    )
+    spec.study_storage = get(
+        "study_storage",
+        "str",
+        None,
+        lambda v: isinstance(v, str) and "://" in v,
+        "null (SQLite in the search directory) or a database URL such as postgresql://user@host/db",
+    )
+    spec.name = get(
+        "name",
+        "str",
+        None,
+        lambda v: isinstance(v, str) and v and "/" not in v,
+        "a name without '/'",
+    )
 
     # Algorithm vs objective: Pareto needs a multi-objective sampler, NSGA-II/MOTPE a Pareto.
     if objective is not None:
         pareto = objective.kind == "pareto"
         if spec.algorithm in ("nsga2", "motpe") and not pareto:
-            problems.append(f"search.algorithm: {spec.algorithm} is multi-objective; expected "
-                            f"objective.pareto with it, found a {objective.kind} objective")
+            problems.append(
+                f"search.algorithm: {spec.algorithm} is multi-objective; expected "
+                f"objective.pareto with it, found a {objective.kind} objective"
+            )
     if spec.algorithm == "grid":
         for p in params:
             if p.distribution not in ("choice", "int"):
-                problems.append(f"search.params.{p.key}.distribution: grid search enumerates "
-                                f"values; expected choice or int, found {p.distribution!r}")
+                problems.append(
+                    f"search.params.{p.key}.distribution: grid search enumerates "
+                    f"values; expected choice or int, found {p.distribution!r}"
+                )
 
     _check_points(spec, base, raw.get("points"), set(flat), problems)
     if not problems:
@@ -768,8 +900,10 @@ def parse_search_block(data: dict[str, Any], source: str | None = None) -> Searc
     n_default = len(grid_points(spec, base)) if spec.algorithm == "grid" and not problems else 8
     spec.num_samples = get("num_samples", "int", n_default, lambda v: v >= 1, "an integer >= 1")
     if spec.points and spec.num_samples < len(spec.points):
-        problems.append(f"search.num_samples: expected at least the {len(spec.points)} fixed "
-                        f"points, found {spec.num_samples}")
+        problems.append(
+            f"search.num_samples: expected at least the {len(spec.points)} fixed "
+            f"points, found {spec.num_samples}"
+        )
     if problems:
         raise ConfigError(problems, source)
     return spec
@@ -865,8 +999,6 @@ def grid_points(spec: SearchSpec, base: dict[str, Any]) -> list[dict[str, Any]]:
             seen.add(sig)
             out.append(point)
     return out
-
-
 
 
 # --------------------------------------------------------------------------- search directory
@@ -1025,10 +1157,19 @@ def _result_dict(result: Any) -> dict[str, Any]:
     return dict(vars(result))
 
 
-def build_record(*, trial_id: str, ctx: TrialContext, params: dict[str, Any],
-                 config: dict[str, Any] | None, status: str, reason: str | None,
-                 run_dir: str, started: float, last: dict[str, Any] | None = None,
-                 result: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_record(
+    *,
+    trial_id: str,
+    ctx: TrialContext,
+    params: dict[str, Any],
+    config: dict[str, Any] | None,
+    status: str,
+    reason: str | None,
+    run_dir: str,
+    started: float,
+    last: dict[str, Any] | None = None,
+    result: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One ``trials/<id>.json`` record (CONTRACTS.md), from the trainer's result when the trial
     ran to its end, else from its last report and its metrics.jsonl."""
     result = result or {}
@@ -1090,8 +1231,9 @@ def build_record(*, trial_id: str, ctx: TrialContext, params: dict[str, Any],
         "accelerator_hours": wall / 3600.0 * float(res.get("num_workers") or 1) * float(per_worker),
         "checkpoint_path": result.get("checkpoint_path"),
         "model_path": result.get("model_path"),
-        "started_at": datetime.datetime.fromtimestamp(started, datetime.timezone.utc)
-        .isoformat(timespec="seconds"),
+        "started_at": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
         "ended_at": _now(),
         "loss_curve": curve,
         "diverged_step": result.get("diverged_step"),
@@ -1102,8 +1244,11 @@ def build_record(*, trial_id: str, ctx: TrialContext, params: dict[str, Any],
 def _final_metrics(record: dict[str, Any], objective: ObjectiveSpec) -> dict[str, Any]:
     """The last Tune result of a trial: objectives flat (for Pareto searches), `objective` (for
     single/weighted), status and cost (for the summary line)."""
-    out: dict[str, Any] = {"status": record["status"], "wall_time_s": record["wall_time_s"],
-                           "trial_done": True}
+    out: dict[str, Any] = {
+        "status": record["status"],
+        "wall_time_s": record["wall_time_s"],
+        "trial_done": True,
+    }
     if record["status"] == "completed":
         for m, v in record["objectives"].items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -1136,8 +1281,16 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
         cfg = config_from_dict(ctx.base, ctx.source, overrides=params)
     except ConfigError as exc:
         # Validation probed each value alone; a combination can still be invalid (batch sizes).
-        rec = build_record(trial_id=trial_id, ctx=ctx, params=params, config=None,
-                           status="failed", reason=str(exc), run_dir=run_dir, started=started)
+        rec = build_record(
+            trial_id=trial_id,
+            ctx=ctx,
+            params=params,
+            config=None,
+            status="failed",
+            reason=str(exc),
+            run_dir=run_dir,
+            started=started,
+        )
         sdir.write_json(f"trials/{trial_id}.json", rec)
         tune.report(_final_metrics(rec, ctx.objective))
         return
@@ -1171,16 +1324,27 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
     reason = result.get("reason")
     if status == "diverged" and not reason:
         reason = f"diverged at step {result.get('diverged_step')}"
-    rec = build_record(trial_id=trial_id, ctx=ctx, params=params, config=cfg.to_dict(),
-                       status=status, reason=reason, run_dir=run_dir, started=started,
-                       result=result)
+    rec = build_record(
+        trial_id=trial_id,
+        ctx=ctx,
+        params=params,
+        config=cfg.to_dict(),
+        status=status,
+        reason=reason,
+        run_dir=run_dir,
+        started=started,
+        result=result,
+    )
     final = result.get("metrics") or {}
     rec["timeline"] = {
         "driver_started_at": driver_started,
         "driver_pid": os.getpid(),
         # The training loop's start: the first report's arrival minus the loop time it reports.
-        "loop_started_at": (seen["first_report_at"] - seen["first_report_elapsed_s"]
-                            if "first_report_at" in seen else None),
+        "loop_started_at": (
+            seen["first_report_at"] - seen["first_report_elapsed_s"]
+            if "first_report_at" in seen
+            else None
+        ),
         "last_step_at": seen.get("last_step_at"),
         "final_report_at": seen.get("final_report_at"),
         "driver_ended_at": time.time(),
@@ -1225,15 +1389,17 @@ def _build_ray_classes() -> None:
                     # study then: after --resume it replays its record; the study has it already.
                     pass
 
-        def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
-                              error: bool = False) -> None:
+        def on_trial_complete(
+            self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+        ) -> None:
             ot_trial = self._ot_trials.get(trial_id)
             status = (result or {}).get("status")
             if ot_trial is not None and trial_id not in self._completed_trials:
                 try:
                     ot_trial.set_user_attr("tune_trial_id", trial_id)
-                    ot_trial.set_user_attr("status", status or ("failed" if error else
-                                                                "early_stopped"))
+                    ot_trial.set_user_attr(
+                        "status", status or ("failed" if error else "early_stopped")
+                    )
                 except Exception:  # noqa: BLE001 - a finished study trial refuses attrs
                     pass
             if status in ("diverged", "failed"):
@@ -1262,15 +1428,21 @@ def _build_ray_classes() -> None:
                     n = 0
                     if not getattr(self, "_sweep_warned", False):
                         self._sweep_warned = True
-                        print(f"warning: cannot sweep orphaned placement groups: {exc}",
-                              file=sys.stderr)
+                        print(
+                            f"warning: cannot sweep orphaned placement groups: {exc}",
+                            file=sys.stderr,
+                        )
                 self.orphaned_pgs_removed = getattr(self, "orphaned_pgs_removed", 0) + n
 
         def _finish(self, trial: Any, status: str, reason: str | None) -> None:
             rec = self.sdir.trial_record(trial.trial_id)
             last = dict(trial.last_result or {})
-            if (rec is not None and status == "early_stopped" and not last.get("trial_done")
-                    and rec.get("status") == "failed"):
+            if (
+                rec is not None
+                and status == "early_stopped"
+                and not last.get("trial_done")
+                and rec.get("status") == "failed"
+            ):
                 # The trial driver, cut off by the stop (its Train controller killed under it),
                 # wrote "failed" first; the trial never sent its final report, so the stop is
                 # what happened (and Optuna was told PRUNED).
@@ -1283,26 +1455,41 @@ def _build_ray_classes() -> None:
 
                     cleanup_run_shm(self.sdir.run_dir(trial.trial_id))
                 except Exception as exc:  # noqa: BLE001 - cleanup must not stop the search
-                    print(f"warning: /dev/shm cleanup of trial {trial.trial_id}: {exc}",
-                          file=sys.stderr)
+                    print(
+                        f"warning: /dev/shm cleanup of trial {trial.trial_id}: {exc}",
+                        file=sys.stderr,
+                    )
             if rec is None:
                 params = {k: v for k, v in (trial.config or {}).items()}
                 try:
-                    cfg = config_from_dict(self.ctx.base, self.ctx.source,
-                                           overrides=params).to_dict()
+                    cfg = config_from_dict(
+                        self.ctx.base, self.ctx.source, overrides=params
+                    ).to_dict()
                 except ConfigError:
                     cfg = None
                 started = float(last.get("timestamp", time.time())) - float(
-                    last.get("time_total_s", 0.0))
-                rec = build_record(trial_id=trial.trial_id, ctx=self.ctx, params=params,
-                                   config=cfg, status=status, reason=reason,
-                                   run_dir=self.sdir.run_dir(trial.trial_id), started=started,
-                                   last=last)
+                    last.get("time_total_s", 0.0)
+                )
+                rec = build_record(
+                    trial_id=trial.trial_id,
+                    ctx=self.ctx,
+                    params=params,
+                    config=cfg,
+                    status=status,
+                    reason=reason,
+                    run_dir=self.sdir.run_dir(trial.trial_id),
+                    started=started,
+                    last=last,
+                )
                 self.sdir.write_json(f"trials/{trial.trial_id}.json", rec)
             launched = self.__dict__.get("launched", {}).get(trial.trial_id)
             tl = rec.get("timeline")
-            if (launched is not None and isinstance(tl, dict) and "launched_at" not in tl
-                    and float(tl.get("driver_started_at") or 0.0) >= launched):
+            if (
+                launched is not None
+                and isinstance(tl, dict)
+                and "launched_at" not in tl
+                and float(tl.get("driver_started_at") or 0.0) >= launched
+            ):
                 # Tune's view: when it launched the trial and saw it end. Not for a record a
                 # killed driver's trial wrote before --resume replayed it: that launch is not its
                 # own, and a finished trial's record is never changed.
@@ -1312,21 +1499,27 @@ def _build_ray_classes() -> None:
             print(summary_line(rec, self.ctx.objective), flush=True)
             publish_leaderboard(self.sdir.uri)
 
-        def on_trial_start(self, iteration: int, trials: list[Any], trial: Any,
-                           **info: Any) -> None:
+        def on_trial_start(
+            self, iteration: int, trials: list[Any], trial: Any, **info: Any
+        ) -> None:
             self.__dict__.setdefault("launched", {})[trial.trial_id] = time.time()
 
-        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
-                              **info: Any) -> None:
-            self._finish(trial, "early_stopped",
-                         f"stopped by ASHA on {self.spec.scheduler.metric}"
-                         if self.spec.scheduler.type == "asha" else "stopped by the time budget")
+        def on_trial_complete(
+            self, iteration: int, trials: list[Any], trial: Any, **info: Any
+        ) -> None:
+            self._finish(
+                trial,
+                "early_stopped",
+                f"stopped by ASHA on {self.spec.scheduler.metric}"
+                if self.spec.scheduler.type == "asha"
+                else "stopped by the time budget",
+            )
 
-        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
-                           **info: Any) -> None:
+        def on_trial_error(
+            self, iteration: int, trials: list[Any], trial: Any, **info: Any
+        ) -> None:
             reason = "trial crashed"
-            err = getattr(trial, "error_file", None) or getattr(trial, "pickled_error_file",
-                                                                None)
+            err = getattr(trial, "error_file", None) or getattr(trial, "pickled_error_file", None)
             try:
                 if err and os.path.isfile(err) and err.endswith(".txt"):
                     with open(err) as fh:
@@ -1372,8 +1565,10 @@ def remove_orphaned_placement_groups() -> int:
         # and reads as "creator actor dead": only groups made by an actor qualify.
         made_by_actor = bool(d.creator_actor_id) and d.creator_actor_id.strip(b"\xff") != b""
         dead_creator = made_by_actor and d.creator_actor_dead and not d.is_detached
-        if dead_creator and d.state in (gcs_pb2.PlacementGroupTableData.CREATED,
-                                        gcs_pb2.PlacementGroupTableData.PENDING):
+        if dead_creator and d.state in (
+            gcs_pb2.PlacementGroupTableData.CREATED,
+            gcs_pb2.PlacementGroupTableData.PENDING,
+        ):
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(d.placement_group_id)))
             removed += 1
     return removed
@@ -1387,8 +1582,9 @@ def _make_sampler(spec: SearchSpec) -> Any:
     if spec.algorithm == "tpe" or spec.algorithm == "motpe":
         # multivariate+group model the conditional space jointly (momentum only under plora);
         # constant_liar keeps parallel trials from being handed the same point.
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                          constant_liar=True)
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True
+        )
     if spec.algorithm == "nsga2":
         # A generation no larger than half the budget, so small searches still evolve.
         pop = max(2, min(50, spec.num_samples // 2))
@@ -1399,20 +1595,26 @@ def _make_sampler(spec: SearchSpec) -> Any:
 
 def summary_line(rec: dict[str, Any], objective: ObjectiveSpec) -> str:
     """``[trial 1a2b] completed  gsm8k=0.031 mmlu=0.25  proxy=2.41  loss=2.10  41.3 s  ...``"""
-    objs = " ".join(f"{m}={rec['objectives'][m]:.4g}" for m in objective.metrics
-                    if isinstance(rec.get("objectives", {}).get(m), (int, float)))
+    objs = " ".join(
+        f"{m}={rec['objectives'][m]:.4g}"
+        for m in objective.metrics
+        if isinstance(rec.get("objectives", {}).get(m), (int, float))
+    )
     val = rec.get("objective_value")
-    parts = [f"[trial {rec['trial_id']}] {rec['status']:<13}",
-             " ".join(f"{k}={v}" for k, v in rec.get("params", {}).items()),
-             objs or "-"]
+    parts = [
+        f"[trial {rec['trial_id']}] {rec['status']:<13}",
+        " ".join(f"{k}={v}" for k, v in rec.get("params", {}).items()),
+        objs or "-",
+    ]
     if val is not None and objective.kind == "weighted":
         parts.append(f"objective={val:.4g}")
     if rec.get("proxy") is not None:
         parts.append(f"proxy={rec['proxy']:.4g}")
     if rec.get("final_loss") is not None:
         parts.append(f"loss={rec['final_loss']:.4g}")
-    parts.append(f"{rec.get('wall_time_s', 0):.1f} s, {rec.get('accelerator_hours', 0):.4f} "
-                 "accel-h")
+    parts.append(
+        f"{rec.get('wall_time_s', 0):.1f} s, {rec.get('accelerator_hours', 0):.4f} accel-h"
+    )
     if rec.get("reason"):
         parts.append(f"({rec['reason'][:120]})")
     return "  ".join(parts)
@@ -1456,11 +1658,12 @@ def _split_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[st
     params = (data.get("search") or {}).get("params") or {}
     for key, value in overrides.items():
         if key.startswith("search.params.") and isinstance(params, dict):
-            rest = key[len("search.params."):]
-            match = max((k for k in params if rest == k or rest.startswith(k + ".")),
-                        key=len, default=None)
+            rest = key[len("search.params.") :]
+            match = max(
+                (k for k in params if rest == k or rest.startswith(k + ".")), key=len, default=None
+            )
             if match is not None:
-                field_name = rest[len(match) + 1:]
+                field_name = rest[len(match) + 1 :]
                 if field_name:
                     params[match][field_name] = value
                 else:
@@ -1479,10 +1682,17 @@ def _trial_cpus_gpus(spec: SearchSpec, cfg: RunConfig, executor: str) -> tuple[f
     return spec.driver_cpus + r.num_workers * r.cpus_per_worker, r.num_workers * r.gpus_per_worker
 
 
-def run_search(file: str, *, storage: str | None = None, name: str | None = None,
-               resume: bool = False, overrides: dict[str, Any] | None = None,
-               runner: str | None = None, verbose: int = 1,
-               train_env: dict[str, str] | None = None) -> SearchOutcome:
+def run_search(
+    file: str,
+    *,
+    storage: str | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+    runner: str | None = None,
+    verbose: int = 1,
+    train_env: dict[str, str] | None = None,
+) -> SearchOutcome:
     """Run (or resume) the search of a search-space YAML on the current Ray cluster.
 
     Attaches to a running Ray (``RAY_ADDRESS``, a ``ray job submit`` entrypoint, or an
@@ -1521,39 +1731,63 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
         storage = os.path.abspath(os.path.expanduser(storage))
     sdir = SearchDir(storage, name)
     if resume and not sdir.exists():
-        raise ConfigError([f"--resume: expected a search at {sdir.uri} (search.json), found none"],
-                          file)
+        raise ConfigError(
+            [f"--resume: expected a search at {sdir.uri} (search.json), found none"], file
+        )
     if not resume and sdir.exists():
-        raise ConfigError([f"--name {name}: a search already exists at {sdir.uri}; pass --resume "
-                           "to continue it or choose another --name / --storage"], file)
+        raise ConfigError(
+            [
+                f"--name {name}: a search already exists at {sdir.uri}; pass --resume "
+                "to continue it or choose another --name / --storage"
+            ],
+            file,
+        )
     base = {k: v for k, v in data.items() if k != "search"}
     executor = resolve_trial_executor(spec, base)
     if resume:
         # A resumed search trains the way it started (searches from before the setting: train).
         executor = (sdir.read_json("search.json") or {}).get("trial_executor", "train")
-    default_runner = ("plora_ray.train:run_in_process" if executor == "actor"
-                      else "plora_ray.train:run_training")
-    ctx = TrialContext(base=base, source=str(file), storage=storage, name=name,
-                       objective=spec.objective,
-                       proxy_metric=spec.scheduler.metric if spec.scheduler.type == "asha"
-                       else "gsm8k_nll",
-                       runner=runner or default_runner)
+    default_runner = (
+        "plora_ray.train:run_in_process" if executor == "actor" else "plora_ray.train:run_training"
+    )
+    ctx = TrialContext(
+        base=base,
+        source=str(file),
+        storage=storage,
+        name=name,
+        objective=spec.objective,
+        proxy_metric=spec.scheduler.metric if spec.scheduler.type == "asha" else "gsm8k_nll",
+        runner=runner or default_runner,
+    )
     if train_env is not None:
         ctx.train_env = dict(train_env)
     study_storage = spec.study_storage or default_study_storage(sdir)
     if not resume:
-        sdir.write_json("search.json", {
-            "name": name, "objective": spec.objective.as_dict(),
-            "metrics": spec.objective.metrics, "directions": spec.objective.directions,
-            "weights": spec.objective.weights, "pareto": spec.objective.kind == "pareto",
-            "algorithm": spec.algorithm, "seed": spec.seed, "num_samples": spec.num_samples,
-            "trial_executor": executor,
-            "scheduler": dataclasses.asdict(spec.scheduler),
-            "params": [dataclasses.asdict(p) for p in spec.params], "points": spec.points,
-            "source_file": str(file), "source_yaml": Path(file).read_text(),
-            "overrides": overrides or {}, "optuna_storage": _redact(study_storage),
-            "study_name": name, "storage": storage, "created_at": _now(),
-        })
+        sdir.write_json(
+            "search.json",
+            {
+                "name": name,
+                "objective": spec.objective.as_dict(),
+                "metrics": spec.objective.metrics,
+                "directions": spec.objective.directions,
+                "weights": spec.objective.weights,
+                "pareto": spec.objective.kind == "pareto",
+                "algorithm": spec.algorithm,
+                "seed": spec.seed,
+                "num_samples": spec.num_samples,
+                "trial_executor": executor,
+                "scheduler": dataclasses.asdict(spec.scheduler),
+                "params": [dataclasses.asdict(p) for p in spec.params],
+                "points": spec.points,
+                "source_file": str(file),
+                "source_yaml": Path(file).read_text(),
+                "overrides": overrides or {},
+                "optuna_storage": _redact(study_storage),
+                "study_name": name,
+                "storage": storage,
+                "created_at": _now(),
+            },
+        )
 
     import ray
     from ray import tune
@@ -1568,8 +1802,12 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or None
         # A local Ray gets at least one trial's worth of CPUs even on a 2-core machine.
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING",
-                 num_cpus=None if address else max(os.cpu_count() or 1, math.ceil(per_cpu)))
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level="WARNING",
+            num_cpus=None if address else max(os.cpu_count() or 1, math.ceil(per_cpu)),
+        )
 
     max_concurrent = spec.max_concurrent
     if max_concurrent is None:
@@ -1596,8 +1834,13 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
     _build_ray_classes()
     callbacks = [globals()["SearchReporter"](ctx, spec)]
     if resume:
-        tuner = tune.Tuner.restore(sdir.uri, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+        tuner = tune.Tuner.restore(
+            sdir.uri,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+        )
     else:
         import optuna
 
@@ -1607,21 +1850,28 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
             points += [p for p in grid_points(spec, base) if p not in points]
         searcher = searcher_cls(
             space=functools.partial(_define_by_run, spec=spec, base=base),
-            metric=spec.objective.tune_metric, mode=spec.objective.tune_mode,
-            points_to_evaluate=points or None, sampler=_make_sampler(spec),
-            study_name=name, storage=optuna.storages.RDBStorage(study_storage),
+            metric=spec.objective.tune_metric,
+            mode=spec.objective.tune_mode,
+            points_to_evaluate=points or None,
+            sampler=_make_sampler(spec),
+            study_name=name,
+            storage=optuna.storages.RDBStorage(study_storage),
         )
         scheduler = None
         if spec.scheduler.type == "asha":
             from ray.tune.schedulers import ASHAScheduler
 
             s = spec.scheduler
-            scheduler = ASHAScheduler(time_attr=s.time_attr, metric=s.metric,
-                                      mode="max" if s.direction == "maximize" else "min",
-                                      grace_period=s.grace_period,
-                                      reduction_factor=s.reduction_factor, max_t=s.max_t,
-                                      # A trial reaching max_t still runs its final evaluation.
-                                      stop_last_trials=False)
+            scheduler = ASHAScheduler(
+                time_attr=s.time_attr,
+                metric=s.metric,
+                mode="max" if s.direction == "maximize" else "min",
+                grace_period=s.grace_period,
+                reduction_factor=s.reduction_factor,
+                max_t=s.max_t,
+                # A trial reaching max_t still runs its final evaluation.
+                stop_last_trials=False,
+            )
         from ray.tune.search import ConcurrencyLimiter
 
         tuner = tune.Tuner(
@@ -1650,8 +1900,13 @@ def run_search(file: str, *, storage: str | None = None, name: str | None = None
     _close_orphans(study_storage, name)
     records = list_records(sdir)
     publish_leaderboard(sdir.uri)
-    return SearchOutcome(search_dir=sdir.uri, records=records, study_storage=study_storage,
-                         study_name=name, wall_time_s=time.time() - t0)
+    return SearchOutcome(
+        search_dir=sdir.uri,
+        records=records,
+        study_storage=study_storage,
+        study_name=name,
+        wall_time_s=time.time() - t0,
+    )
 
 
 def _define_by_run(trial: Any, *, spec: SearchSpec, base: dict[str, Any]) -> dict[str, Any]:
@@ -1697,8 +1952,13 @@ def list_records(sdir: SearchDir) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: (r.get("ended_at") or "", r.get("trial_id") or ""))
 
 
-def search_command(file: str, storage: str | None = None, name: str | None = None,
-                   resume: bool = False, overrides: dict[str, Any] | None = None) -> int:
+def search_command(
+    file: str,
+    storage: str | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> int:
     """``plora-ray search FILE [--storage] [--name] [--resume] [--set k=v ...]``.
 
     Raises:
@@ -1708,8 +1968,10 @@ def search_command(file: str, storage: str | None = None, name: str | None = Non
     by_status: dict[str, int] = {}
     for r in out.records:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
-    print(f"search {out.search_dir}: {len(out.records)} finished trial(s) "
-          f"({', '.join(f'{n} {s}' for s, n in sorted(by_status.items())) or 'none'}) in "
-          f"{out.wall_time_s:.0f} s; study {out.study_name} at {_redact(out.study_storage)}",
-          flush=True)
+    print(
+        f"search {out.search_dir}: {len(out.records)} finished trial(s) "
+        f"({', '.join(f'{n} {s}' for s, n in sorted(by_status.items())) or 'none'}) in "
+        f"{out.wall_time_s:.0f} s; study {out.study_name} at {_redact(out.study_storage)}",
+        flush=True,
+    )
     return 0 if out.records else 1

@@ -89,9 +89,18 @@ DEEPSPEED_OVERRIDES_ENV = "PLORA_DEEPSPEED_OVERRIDES"
 # One file per worker group (port): what /dev/shm names its DeepSpeed buffers carry.
 PROCESS_GROUP_DIR = ".process_groups"
 
-__all__ = ["DivergenceGuard", "RunResult", "cleanup_run_shm", "holds_run", "newest_checkpoint",
-           "read_metrics", "run_in_process", "run_training", "train_command",
-           "train_loop_per_worker"]
+__all__ = [
+    "DivergenceGuard",
+    "RunResult",
+    "cleanup_run_shm",
+    "holds_run",
+    "newest_checkpoint",
+    "read_metrics",
+    "run_in_process",
+    "run_training",
+    "train_command",
+    "train_loop_per_worker",
+]
 
 
 # --------------------------------------------------------------------------- small pure pieces
@@ -120,8 +129,10 @@ class DivergenceGuard:
         if self.history:
             mean = sum(self.history) / len(self.history)
             if loss > self.multiple * mean:
-                return (f"loss {loss:.4g} > train.divergence_loss_multiple {self.multiple:g} x "
-                        f"running mean {mean:.4g} over the last {len(self.history)} steps")
+                return (
+                    f"loss {loss:.4g} > train.divergence_loss_multiple {self.multiple:g} x "
+                    f"running mean {mean:.4g} over the last {len(self.history)} steps"
+                )
         self.history.append(float(loss))
         return None
 
@@ -154,8 +165,12 @@ def _deepspeed_overrides_from_env() -> dict[str, Any] | None:
     except json.JSONDecodeError as exc:
         value = exc
     if not isinstance(value, dict):
-        raise ConfigError([f"{DEEPSPEED_OVERRIDES_ENV}: expected a JSON object of DeepSpeed "
-                           f"config keys, found {raw!r}"])
+        raise ConfigError(
+            [
+                f"{DEEPSPEED_OVERRIDES_ENV}: expected a JSON object of DeepSpeed "
+                f"config keys, found {raw!r}"
+            ]
+        )
     return value
 
 
@@ -166,10 +181,12 @@ def _from_base_source_problem(path: str) -> str | None:
     if not d.is_dir() or any(d.glob("*.safetensors")):
         return None
     found = sorted(f.name for f in d.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    return (f"plora.merge_rounding: 'from_base' re-reads the original weights (W_0) from the "
-            f"model's *.safetensors files at each unload; expected them in model.path {path}, "
-            f"found {', '.join(found[:3]) or 'none'}; save the model with "
-            "save_pretrained(dir, safe_serialization=True) or set plora.merge_rounding=stochastic")
+    return (
+        f"plora.merge_rounding: 'from_base' re-reads the original weights (W_0) from the "
+        f"model's *.safetensors files at each unload; expected them in model.path {path}, "
+        f"found {', '.join(found[:3]) or 'none'}; save the model with "
+        "save_pretrained(dir, safe_serialization=True) or set plora.merge_rounding=stochastic"
+    )
 
 
 def _safetensors_dir(path: str) -> Path:
@@ -184,8 +201,10 @@ def _safetensors_dir(path: str) -> Path:
 
         d = Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
     if not any(d.glob("*.safetensors")):
-        raise ValueError(_from_base_source_problem(str(d)) or
-                         f"plora.merge_rounding: 'from_base' needs *.safetensors in {path}")
+        raise ValueError(
+            _from_base_source_problem(str(d))
+            or f"plora.merge_rounding: 'from_base' needs *.safetensors in {path}"
+        )
     return d
 
 
@@ -203,7 +222,8 @@ def check_run_config(cfg: RunConfig) -> None:
     if not cfg.deepspeed.enabled and cfg.resources.num_workers != 1:
         problems.append(
             "deepspeed.enabled: expected true when resources.num_workers > 1 (the plain-torch "
-            f"fallback runs one worker), found false with num_workers={cfg.resources.num_workers}")
+            f"fallback runs one worker), found false with num_workers={cfg.resources.num_workers}"
+        )
     if cfg.deepspeed.enabled:
         from plora_ray.engine import deepspeed_config
 
@@ -261,8 +281,9 @@ class _WorkerSession(Protocol):
         """The directory of the checkpoint to restore from (None: start at step 0)."""
         ...
 
-    def report(self, metrics: dict[str, Any], save: Callable[[Path], None] | None,
-               name: str) -> None:
+    def report(
+        self, metrics: dict[str, Any], save: Callable[[Path], None] | None, name: str
+    ) -> None:
         """Report ``metrics``; with ``save``, first write a checkpoint named ``name`` with it."""
         ...
 
@@ -293,8 +314,9 @@ class _RayTrainSession:
         with ckpt.as_directory() as d:
             yield Path(d)
 
-    def report(self, metrics: dict[str, Any], save: Callable[[Path], None] | None,
-               name: str) -> None:
+    def report(
+        self, metrics: dict[str, Any], save: Callable[[Path], None] | None, name: str
+    ) -> None:
         """``ray.train.report``; with ``save``, a checkpoint it writes (collective) goes along."""
         import ray.train
 
@@ -304,8 +326,11 @@ class _RayTrainSession:
         tmp = Path(tempfile.mkdtemp(prefix=f"plora_ckpt_r{self.rank}_"))
         try:
             save(tmp)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                             checkpoint_dir_name=name)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                checkpoint_dir_name=name,
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -322,8 +347,9 @@ class _ProcessSession:
     world = 1
     local_rank = 0
 
-    def __init__(self, out: Path, keep: int, device: Any,
-                 on_report: Callable[[dict[str, Any]], None] | None) -> None:
+    def __init__(
+        self, out: Path, keep: int, device: Any, on_report: Callable[[dict[str, Any]], None] | None
+    ) -> None:
         self.ckpt_root = out / RAY_RUN_NAME
         self.keep = keep
         self.device = device
@@ -333,8 +359,9 @@ class _ProcessSession:
     def checkpoint(self) -> Iterator[Path | None]:
         yield newest_checkpoint(self.ckpt_root.parent)
 
-    def report(self, metrics: dict[str, Any], save: Callable[[Path], None] | None,
-               name: str) -> None:
+    def report(
+        self, metrics: dict[str, Any], save: Callable[[Path], None] | None, name: str
+    ) -> None:
         if save is not None:
             final = self.ckpt_root / name
             tmp = self.ckpt_root / f".{name}.tmp{os.getpid()}"
@@ -343,7 +370,7 @@ class _ProcessSession:
             if final.exists():  # the same step written by an attempt that failed after it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in _checkpoint_dirs(self.ckpt_root)[:-self.keep]:
+            for old in _checkpoint_dirs(self.ckpt_root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         if self.on_report is not None:
             self.on_report(metrics)
@@ -386,8 +413,14 @@ class _Run:
         from plora_ray.checkpoint import BackboneRecorder, full_backbone_bytes
         from plora_ray.data import Batcher, build_datasets
         from plora_ray.model import load_model, load_tokenizer
-        from plora_ray.plora import (PLoRA, TorchParamAccess, add_with_rounding, attach_lora,
-                                     lora_pairs, make_lr_scheduler)
+        from plora_ray.plora import (
+            PLoRA,
+            TorchParamAccess,
+            add_with_rounding,
+            attach_lora,
+            lora_pairs,
+            make_lr_scheduler,
+        )
 
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -402,14 +435,17 @@ class _Run:
         model = attach_lora(model, cfg.lora, cfg.method)
         self.full_backbone_bytes = full_backbone_bytes(model)
         # Before the engine build: ZeRO-3 partitions the weights there.
-        self.base_weights = (self._base_weights_source(model)
-                             if cfg.method == "plora" and cfg.plora.merge_rounding == "from_base"
-                             else None)
+        self.base_weights = (
+            self._base_weights_source(model)
+            if cfg.method == "plora" and cfg.plora.merge_rounding == "from_base"
+            else None
+        )
         t1 = time.perf_counter()
         self.train_set, self.held_set, self.data_stats = build_datasets(cfg, self.tokenizer)
         t2 = time.perf_counter()
-        self.batcher = Batcher(self.train_set, cfg.batch.micro_batch, self.rank, self.world,
-                               cfg.seed)
+        self.batcher = Batcher(
+            self.train_set, cfg.batch.micro_batch, self.rank, self.world, cfg.seed
+        )
         self.total_steps = total_steps(cfg, len(self.train_set))
         stage_len = self.total_steps
         if cfg.method == "plora":
@@ -423,8 +459,12 @@ class _Run:
             from plora_ray.engine import DeepSpeedParamAccess, build_engine
 
             self.engine, self.optimizer, self.scheduler = build_engine(
-                model, cfg, self.world, stage_length_steps=stage_len,
-                overrides=self.deepspeed_overrides)
+                model,
+                cfg,
+                self.world,
+                stage_length_steps=stage_len,
+                overrides=self.deepspeed_overrides,
+            )
             self.module = self.engine.module
             self.access: Any = DeepSpeedParamAccess(self.engine)
             self.shm_removed = _unlink_shm_names(self.world)
@@ -433,8 +473,9 @@ class _Run:
             self.module = model.to(self.device)
             trainable = [p for p in model.parameters() if p.requires_grad]
             o = cfg.optim
-            self.optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                               weight_decay=o.weight_decay)
+            self.optimizer = torch.optim.AdamW(
+                trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            )
             self.scheduler = make_lr_scheduler(self.optimizer, o, stage_len)
             self.access = TorchParamAccess(self.optimizer)
         self.plora: PLoRA | None = None
@@ -443,17 +484,33 @@ class _Run:
             pairs = lora_pairs(self.module)
             names = {id(p): n for n, p in self.module.named_parameters()}
             self.recorder = BackboneRecorder(
-                self.access, pairs, names, self._generator_for, add_with_rounding,
+                self.access,
+                pairs,
+                names,
+                self._generator_for,
+                add_with_rounding,
                 coef_for=lambda pr: (1.0 - float(cfg.plora.momentum)) * pr.scaling,
-                rounding=cfg.plora.merge_rounding, base_weights=self.base_weights)
-            self.plora = PLoRA(self.module, cfg.plora, cfg.batch.global_batch, cfg.seed,
-                               self.recorder, scheduler=self.scheduler,
-                               base_weights=self.base_weights)
-        self.guard = DivergenceGuard(cfg.train.divergence_loss_multiple,
-                                     cfg.train.divergence_window)
+                rounding=cfg.plora.merge_rounding,
+                base_weights=self.base_weights,
+            )
+            self.plora = PLoRA(
+                self.module,
+                cfg.plora,
+                cfg.batch.global_batch,
+                cfg.seed,
+                self.recorder,
+                scheduler=self.scheduler,
+                base_weights=self.base_weights,
+            )
+        self.guard = DivergenceGuard(
+            cfg.train.divergence_loss_multiple, cfg.train.divergence_window
+        )
         # Where a run's fixed cost goes (reported once, in the final report).
-        self.setup_seconds = {"model_s": round(t1 - t0, 3), "data_s": round(t2 - t1, 3),
-                              "engine_s": round(time.perf_counter() - t2, 3)}
+        self.setup_seconds = {
+            "model_s": round(t1 - t0, 3),
+            "data_s": round(t2 - t1, 3),
+            "engine_s": round(time.perf_counter() - t2, 3),
+        }
         self.step = 0
         self.elapsed_before = 0.0  # training seconds of earlier attempts (resume)
         self.last_unload: dict[str, Any] = {}
@@ -480,8 +537,13 @@ class _Run:
 
             self.out.mkdir(parents=True, exist_ok=True)
             tmp = self.out / f".{BASE_WEIGHTS_FILE}.{os.getpid()}.tmp"
-            save_file({base_param_name(pr.name): pr.base.detach().contiguous().cpu()
-                       for pr in lora_pairs(model)}, str(tmp))
+            save_file(
+                {
+                    base_param_name(pr.name): pr.base.detach().contiguous().cpu()
+                    for pr in lora_pairs(model)
+                },
+                str(tmp),
+            )
             os.replace(tmp, path)
         if self.world > 1 and dist.is_initialized():
             dist.barrier()
@@ -508,20 +570,33 @@ class _Run:
 
         state = json.loads((directory / STATE_FILE).read_text())
         if state["world_size"] != self.world:
-            raise ValueError(f"resume: expected resources.num_workers={state['world_size']} as in "
-                             f"the checkpoint {directory}, found {self.world}")
+            raise ValueError(
+                f"resume: expected resources.num_workers={state['world_size']} as in "
+                f"the checkpoint {directory}, found {self.world}"
+            )
         if self.plora is not None and self.recorder is not None:
             self.plora.load_state_dict(torch.load(directory / "plora_state.pt", weights_only=False))
             records, digests = load_backbone(directory / "backbone")
-            replay_backbone(self.module, records, self.access, self._generator_for,
-                            add_with_rounding, digests, base_weights=self.base_weights)
+            replay_backbone(
+                self.module,
+                records,
+                self.access,
+                self._generator_for,
+                add_with_rounding,
+                digests,
+                base_weights=self.base_weights,
+            )
             self.recorder.records = records
             # from_base: the factors the unloads keep, stored once (in the records).
             self.plora.base_factors = self.recorder.from_base_factors()
         if self.engine is not None:
             load_path, _ = self.engine.load_checkpoint(
-                str(directory / "deepspeed"), tag="engine", load_module_strict=False,
-                load_optimizer_states=True, load_lr_scheduler_states=True)
+                str(directory / "deepspeed"),
+                tag="engine",
+                load_module_strict=False,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
             if load_path is None:
                 raise RuntimeError(f"resume: DeepSpeed could not load {directory / 'deepspeed'}")
         else:
@@ -548,21 +623,36 @@ class _Run:
         """Write this rank's part of a checkpoint (collective: every rank calls it)."""
         import torch
 
-        from plora_ray.checkpoint import (STATE_FILE, backbone_digests, capture_rng,
-                                          save_backbone, write_json)
+        from plora_ray.checkpoint import (
+            STATE_FILE,
+            backbone_digests,
+            capture_rng,
+            save_backbone,
+            write_json,
+        )
 
         directory.mkdir(parents=True, exist_ok=True)
         if self.engine is not None:
             # Frozen weights are excluded: the backbone is restored from the base model plus the
             # compact unload records (full fine-tuning trains every weight, so it stores them).
-            self.engine.save_checkpoint(str(directory / "deepspeed"), tag="engine",
-                                        save_latest=False,
-                                        exclude_frozen_parameters=self.cfg.method != "full")
+            self.engine.save_checkpoint(
+                str(directory / "deepspeed"),
+                tag="engine",
+                save_latest=False,
+                exclude_frozen_parameters=self.cfg.method != "full",
+            )
         elif self.rank == 0:
-            trainable = {n: p.detach().clone() for n, p in self.module.named_parameters()
-                         if p.requires_grad}
-            torch.save({"model": trainable, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict()}, directory / "trainable.pt")
+            trainable = {
+                n: p.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad
+            }
+            torch.save(
+                {
+                    "model": trainable,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                },
+                directory / "trainable.pt",
+            )
         torch.save(capture_rng(), directory / f"rng_rank{self.rank}.pt")
         stage3 = self.cfg.deepspeed.enabled and self.cfg.deepspeed.zero_stage == 3
         if self.plora is not None and self.recorder is not None and (self.rank == 0 or stage3):
@@ -570,21 +660,28 @@ class _Run:
             names = sorted({ld.name for rec in self.recorder.records for ld in rec.layers})
             digests = backbone_digests(self.module, names, self.access)
             if self.rank == 0:
-                self.backbone_delta_bytes = save_backbone(self.recorder.records, digests,
-                                                          directory / "backbone")
+                self.backbone_delta_bytes = save_backbone(
+                    self.recorder.records, digests, directory / "backbone"
+                )
                 # base_factors duplicate the records' factors (rebuilt from them on restore).
                 state = {k: v for k, v in self.plora.state_dict().items() if k != "base_factors"}
                 torch.save(state, directory / "plora_state.pt")
         if self.rank == 0:
-            write_json(directory / STATE_FILE, {
-                "step": self.step, "world_size": self.world,
-                "batcher": self.batcher.state_dict(),
-                "divergence": self.guard.state_dict(),
-                "elapsed_s": self.elapsed(),
-                "last_unload": self.last_unload, "proxy": self.proxy,
-                "proxy_step": self.proxy_step, "last_loss": self.last_loss,
-                "method": self.cfg.method,
-            })
+            write_json(
+                directory / STATE_FILE,
+                {
+                    "step": self.step,
+                    "world_size": self.world,
+                    "batcher": self.batcher.state_dict(),
+                    "divergence": self.guard.state_dict(),
+                    "elapsed_s": self.elapsed(),
+                    "last_unload": self.last_unload,
+                    "proxy": self.proxy,
+                    "proxy_step": self.proxy_step,
+                    "last_loss": self.last_loss,
+                    "method": self.cfg.method,
+                },
+            )
             (directory / "config.yaml").write_text(dump_config(self.cfg))
             self.tokenizer.save_pretrained(str(directory / "tokenizer"))
 
@@ -599,11 +696,19 @@ class _Run:
         if self.rank == 0:
             with open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps(metrics, default=_json_scalar) + "\n")
-        self.session.report(metrics, self.save_checkpoint if checkpoint else None,
-                            f"step_{self.step:06d}")
+        self.session.report(
+            metrics, self.save_checkpoint if checkpoint else None, f"step_{self.step:06d}"
+        )
 
-    def step_metrics(self, loss: float, lr: float, tokens_per_s: float, unload: bool,
-                     checkpoint: bool, proxy_point: bool = False) -> dict[str, Any]:
+    def step_metrics(
+        self,
+        loss: float,
+        lr: float,
+        tokens_per_s: float,
+        unload: bool,
+        checkpoint: bool,
+        proxy_point: bool = False,
+    ) -> dict[str, Any]:
         ranks = self.last_unload.get("effective_rank") or {}
         return {
             "step": self.step,
@@ -653,7 +758,8 @@ class _Run:
             if self.cfg.optim.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in self.module.parameters() if p.requires_grad],
-                    self.cfg.optim.grad_clip)
+                    self.cfg.optim.grad_clip,
+                )
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -670,7 +776,8 @@ class _Run:
                 self.restore(ckpt_dir)
         if self.rank == 0:
             (self.out / "data_stats.json").write_text(
-                json.dumps(self.data_stats.as_dict(), indent=1, default=_json_scalar))
+                json.dumps(self.data_stats.as_dict(), indent=1, default=_json_scalar)
+            )
         last_t, last_tokens = time.perf_counter(), self.batcher.tokens_seen
         diverged: str | None = None
         every = cfg.checkpoint.every_steps
@@ -681,33 +788,49 @@ class _Run:
             self.last_loss = loss
             diverged = self.guard.check(loss)
             unload = False
-            if diverged is None and self.plora is not None and self.plora.due(
-                    self.step, self.batcher.samples_seen):
+            if (
+                diverged is None
+                and self.plora is not None
+                and self.plora.due(self.step, self.batcher.samples_seen)
+            ):
                 self.unload()
                 unload = True
             # The proxy points: the multiples of plora.unload_every, for every method (see the
             # module docstring); for plora they are the unloads (PLoRA.due is the same test).
-            point = diverged is None and unload_due(self.proxy_counter(), counter_before,
-                                                    cfg.plora.unload_every)
+            point = diverged is None and unload_due(
+                self.proxy_counter(), counter_before, cfg.plora.unload_every
+            )
             if point and cfg.eval.proxy_samples > 0:
                 self.proxy = self.compute_proxy()
                 self.proxy_step = self.step
             ckpt_due = diverged is None and (
-                (unload and cfg.checkpoint.at_unload) or bool(every and self.step % every == 0))
-            if (self.step % cfg.train.log_every == 0 or unload or point or ckpt_due or diverged
-                    or self.step == self.total_steps):
+                (unload and cfg.checkpoint.at_unload) or bool(every and self.step % every == 0)
+            )
+            if (
+                self.step % cfg.train.log_every == 0
+                or unload
+                or point
+                or ckpt_due
+                or diverged
+                or self.step == self.total_steps
+            ):
                 seconds = max(time.perf_counter() - last_t, 1e-9)
                 tps = (self.batcher.tokens_seen - last_tokens) / seconds
-                self.report(self.step_metrics(loss, lr, tps, unload, ckpt_due, point),
-                            checkpoint=ckpt_due)
+                self.report(
+                    self.step_metrics(loss, lr, tps, unload, ckpt_due, point), checkpoint=ckpt_due
+                )
                 # The next interval's throughput excludes this report's checkpoint and proxy time.
                 last_t, last_tokens = time.perf_counter(), self.batcher.tokens_seen
             if diverged is not None:
                 break
-            if (self.fault_at is not None and self.step == self.fault_at
-                    and self.restored_from is None):
-                raise RuntimeError(f"{FAULT_ENV}={self.fault_at}: injected fault after step "
-                                   f"{self.step}")
+            if (
+                self.fault_at is not None
+                and self.step == self.fault_at
+                and self.restored_from is None
+            ):
+                raise RuntimeError(
+                    f"{FAULT_ENV}={self.fault_at}: injected fault after step {self.step}"
+                )
         self.finish(diverged)
 
     def proxy_counter(self) -> int:
@@ -722,8 +845,11 @@ class _Run:
         rep = self.plora.unload(self.step, self.batcher.samples_seen)
         rec = self.recorder.end_unload()
         # The whole unload as training pays it: the merge plus recording its backbone change.
-        self.last_unload = {**rep.as_dict(), "backbone_exceptions": rec.num_exceptions,
-                            "unload_s": time.perf_counter() - t0}
+        self.last_unload = {
+            **rep.as_dict(),
+            "backbone_exceptions": rec.num_exceptions,
+            "unload_s": time.perf_counter() - t0,
+        }
 
     def adapter_effective_rank(self) -> dict[str, int]:
         """LoRA's ΔW = scaling·B·A: its effective rank on the layers PLoRA would sample."""
@@ -736,8 +862,9 @@ class _Run:
         for i in picks:
             pr = pairs[i]
             with self.access.gathered([pr.A, pr.B]):
-                delta = pr.scaling * (self.access.read_trainable(pr.B)
-                                      @ self.access.read_trainable(pr.A))
+                delta = pr.scaling * (
+                    self.access.read_trainable(pr.B) @ self.access.read_trainable(pr.A)
+                )
             out[pr.name] = effective_rank(delta, self.cfg.plora.rank_threshold)
         return out
 
@@ -760,8 +887,9 @@ class _Run:
         # Every rank calls it (documents are sharded across ranks and gathered); it restores the
         # model's mode and the RNG states, so the training that follows is unchanged.
         with self.evaluable():
-            out = proxy_nll(self.module, self.tokenizer, self.cfg.eval, rank=self.rank,
-                            world_size=self.world)
+            out = proxy_nll(
+                self.module, self.tokenizer, self.cfg.eval, rank=self.rank, world_size=self.world
+            )
         return {k: float(v) for k, v in out.items()}
 
     def finish(self, diverged: str | None) -> None:
@@ -770,8 +898,11 @@ class _Run:
 
         cfg = self.cfg
         final: dict[str, Any] = {
-            "step": self.step, "loss": self.last_loss, "samples": self.batcher.samples_seen,
-            "tokens": self.batcher.tokens_seen, "final": True,
+            "step": self.step,
+            "loss": self.last_loss,
+            "samples": self.batcher.samples_seen,
+            "tokens": self.batcher.tokens_seen,
+            "final": True,
             "num_unloads": self.plora.num_unloads if self.plora is not None else 0,
             "full_backbone_bytes": self.full_backbone_bytes,
             "backbone_delta_bytes": self.backbone_delta_bytes,
@@ -797,17 +928,22 @@ class _Run:
                 # Every rank calls it: with eval.sharded the documents are split across ranks,
                 # otherwise rank 0 scores them all and broadcasts.
                 with self.evaluable():
-                    res = evaluate_model(self.module, self.tokenizer, cfg.eval, rank=self.rank,
-                                         world_size=self.world)
+                    res = evaluate_model(
+                        self.module, self.tokenizer, cfg.eval, rank=self.rank, world_size=self.world
+                    )
                 objectives = {k: float(v) for k, v in res.objectives.items()}
                 final["eval_seconds"] = round(res.seconds, 3)
                 if self.rank == 0:
                     (self.out / "eval_results.json").write_text(
-                        json.dumps(res.as_dict(), indent=1, default=_json_scalar))
+                        json.dumps(res.as_dict(), indent=1, default=_json_scalar)
+                    )
             # The proxy of the final model, unless the evaluation or the last step's proxy point
             # already computed it.
-            if (cfg.eval.proxy_samples > 0 and self.proxy_step != self.step
-                    and not any(k in objectives for k in self.proxy)):
+            if (
+                cfg.eval.proxy_samples > 0
+                and self.proxy_step != self.step
+                and not any(k in objectives for k in self.proxy)
+            ):
                 self.proxy = self.compute_proxy()
             objectives = {**self.proxy, **objectives}
             final.update(objectives)
@@ -815,8 +951,13 @@ class _Run:
             if cfg.checkpoint.export_model:
                 stage3 = cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3
                 if self.rank == 0 or stage3:
-                    export_model(self.module, self.tokenizer, self.out / "model",
-                                 access=self.access if stage3 else None, write=self.rank == 0)
+                    export_model(
+                        self.module,
+                        self.tokenizer,
+                        self.out / "model",
+                        access=self.access if stage3 else None,
+                        write=self.rank == 0,
+                    )
                 final["model_path"] = str(self.out / "model")
         final["elapsed_s"] = round(self.elapsed(), 3)
         final["setup_seconds"] = self.setup_seconds
@@ -996,8 +1137,14 @@ class _MetricsTail:
 
 # Settings a resumed run may change: how long it trains, how it reports, checkpoints and
 # evaluates. Anything else would make the continuation a different run than the checkpoint's.
-RESUME_MAY_CHANGE = ("train.max_steps", "train.epochs", "train.log_every", "eval.",
-                     "checkpoint.", "search")
+RESUME_MAY_CHANGE = (
+    "train.max_steps",
+    "train.epochs",
+    "train.log_every",
+    "eval.",
+    "checkpoint.",
+    "search",
+)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -1044,9 +1191,14 @@ def _ensure_ray(cfg: RunConfig) -> bool:
     need = math.ceil(r.num_workers * r.cpus_per_worker) + 1
     # No dashboard (nothing listens beyond Ray's own services). Ray resolves a loopback
     # node address to the machine's own IP anyway, so none is passed.
-    ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1),
-             num_gpus=math.ceil(r.num_workers * r.gpus_per_worker) if r.gpus_per_worker else None,
-             include_dashboard=False, log_to_driver=False, logging_level="warning")
+    ray.init(
+        address="local",
+        num_cpus=max(need, os.cpu_count() or 1),
+        num_gpus=math.ceil(r.num_workers * r.gpus_per_worker) if r.gpus_per_worker else None,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="warning",
+    )
     return True
 
 
@@ -1091,8 +1243,9 @@ def holds_run(output_dir: str | os.PathLike[str]) -> bool:
     """Whether DIR holds a run to continue: Ray Train's checkpoint snapshot (``run_training``)
     or a complete checkpoint directory (``run_in_process``)."""
     out = Path(output_dir)
-    return ((out / RAY_RUN_NAME / "checkpoint_manager_snapshot.json").exists()
-            or newest_checkpoint(out) is not None)
+    return (out / RAY_RUN_NAME / "checkpoint_manager_snapshot.json").exists() or newest_checkpoint(
+        out
+    ) is not None
 
 
 def _prepare_output_dir(cfg: RunConfig, output_dir: str | os.PathLike[str], resume: bool) -> Path:
@@ -1102,8 +1255,10 @@ def _prepare_output_dir(cfg: RunConfig, output_dir: str | os.PathLike[str], resu
     out = Path(output_dir).resolve()
     held = holds_run(out)
     if held and not resume:
-        raise FileExistsError(f"{out} already holds a run (checkpoints in {out / RAY_RUN_NAME}); "
-                              "pass --resume to continue it or choose another --output")
+        raise FileExistsError(
+            f"{out} already holds a run (checkpoints in {out / RAY_RUN_NAME}); "
+            "pass --resume to continue it or choose another --output"
+        )
     if resume:
         _check_resume_config(cfg, out / "config.yaml")
     out.mkdir(parents=True, exist_ok=True)
@@ -1114,9 +1269,14 @@ def _prepare_output_dir(cfg: RunConfig, output_dir: str | os.PathLike[str], resu
     return out
 
 
-def run_training(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
-                 report: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
-                 max_failures: int = 0) -> RunResult:
+def run_training(
+    cfg: RunConfig,
+    output_dir: str | os.PathLike[str],
+    *,
+    report: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
+    max_failures: int = 0,
+) -> RunResult:
     """Train one run on Ray Train and return what it produced.
 
     Starts a local Ray (loopback, no dashboard) when none is connected and ``RAY_ADDRESS`` is
@@ -1162,16 +1322,23 @@ def run_training(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
             callbacks.append(TuneReportCallback())
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"config": cfg.to_dict(), "output_dir": str(out),
-                               "fault_at_step": int(fault) if fault else None,
-                               "deepspeed_overrides": ds_overrides},
+            train_loop_config={
+                "config": cfg.to_dict(),
+                "output_dir": str(out),
+                "fault_at_step": int(fault) if fault else None,
+                "deepspeed_overrides": ds_overrides,
+            },
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker=resources),
+            scaling_config=ScalingConfig(
+                num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
             run_config=RayRunConfig(
-                name=RAY_RUN_NAME, storage_path=str(out), callbacks=callbacks,
+                name=RAY_RUN_NAME,
+                storage_path=str(out),
+                callbacks=callbacks,
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-                failure_config=FailureConfig(max_failures=max_failures)),
+                failure_config=FailureConfig(max_failures=max_failures),
+            ),
         )
         with _MetricsTail(out / METRICS_FILE, report):
             try:
@@ -1199,22 +1366,37 @@ def _init_process_group(use_gpu: bool) -> None:
 
     if dist.is_initialized():
         if dist.get_world_size() != 1:
-            raise RuntimeError(f"run_in_process: this process is in a torch.distributed group "
-                               f"of {dist.get_world_size()} ranks; expected none or 1")
+            raise RuntimeError(
+                f"run_in_process: this process is in a torch.distributed group "
+                f"of {dist.get_world_size()} ranks; expected none or 1"
+            )
         return
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                       "LOCAL_SIZE": "1"})
-    dist.init_process_group("nccl" if use_gpu else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1",
+            "LOCAL_SIZE": "1",
+        }
+    )
+    dist.init_process_group(
+        "nccl" if use_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+    )
 
 
-def run_in_process(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
-                   report: Callable[[dict[str, Any]], None] | None = None,
-                   resume: bool = False) -> RunResult:
+def run_in_process(
+    cfg: RunConfig,
+    output_dir: str | os.PathLike[str],
+    *,
+    report: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
+) -> RunResult:
     """Train one single-worker run in this process (no Ray Train) and return what it produced.
 
     The same worker loop as ``run_training`` (``_Run``: model, DeepSpeed engine, PLoRA,
@@ -1247,9 +1429,13 @@ def run_in_process(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
     check_run_config(cfg)
     r = cfg.resources
     if r.num_workers != 1:
-        raise ConfigError([f"resources.num_workers: expected 1 for a run in the trial's own "
-                           f"process (search.trial_executor: actor), found {r.num_workers}; "
-                           "use search.trial_executor: train for multi-worker trials"])
+        raise ConfigError(
+            [
+                f"resources.num_workers: expected 1 for a run in the trial's own "
+                f"process (search.trial_executor: actor), found {r.num_workers}; "
+                "use search.trial_executor: train for multi-worker trials"
+            ]
+        )
     out = _prepare_output_dir(cfg, output_dir, resume)
     fault = os.environ.get(FAULT_ENV)
     t0 = time.perf_counter()
@@ -1271,15 +1457,20 @@ def run_in_process(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
     reason: str | None = None
     try:
         if use_gpu and not torch.cuda.is_available():
-            raise RuntimeError(f"resources.gpus_per_worker is {r.gpus_per_worker} but this "
-                               "process sees no CUDA device")
+            raise RuntimeError(
+                f"resources.gpus_per_worker is {r.gpus_per_worker} but this "
+                "process sees no CUDA device"
+            )
         device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         if use_gpu:
             torch.cuda.set_device(device)
         _init_process_group(use_gpu)
-        loop_cfg = {"config": cfg.to_dict(), "output_dir": str(out),
-                    "fault_at_step": int(fault) if fault else None,
-                    "deepspeed_overrides": _deepspeed_overrides_from_env()}
+        loop_cfg = {
+            "config": cfg.to_dict(),
+            "output_dir": str(out),
+            "fault_at_step": int(fault) if fault else None,
+            "deepspeed_overrides": _deepspeed_overrides_from_env(),
+        }
         session = _ProcessSession(out, cfg.checkpoint.keep, device, on_report)
         _Run(loop_cfg, session).run()
     except Exception as exc:  # the run failed; the search goes on with the next trial
@@ -1296,9 +1487,15 @@ def run_in_process(cfg: RunConfig, output_dir: str | os.PathLike[str], *,
     return _collect_result(cfg, out, t0, reason, None, [], report)
 
 
-def _collect_result(cfg: RunConfig, out: Path, t0: float, reason: str | None,
-                    ckpt_path: str | None, removed: list[str],
-                    report: Callable[[dict[str, Any]], None] | None) -> RunResult:
+def _collect_result(
+    cfg: RunConfig,
+    out: Path,
+    t0: float,
+    reason: str | None,
+    ckpt_path: str | None,
+    removed: list[str],
+    report: Callable[[dict[str, Any]], None] | None,
+) -> RunResult:
     """The RunResult of a finished run, from its metrics.jsonl; written to DIR/result.json.
 
     A run that ended without its final report (or with ``reason``, an exception) gets a final
@@ -1311,8 +1508,11 @@ def _collect_result(cfg: RunConfig, out: Path, t0: float, reason: str | None,
         status = final["status"]
     else:
         status = "failed"
-        final = {"status": "failed", "reason": reason or "the run ended without a final report",
-                 "final": True}
+        final = {
+            "status": "failed",
+            "reason": reason or "the run ended without a final report",
+            "final": True,
+        }
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(final) + "\n")
         if report is not None:
@@ -1325,8 +1525,11 @@ def _collect_result(cfg: RunConfig, out: Path, t0: float, reason: str | None,
     from plora_ray.checkpoint import dir_bytes
 
     res = RunResult(
-        status=status, output_dir=str(out), metrics=final,
-        objectives=final.get("objectives") or {}, metrics_path=str(metrics_path),
+        status=status,
+        output_dir=str(out),
+        metrics=final,
+        objectives=final.get("objectives") or {},
+        metrics_path=str(metrics_path),
         checkpoint_path=ckpt_path,
         model_path=final.get("model_path"),
         wall_time_s=time.perf_counter() - t0,
@@ -1334,12 +1537,15 @@ def _collect_result(cfg: RunConfig, out: Path, t0: float, reason: str | None,
         delta_effective_rank=final.get("effective_rank"),
         final_loss=losses[-1][1] if losses else None,
         checkpoint_bytes=dir_bytes(ckpt_path) if ckpt_path else None,
-        backbone_delta_bytes=(dir_bytes(Path(ckpt_path) / "backbone")
-                              if ckpt_path and cfg.method == "plora" else None),
+        backbone_delta_bytes=(
+            dir_bytes(Path(ckpt_path) / "backbone") if ckpt_path and cfg.method == "plora" else None
+        ),
         full_backbone_bytes=final.get("full_backbone_bytes"),
         diverged_step=final.get("diverged_step"),
         reason=final.get("reason") if status != "completed" else None,
-        loss_curve=losses, shm_removed=removed)
+        loss_curve=losses,
+        shm_removed=removed,
+    )
     (out / "result.json").write_text(json.dumps(res.as_dict(), indent=1, default=_json_scalar))
     return res
 
@@ -1357,18 +1563,24 @@ def _progress_line(m: dict[str, Any]) -> str:
         for k, v in (m.get("objectives") or {}).items():
             bits.append(f"{k}={v:.4g}")
         return "  ".join(bits)
-    bits = [f"step {m['step']:>6}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
-            f"stage {m['stage']}", f"samples {m['samples']}", f"{m['tokens_per_s']:.0f} tok/s"]
+    bits = [
+        f"step {m['step']:>6}",
+        f"loss {m['loss']:.4f}",
+        f"lr {m['lr']:.2e}",
+        f"stage {m['stage']}",
+        f"samples {m['samples']}",
+        f"{m['tokens_per_s']:.0f} tok/s",
+    ]
     if m.get("unload"):
-        bits.append(f"UNLOAD merge_err {m['merge_rel_error']:.2e} "
-                    f"rank {m['effective_rank']}")
+        bits.append(f"UNLOAD merge_err {m['merge_rel_error']:.2e} rank {m['effective_rank']}")
     if m.get("checkpoint"):
         bits.append("ckpt")
     return "  ".join(bits)
 
 
-def train_command(file: str, overrides: dict[str, Any] | None, output: str | None,
-                  resume: bool = False) -> int:
+def train_command(
+    file: str, overrides: dict[str, Any] | None, output: str | None, resume: bool = False
+) -> int:
     """``plora-ray train FILE [--set k=v ...] [--output DIR] [--resume]``.
 
     Validates the config (a ConfigError, exit 2, before Ray starts), trains, prints a line per
@@ -1380,10 +1592,14 @@ def train_command(file: str, overrides: dict[str, Any] | None, output: str | Non
     cfg = load_config(file, overrides)
     check_run_config(cfg)
     out = Path(output) if output else Path("runs") / Path(file).stem
-    engine = (f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled
-              else "plain torch")
-    print(f"plora-ray train: {file} -> {out} ({cfg.method}, {cfg.resources.num_workers} "
-          f"worker(s), {engine})", flush=True)
+    engine = (
+        f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled else "plain torch"
+    )
+    print(
+        f"plora-ray train: {file} -> {out} ({cfg.method}, {cfg.resources.num_workers} "
+        f"worker(s), {engine})",
+        flush=True,
+    )
 
     def show(m: dict[str, Any]) -> None:
         print(_progress_line(m), flush=True)
@@ -1395,8 +1611,14 @@ def train_command(file: str, overrides: dict[str, Any] | None, output: str | Non
         return 2
     if res.status == "failed" and res.reason:
         print(res.reason, file=sys.stderr)
-    print(f"done in {res.wall_time_s:.1f} s: status {res.status}; metrics {res.metrics_path}"
-          + (f"; model {res.model_path}" if res.model_path else "")
-          + (f"; checkpoint {res.checkpoint_path} ({res.checkpoint_bytes} bytes)"
-             if res.checkpoint_path else ""), flush=True)
+    print(
+        f"done in {res.wall_time_s:.1f} s: status {res.status}; metrics {res.metrics_path}"
+        + (f"; model {res.model_path}" if res.model_path else "")
+        + (
+            f"; checkpoint {res.checkpoint_path} ({res.checkpoint_bytes} bytes)"
+            if res.checkpoint_path
+            else ""
+        ),
+        flush=True,
+    )
     return 0 if res.status == "completed" else 1

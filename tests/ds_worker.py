@@ -41,27 +41,48 @@ STEPS, UNLOAD_EVERY = 5, 2  # unloads after steps 2 and 4, then one more step
 
 def case_config(case: dict[str, Any], world: int) -> RunConfig:
     bf16 = bool(case["bf16"])
-    return config_from_dict({
-        "seed": 3,
-        "model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                           "num_attention_heads": 2, "num_key_value_heads": 2},
-                  "dtype": "bfloat16" if bf16 else "float32"},
-        "lora": {"rank": 2, "alpha": 4.0},
-        "plora": {"unload_every": UNLOAD_EVERY, "unload_unit": "steps",
-                  "momentum": case["momentum"], "rank_sample_layers": 0},
-        # bf16: eps comparable to the gradients makes Adam's update smooth in the gradient. With
-        # eps=1e-8 the first step after a reset moves each element by ±lr by the sign of its
-        # gradient, so bf16 rounding of the all-reduce flips near-zero elements by 2·lr: a real
-        # but uninformative difference. fp32 keeps the paper's eps (matches to ~1e-6 anyway).
-        # warmup_restart makes the LR restart at each unload observable.
-        "optim": {"lr": 0.1 if bf16 else 0.01, "eps": 1e-2 if bf16 else 1e-8,
-                  "schedule": "warmup_restart", "warmup_steps": 2, "grad_clip": 1.0},
-        "batch": {"global_batch": MICRO * GAS * world, "micro_batch": MICRO},
-        "resources": {"num_workers": world},
-        "deepspeed": {"zero_stage": case["stage"], "bf16": bf16,
-                      "offload_optimizer": bool(case.get("offload_optimizer", False)),
-                      "offload_param": bool(case.get("offload_param", False))},
-    })
+    return config_from_dict(
+        {
+            "seed": 3,
+            "model": {
+                "tiny": {
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 2,
+                    "num_key_value_heads": 2,
+                },
+                "dtype": "bfloat16" if bf16 else "float32",
+            },
+            "lora": {"rank": 2, "alpha": 4.0},
+            "plora": {
+                "unload_every": UNLOAD_EVERY,
+                "unload_unit": "steps",
+                "momentum": case["momentum"],
+                "rank_sample_layers": 0,
+            },
+            # bf16: eps comparable to the gradients makes Adam's update smooth in the gradient. With
+            # eps=1e-8 the first step after a reset moves each element by ±lr by the sign of its
+            # gradient, so bf16 rounding of the all-reduce flips near-zero elements by 2·lr: a real
+            # but uninformative difference. fp32 keeps the paper's eps (matches to ~1e-6 anyway).
+            # warmup_restart makes the LR restart at each unload observable.
+            "optim": {
+                "lr": 0.1 if bf16 else 0.01,
+                "eps": 1e-2 if bf16 else 1e-8,
+                "schedule": "warmup_restart",
+                "warmup_steps": 2,
+                "grad_clip": 1.0,
+            },
+            "batch": {"global_batch": MICRO * GAS * world, "micro_batch": MICRO},
+            "resources": {"num_workers": world},
+            "deepspeed": {
+                "zero_stage": case["stage"],
+                "bf16": bf16,
+                "offload_optimizer": bool(case.get("offload_optimizer", False)),
+                "offload_param": bool(case.get("offload_param", False)),
+            },
+        }
+    )
 
 
 def build_model(cfg: RunConfig) -> torch.nn.Module:
@@ -84,7 +105,7 @@ def batches(world: int) -> torch.Tensor:
 def micro_batch(data: torch.Tensor, step: int, micro: int, world: int, rank: int) -> torch.Tensor:
     """Rank ``rank``'s ``micro``-th micro batch of optimizer step ``step``."""
     start = step * world * GAS * MICRO + (micro * world + rank) * MICRO
-    return data[start:start + MICRO]
+    return data[start : start + MICRO]
 
 
 # --------------------------------------------------------------------------- the DeepSpeed run
@@ -125,16 +146,23 @@ def run_deepspeed(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]
     model = build_model(cfg)
     # Tiny parameters would otherwise stay whole ("persistent") under ZeRO-3; 0 partitions all.
     overrides = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
-    engine, _, scheduler = build_engine(model, cfg, world, stage_length_steps=UNLOAD_EVERY,
-                                        overrides=overrides if case["stage"] == 3
-                                        and not case.get("persistent") else None)
+    engine, _, scheduler = build_engine(
+        model,
+        cfg,
+        world,
+        stage_length_steps=UNLOAD_EVERY,
+        overrides=overrides if case["stage"] == 3 and not case.get("persistent") else None,
+    )
     access: Any = DeepSpeedParamAccess(engine)
     if case.get("module_only"):
         access = ModuleOnlyAccess(access)
-    plora = PLoRA(engine.module, cfg.plora, cfg.batch.global_batch, cfg.seed, access,
-                  scheduler=scheduler)
-    info: dict[str, Any] = {"gas": engine.gradient_accumulation_steps(),
-                            "optimizer": type(engine.optimizer).__name__}
+    plora = PLoRA(
+        engine.module, cfg.plora, cfg.batch.global_batch, cfg.seed, access, scheduler=scheduler
+    )
+    info: dict[str, Any] = {
+        "gas": engine.gradient_accumulation_steps(),
+        "optimizer": type(engine.optimizer).__name__,
+    }
     if case["stage"] == 3:
         frozen = next(p for p in engine.module.parameters() if not p.requires_grad)
         info["zero3_local_numel"] = int(frozen.ds_tensor.numel())
@@ -161,7 +189,8 @@ def run_deepspeed(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]
     info["gather_matches_access"] = (
         set(full) == {n for n in info["snapshot"] if "#" not in n}
         and set(adapter) == {n for n, p in engine.module.named_parameters() if p.requires_grad}
-        and all(torch.equal(full[n].float(), info["snapshot"][n]) for n in full))
+        and all(torch.equal(full[n].float(), info["snapshot"][n]) for n in full)
+    )
     return info
 
 
@@ -196,13 +225,16 @@ def probe_undo(case: dict[str, Any], world: int) -> dict[str, float]:
     master = access.read_trainable(B)
     # Had the write stuck, B would be one Adam step (≈ lr per element) away from 0; it is back
     # near its old value instead, i.e. the optimizer copied its untouched master into the module.
-    return {"param": name, "module_abs_max_right_after_write": zero_in_module,
-            "old_norm": float(before.norm()),
-            "after_step_norm": float(after_module.norm()),
-            "module_equals_master_after_step": bool(
-                torch.equal(after_module, master.to(B.dtype).float())),
-            "after_step_rel_distance_from_old": float(
-                (after_module - before).norm() / before.norm())}
+    return {
+        "param": name,
+        "module_abs_max_right_after_write": zero_in_module,
+        "old_norm": float(before.norm()),
+        "after_step_norm": float(after_module.norm()),
+        "module_equals_master_after_step": bool(
+            torch.equal(after_module, master.to(B.dtype).float())
+        ),
+        "after_step_rel_distance_from_old": float((after_module - before).norm() / before.norm()),
+    }
 
 
 # --------------------------------------------------------------------------- the torch reference
@@ -242,9 +274,11 @@ class MasterCopyAccess:
     def read_optimizer_state(self, p: torch.nn.Parameter) -> dict[str, Any]:
         state = self.optimizer.state.get(self.masters[id(p)], {})
         zeros = torch.zeros(p.shape)
-        return {"exp_avg": state.get("exp_avg", zeros).clone(),
-                "exp_avg_sq": state.get("exp_avg_sq", zeros).clone(),
-                "step": float(state.get("step", 0))}
+        return {
+            "exp_avg": state.get("exp_avg", zeros).clone(),
+            "exp_avg_sq": state.get("exp_avg_sq", zeros).clone(),
+            "step": float(state.get("step", 0)),
+        }
 
 
 def run_reference(case: dict[str, Any], world: int) -> dict[str, torch.Tensor]:
@@ -254,8 +288,13 @@ def run_reference(case: dict[str, Any], world: int) -> dict[str, torch.Tensor]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     masters = {id(p): p.detach().float().clone().requires_grad_(True) for p in trainable}
     o = cfg.optim
-    opt = torch.optim.AdamW([masters[id(p)] for p in trainable], lr=o.lr, betas=tuple(o.betas),
-                            eps=o.eps, weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(
+        [masters[id(p)] for p in trainable],
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+    )
     scheduler = make_lr_scheduler(opt, o, UNLOAD_EVERY)
     access = MasterCopyAccess(opt, masters)
     plora = PLoRA(model, cfg.plora, cfg.batch.global_batch, cfg.seed, access, scheduler=scheduler)
@@ -317,8 +356,12 @@ def compare(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[
     for kind, (gs, rs) in kinds.items():
         gg, rr = torch.cat(gs), torch.cat(rs)
         rel_err[kind] = float((gg - rr).norm() / rr.norm().clamp_min(1e-12))
-    return {"rel_err": rel_err, "worst_tensor_rel_err": worst, "steps_equal": steps_equal,
-            "steps": sorted({float(v) for k, v in ref.items() if k.endswith("#step")})}
+    return {
+        "rel_err": rel_err,
+        "worst_tensor_rel_err": worst,
+        "steps_equal": steps_equal,
+        "steps": sorted({float(v) for k, v in ref.items() if k.endswith("#step")}),
+    }
 
 
 def main(argv: list[str]) -> int:

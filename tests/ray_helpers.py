@@ -31,8 +31,13 @@ SMOKE_YAML = ROOT / "search_spaces" / "smoke.yaml"
 # complete does not depend on the order in which concurrent trials reach a rung; ASHA's stopping
 # is checked on its own, deterministically (tests/test_search.py).
 SMOKE_SETS = [
-    "search.num_samples=4", "train.max_steps=4", "eval.limit=2", "eval.max_gen_toks=8",
-    "data.max_samples=64", "plora.unload_every=16", "search.scheduler.grace_period=64",
+    "search.num_samples=4",
+    "train.max_steps=4",
+    "eval.limit=2",
+    "eval.max_gen_toks=8",
+    "data.max_samples=64",
+    "plora.unload_every=16",
+    "search.scheduler.grace_period=64",
     "search.points=[{method: plora, optim.lr: 0.001, lora.rank: 8, plora.momentum: 0.1, "
     "plora.unload_every: 16}, {method: lora, optim.lr: 0.001, lora.rank: 8}]",
 ]
@@ -52,26 +57,42 @@ def ray_head(num_cpus: int = 4) -> Iterator[dict[str, str]]:
     # Short path: Ray's socket paths must stay under the 107-byte limit of AF_UNIX.
     temp = tempfile.mkdtemp(prefix="prh", dir="/tmp")
     port, dash = free_port(), free_port()
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-           f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--ray-client-server-port={free_port()}",
-           f"--dashboard-agent-listen-port={free_port()}",
-           f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp}"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--num-cpus={num_cpus}",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
+    ]
     # Token auth off on both sides: a loopback-only head, and clients (ray job submit, drivers)
     # must agree with the head on the mode whatever ~/.ray holds on this machine.
     # The venv's bin first on PATH: a job's entrypoint (`python -m plora_ray.cli ...`) runs with
     # the head's PATH, and CI runs pytest as .venv/bin/python without activating the venv, so a
     # bare `python` would otherwise be the system one, without Ray.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if out.returncode != 0:
         shutil.rmtree(temp, ignore_errors=True)
         raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
     try:
-        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp": temp,
-               "auth_mode": "disabled"}
+        yield {
+            "gcs": f"127.0.0.1:{port}",
+            "dashboard": f"http://127.0.0.1:{dash}",
+            "temp": temp,
+            "auth_mode": "disabled",
+        }
     finally:
         # `ray stop` with no address stops every Ray on the machine; only stop what we started:
         # the processes whose command line names our private temp dir / session.
@@ -141,13 +162,19 @@ def smoke_job_search(tmp_path_factory: pytest.TempPathFactory) -> SmokeJob:
         return SmokeJob(storage / "smoke", int(rc_file.read_text()), log_file.read_text())
     storage.mkdir(parents=True, exist_ok=True)
     with ray_head(num_cpus=4) as head:
-        env = {**os.environ, "RAY_ADDRESS": head["dashboard"], "PLORA_STORAGE": str(storage),
-               "RAY_AUTH_MODE": head["auth_mode"], "PYTHONUNBUFFERED": "1",
-               "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+        env = {
+            **os.environ,
+            "RAY_ADDRESS": head["dashboard"],
+            "PLORA_STORAGE": str(storage),
+            "RAY_AUTH_MODE": head["auth_mode"],
+            "PYTHONUNBUFFERED": "1",
+            "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        }
         cmd = ["bash", str(ROOT / "jobs" / "smoke.sh"), "--name", "smoke", "--set", *SMOKE_SETS]
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
-                                 cwd=ROOT)
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
+            )
             rc, log = out.returncode, out.stdout + out.stderr
         except subprocess.TimeoutExpired as exc:
             rc = -1

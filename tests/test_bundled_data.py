@@ -41,7 +41,8 @@ def test_manifest_lists_every_shipped_file_with_its_sha256() -> None:
     shipped = {
         p.relative_to(BUNDLED_DATA_DIR).as_posix()
         for p in BUNDLED_DATA_DIR.rglob("*")
-        if p.is_file() and p.name not in ("SOURCES.md", "MANIFEST.sha256")
+        if p.is_file()
+        and p.name not in ("SOURCES.md", "MANIFEST.sha256")
         and "__pycache__" not in p.parts
     }
     assert set(manifest) == shipped
@@ -54,8 +55,11 @@ def test_manifest_lists_every_shipped_file_with_its_sha256() -> None:
     assert sum(n.startswith("mmlu/test/") for n in manifest) == 57
     assert sum(n.startswith("mmlu/dev/") for n in manifest) == 57
     assert {n for n in manifest if "LICENSE" in n} == {
-        "gsm8k/LICENSE", "arc/LICENSE.llm-foundry-Apache-2.0",
-        "mmlu/LICENSE.hendrycks-test-MIT", "mmlu/LICENSE.MLILAB-FedLLM-Apache-2.0"}
+        "gsm8k/LICENSE",
+        "arc/LICENSE.llm-foundry-Apache-2.0",
+        "mmlu/LICENSE.hendrycks-test-MIT",
+        "mmlu/LICENSE.MLILAB-FedLLM-Apache-2.0",
+    }
 
 
 def test_gsm8k_counts_and_answers_end_with_the_final_number() -> None:
@@ -87,6 +91,9 @@ def test_arc_counts_and_hub_schema(name: str, count: int) -> None:
 
 
 def test_licenses_are_shipped_beside_the_data() -> None:
-    for name in ("gsm8k/LICENSE", "mmlu/LICENSE.hendrycks-test-MIT",
-                 "arc/LICENSE.llm-foundry-Apache-2.0"):
+    for name in (
+        "gsm8k/LICENSE",
+        "mmlu/LICENSE.hendrycks-test-MIT",
+        "arc/LICENSE.llm-foundry-Apache-2.0",
+    ):
         assert (Path(BUNDLED_DATA_DIR) / name).stat().st_size > 100

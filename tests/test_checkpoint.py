@@ -25,9 +25,16 @@ from plora_ray.config import LoraConfig, ModelConfig, PLoRAConfig, TinyModelConf
 from plora_ray.model import load_model, load_tokenizer
 from plora_ray.plora import PLoRA, TorchParamAccess, add_with_rounding, attach_lora, derive_seed
 
-TINY = ModelConfig(tiny=TinyModelConfig(hidden_size=128, intermediate_size=256,
-                                        num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=4), dtype="bfloat16")
+TINY = ModelConfig(
+    tiny=TinyModelConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
+    dtype="bfloat16",
+)
 RANK = 2
 
 
@@ -36,6 +43,7 @@ def _generator_for(seed: int):
         g = torch.Generator(device=device)
         g.manual_seed(derive_seed(seed, unload_index, layer_index, "merge"))
         return g
+
     return make
 
 
@@ -49,15 +57,26 @@ def _trained(seed: int, coef_scale: float = 1.0, unloads: int = 2):
     model = _base(seed)
     access = TorchParamAccess(None)
     momentum = 0.1
-    cfg = PLoRAConfig(unload_every=1, unload_unit="steps", momentum=momentum,
-                      merge_rounding="stochastic", rank_sample_layers=0)
+    cfg = PLoRAConfig(
+        unload_every=1,
+        unload_unit="steps",
+        momentum=momentum,
+        merge_rounding="stochastic",
+        rank_sample_layers=0,
+    )
     from plora_ray.plora import lora_pairs
 
     pairs = lora_pairs(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    rec = BackboneRecorder(access, pairs, names, _generator_for(seed), add_with_rounding,
-                           coef_for=lambda pr: (1.0 - momentum) * pr.scaling * coef_scale,
-                           rounding="stochastic")
+    rec = BackboneRecorder(
+        access,
+        pairs,
+        names,
+        _generator_for(seed),
+        add_with_rounding,
+        coef_for=lambda pr: (1.0 - momentum) * pr.scaling * coef_scale,
+        rounding="stochastic",
+    )
     plora = PLoRA(model, cfg, global_batch=4, seed=seed, access=rec)
     g = torch.Generator().manual_seed(seed + 1)
     for k in range(unloads):
@@ -80,8 +99,9 @@ def test_backbone_replay_from_base_is_bit_exact_and_needs_no_exceptions(tmp_path
     model, rec, pairs = _trained(seed=3)
     trained = _backbone(model)
     fresh = _base(seed=3)
-    changed = sum(int((trained[n] != p).sum()) for n, p in fresh.named_parameters()
-                  if not p.requires_grad)
+    changed = sum(
+        int((trained[n] != p).sum()) for n, p in fresh.named_parameters() if not p.requires_grad
+    )
     assert changed > 1000, "the unloads should have changed the backbone"
     # The replay reproduces the unload's arithmetic and generator bits: nothing to store verbatim.
     assert [r.num_exceptions for r in rec.records] == [0, 0]
@@ -91,20 +111,23 @@ def test_backbone_replay_from_base_is_bit_exact_and_needs_no_exceptions(tmp_path
     save_backbone(rec.records, digests, tmp_path / "backbone")
     records, loaded_digests = load_backbone(tmp_path / "backbone")
     assert [r.index for r in records] == [0, 1]
-    replay_backbone(fresh, records, TorchParamAccess(None), _generator_for(3), add_with_rounding,
-                    loaded_digests)
+    replay_backbone(
+        fresh, records, TorchParamAccess(None), _generator_for(3), add_with_rounding, loaded_digests
+    )
     for n, p in fresh.named_parameters():
         if not p.requires_grad:
-            assert torch.equal(p.view(torch.int16) if p.dtype == torch.bfloat16 else p,
-                               trained[n].view(torch.int16) if p.dtype == torch.bfloat16
-                               else trained[n]), n
+            assert torch.equal(
+                p.view(torch.int16) if p.dtype == torch.bfloat16 else p,
+                trained[n].view(torch.int16) if p.dtype == torch.bfloat16 else trained[n],
+            ), n
 
 
 def test_backbone_record_is_compact_against_a_full_copy(tmp_path):
     model, rec, pairs = _trained(seed=0)
     names = sorted({ld.name for r in rec.records for ld in r.layers})
-    stored = save_backbone(rec.records, backbone_digests(model, names, TorchParamAccess(None)),
-                           tmp_path / "backbone")
+    stored = save_backbone(
+        rec.records, backbone_digests(model, names, TorchParamAccess(None)), tmp_path / "backbone"
+    )
     target_bytes = sum(pr.base.numel() * pr.base.element_size() for pr in pairs)
     # Per unload and layer: r*(in+out) fp32 numbers instead of in*out bf16 ones. Here
     # 2*(128+128)*4 = 2 KiB vs 32 KiB for a 128x128 projection, i.e. ~1/16 per unload.
@@ -117,8 +140,15 @@ def test_backbone_record_is_compact_against_a_full_copy(tmp_path):
     assert per_unload_7b < 100e6  # ~45 MB per unload
 
 
-def _from_base_run(seed: int, w0_file, coef_scale: float = 1.0, unloads: int = 2, model=None,
-                   records=None, state=None):
+def _from_base_run(
+    seed: int,
+    w0_file,
+    coef_scale: float = 1.0,
+    unloads: int = 2,
+    model=None,
+    records=None,
+    state=None,
+):
     """A from_base PLoRA with its recorder; ``unloads`` unloads of random adapters.
 
     With ``model``/``records``/``state`` it continues a run as the trainer's resume does: the
@@ -129,14 +159,25 @@ def _from_base_run(seed: int, w0_file, coef_scale: float = 1.0, unloads: int = 2
     model = _base(seed) if model is None else model
     src = safetensors_base_weights(w0_file)
     momentum = 0.1
-    cfg = PLoRAConfig(unload_every=1, unload_unit="steps", momentum=momentum,
-                      merge_rounding="from_base", rank_sample_layers=0)
+    cfg = PLoRAConfig(
+        unload_every=1,
+        unload_unit="steps",
+        momentum=momentum,
+        merge_rounding="from_base",
+        rank_sample_layers=0,
+    )
     pairs = lora_pairs(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    rec = BackboneRecorder(TorchParamAccess(None), pairs, names, _generator_for(seed),
-                           add_with_rounding,
-                           coef_for=lambda pr: (1.0 - momentum) * pr.scaling * coef_scale,
-                           rounding="from_base", base_weights=src)
+    rec = BackboneRecorder(
+        TorchParamAccess(None),
+        pairs,
+        names,
+        _generator_for(seed),
+        add_with_rounding,
+        coef_for=lambda pr: (1.0 - momentum) * pr.scaling * coef_scale,
+        rounding="from_base",
+        base_weights=src,
+    )
     plora = PLoRA(model, cfg, global_batch=4, seed=seed, access=rec, base_weights=src)
     if records is not None:
         rec.records = records
@@ -159,8 +200,10 @@ def _save_w0(seed: int, path):
 
     from plora_ray.plora import base_param_name, lora_pairs
 
-    save_file({base_param_name(pr.name): pr.base.detach().contiguous()
-               for pr in lora_pairs(_base(seed))}, str(path))
+    save_file(
+        {base_param_name(pr.name): pr.base.detach().contiguous() for pr in lora_pairs(_base(seed))},
+        str(path),
+    )
     return path
 
 
@@ -175,16 +218,24 @@ def test_from_base_records_replay_and_resume_bit_exactly(tmp_path):
     assert [r.num_exceptions for r in rec.records] == [0, 0]
     assert all(ld.base_name.endswith("_proj.weight") for r in rec.records for ld in r.layers)
     names = sorted({ld.name for r in rec.records for ld in r.layers})
-    save_backbone(rec.records, backbone_digests(model, names, TorchParamAccess(None)),
-                  tmp_path / "backbone")
+    save_backbone(
+        rec.records, backbone_digests(model, names, TorchParamAccess(None)), tmp_path / "backbone"
+    )
     records, digests = load_backbone(tmp_path / "backbone")
     assert records[1].rounding == "from_base" and records[1].layers[0].base_name
 
     # Resume as the trainer does: a fresh base, the backbone replayed (digests checked), the
     # adapters restored, the PLoRA state without its factors (rebuilt from the records).
     fresh = _base(4)
-    replay_backbone(fresh, records, TorchParamAccess(None), _generator_for(4), add_with_rounding,
-                    digests, base_weights=src)
+    replay_backbone(
+        fresh,
+        records,
+        TorchParamAccess(None),
+        _generator_for(4),
+        add_with_rounding,
+        digests,
+        base_weights=src,
+    )
     trained = dict(model.named_parameters())
     with torch.no_grad():
         for n, p in fresh.named_parameters():
@@ -193,8 +244,7 @@ def test_from_base_records_replay_and_resume_bit_exactly(tmp_path):
             else:
                 assert torch.equal(_bits(p), _bits(trained[n])), n
     state = {k: v for k, v in plora.state_dict().items() if k != "base_factors"}
-    _, rec2, plora2, _ = _from_base_run(4, w0, unloads=0, model=fresh, records=records,
-                                        state=state)
+    _, rec2, plora2, _ = _from_base_run(4, w0, unloads=0, model=fresh, records=records, state=state)
     assert plora2.base_factors.keys() == plora.base_factors.keys()
     for k, fs in plora.base_factors.items():
         for (b1, a1), (b2, a2) in zip(fs, plora2.base_factors[k], strict=True):
@@ -223,22 +273,38 @@ def test_from_base_replay_stays_exact_with_exceptions_and_needs_its_source(tmp_p
     model, rec, _, src = _from_base_run(6, w0, coef_scale=0.5, unloads=2)
     assert rec.records[1].num_exceptions > 0
     names = sorted({ld.name for r in rec.records for ld in r.layers})
-    save_backbone(rec.records, backbone_digests(model, names, TorchParamAccess(None)),
-                  tmp_path / "b")
+    save_backbone(
+        rec.records, backbone_digests(model, names, TorchParamAccess(None)), tmp_path / "b"
+    )
     records, digests = load_backbone(tmp_path / "b")
     with pytest.raises(ValueError, match="base_weights"):
-        replay_backbone(_base(6), records, TorchParamAccess(None), _generator_for(6),
-                        add_with_rounding, digests)
+        replay_backbone(
+            _base(6), records, TorchParamAccess(None), _generator_for(6), add_with_rounding, digests
+        )
     fresh = _base(6)
-    replay_backbone(fresh, records, TorchParamAccess(None), _generator_for(6), add_with_rounding,
-                    digests, base_weights=src)
+    replay_backbone(
+        fresh,
+        records,
+        TorchParamAccess(None),
+        _generator_for(6),
+        add_with_rounding,
+        digests,
+        base_weights=src,
+    )
     trained = _backbone(model)
     for n, p in fresh.named_parameters():
         if not p.requires_grad:
             assert tensor_digest(p) == tensor_digest(trained[n]), n
     with pytest.raises(ValueError, match="base_weights"):
-        BackboneRecorder(TorchParamAccess(None), [], {}, _generator_for(6), add_with_rounding,
-                         coef_for=lambda pr: 1.0, rounding="from_base")
+        BackboneRecorder(
+            TorchParamAccess(None),
+            [],
+            {},
+            _generator_for(6),
+            add_with_rounding,
+            coef_for=lambda pr: 1.0,
+            rounding="from_base",
+        )
 
 
 def test_replay_stays_exact_when_the_factors_do_not_reproduce_the_unload(tmp_path):
@@ -247,12 +313,14 @@ def test_replay_stays_exact_when_the_factors_do_not_reproduce_the_unload(tmp_pat
     model, rec, _ = _trained(seed=5, coef_scale=0.5, unloads=1)
     assert rec.records[0].num_exceptions > 0
     names = sorted({ld.name for r in rec.records for ld in r.layers})
-    save_backbone(rec.records, backbone_digests(model, names, TorchParamAccess(None)),
-                  tmp_path / "b")
+    save_backbone(
+        rec.records, backbone_digests(model, names, TorchParamAccess(None)), tmp_path / "b"
+    )
     records, digests = load_backbone(tmp_path / "b")
     fresh = _base(seed=5)
-    replay_backbone(fresh, records, TorchParamAccess(None), _generator_for(5), add_with_rounding,
-                    digests)
+    replay_backbone(
+        fresh, records, TorchParamAccess(None), _generator_for(5), add_with_rounding, digests
+    )
     trained = _backbone(model)
     for n, p in fresh.named_parameters():
         if not p.requires_grad:
@@ -262,13 +330,20 @@ def test_replay_stays_exact_when_the_factors_do_not_reproduce_the_unload(tmp_pat
 def test_replay_rejects_a_reconstruction_that_differs_from_the_digest(tmp_path):
     model, rec, _ = _trained(seed=1, unloads=1)
     names = sorted({ld.name for r in rec.records for ld in r.layers})
-    save_backbone(rec.records, backbone_digests(model, names, TorchParamAccess(None)),
-                  tmp_path / "b")
+    save_backbone(
+        rec.records, backbone_digests(model, names, TorchParamAccess(None)), tmp_path / "b"
+    )
     records, digests = load_backbone(tmp_path / "b")
     # Replaying onto another base (seed 2 instead of 1) must not pass silently.
     with pytest.raises(ValueError, match="backbone reconstruction"):
-        replay_backbone(_base(seed=2), records, TorchParamAccess(None), _generator_for(1),
-                        add_with_rounding, digests)
+        replay_backbone(
+            _base(seed=2),
+            records,
+            TorchParamAccess(None),
+            _generator_for(1),
+            add_with_rounding,
+            digests,
+        )
 
 
 def test_recorder_refuses_an_unload_it_did_not_see():
@@ -276,8 +351,15 @@ def test_recorder_refuses_an_unload_it_did_not_see():
     from plora_ray.plora import lora_pairs
 
     pairs = lora_pairs(model)
-    rec = BackboneRecorder(TorchParamAccess(None), pairs, {}, _generator_for(0),
-                           add_with_rounding, coef_for=lambda pr: 1.0, rounding="nearest")
+    rec = BackboneRecorder(
+        TorchParamAccess(None),
+        pairs,
+        {},
+        _generator_for(0),
+        add_with_rounding,
+        coef_for=lambda pr: 1.0,
+        rounding="nearest",
+    )
     rec.begin_unload(0, 1)
     with pytest.raises(RuntimeError, match="write_frozen"):
         rec.end_unload()
@@ -308,9 +390,16 @@ def test_rng_round_trip_reproduces_every_generator():
 def test_export_writes_a_merged_model_that_from_pretrained_loads(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = ModelConfig(tiny=TinyModelConfig(hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=1, num_attention_heads=2,
-                                           num_key_value_heads=2), dtype="bfloat16")
+    cfg = ModelConfig(
+        tiny=TinyModelConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        ),
+        dtype="bfloat16",
+    )
     tok = load_tokenizer(cfg)
     model = attach_lora(load_model(cfg, seed=0, vocab_size=len(tok)), LoraConfig(rank=2), "lora")
     g = torch.Generator().manual_seed(0)
@@ -338,8 +427,9 @@ def test_export_writes_a_merged_model_that_from_pretrained_loads(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a CUDA GPU (replay with CUDA generators)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (replay with CUDA generators)"
+)
 def test_backbone_replay_on_cuda_is_bit_exact(tmp_path):
     # On a GPU the unload merges on the device with a CUDA generator; the recorder must replay
     # there too (a CPU generator draws other bits).
@@ -349,10 +439,22 @@ def test_backbone_replay_on_cuda_is_bit_exact(tmp_path):
     access = TorchParamAccess(None)
     pairs = lora_pairs(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    rec = BackboneRecorder(access, pairs, names, _generator_for(7), add_with_rounding,
-                           coef_for=lambda pr: 0.9 * pr.scaling, rounding="stochastic")
-    plora = PLoRA(model, PLoRAConfig(unload_every=1, unload_unit="steps", momentum=0.1,
-                                     rank_sample_layers=0), global_batch=4, seed=7, access=rec)
+    rec = BackboneRecorder(
+        access,
+        pairs,
+        names,
+        _generator_for(7),
+        add_with_rounding,
+        coef_for=lambda pr: 0.9 * pr.scaling,
+        rounding="stochastic",
+    )
+    plora = PLoRA(
+        model,
+        PLoRAConfig(unload_every=1, unload_unit="steps", momentum=0.1, rank_sample_layers=0),
+        global_batch=4,
+        seed=7,
+        access=rec,
+    )
     for pr in pairs:
         with torch.no_grad():
             pr.B.copy_(torch.randn(pr.B.shape, device="cuda") * 0.3)
@@ -363,5 +465,6 @@ def test_backbone_replay_on_cuda_is_bit_exact(tmp_path):
     names_ = sorted({ld.name for ld in rec.records[0].layers})
     save_backbone(rec.records, backbone_digests(model, names_, access), tmp_path / "b")
     records, digests = load_backbone(tmp_path / "b")
-    replay_backbone(_base(seed=7).cuda(), records, access, _generator_for(7), add_with_rounding,
-                    digests)
+    replay_backbone(
+        _base(seed=7).cuda(), records, access, _generator_for(7), add_with_rounding, digests
+    )

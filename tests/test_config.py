@@ -30,7 +30,7 @@ def problems_of(tmp_path: Path, data: dict | str, overrides: dict | None = None)
         load_config(f, overrides)
     prefix = f"{f}: "
     assert all(p.startswith(prefix) for p in err.value.problems), err.value.problems
-    return [p[len(prefix):] for p in err.value.problems]
+    return [p[len(prefix) :] for p in err.value.problems]
 
 
 def test_defaults_reproduce_the_paper():
@@ -56,59 +56,94 @@ def test_dumped_config_loads_back_equal(tmp_path):
 
 def test_unknown_key_names_file_and_suggests_the_close_key(tmp_path):
     probs = problems_of(tmp_path, {"lora": {"rnak": 8}, "plroa": {}})
-    assert ("lora.rnak: unknown key (did you mean 'lora.rank'?); expected one of rank, alpha, "
-            "dropout, targets") in probs
+    assert (
+        "lora.rnak: unknown key (did you mean 'lora.rank'?); expected one of rank, alpha, "
+        "dropout, targets"
+    ) in probs
     assert any(p.startswith("plroa: unknown key (did you mean 'plora'?)") for p in probs)
 
 
-@pytest.mark.parametrize("section, key, value, expected", [
-    ("lora", "rank", "eight", "lora.rank: expected an integer, found 'eight'"),
-    ("lora", "rank", 8.5, "lora.rank: expected an integer, found 8.5"),
-    ("optim", "lr", "fast", "optim.lr: expected a number, found 'fast'"),
-    ("deepspeed", "bf16", "yes", "deepspeed.bf16: expected true or false, found 'yes'"),
-    ("lora", "targets", "q_proj", "lora.targets: expected a list of a string, found 'q_proj'"),
-    ("plora", "unload_unit", "sample",
-     "plora.unload_unit: expected one of 'samples', 'steps', found 'sample' "
-     "(did you mean 'samples'?)"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("lora", "rank", "eight", "lora.rank: expected an integer, found 'eight'"),
+        ("lora", "rank", 8.5, "lora.rank: expected an integer, found 8.5"),
+        ("optim", "lr", "fast", "optim.lr: expected a number, found 'fast'"),
+        ("deepspeed", "bf16", "yes", "deepspeed.bf16: expected true or false, found 'yes'"),
+        ("lora", "targets", "q_proj", "lora.targets: expected a list of a string, found 'q_proj'"),
+        (
+            "plora",
+            "unload_unit",
+            "sample",
+            "plora.unload_unit: expected one of 'samples', 'steps', found 'sample' "
+            "(did you mean 'samples'?)",
+        ),
+    ],
+)
 def test_wrong_type_names_key_expected_and_found(tmp_path, section, key, value, expected):
     assert expected in problems_of(tmp_path, {section: {key: value}})
 
 
-@pytest.mark.parametrize("section, key, value, expected", [
-    ("plora", "momentum", 1.0, "plora.momentum: expected a number in [0, 1), found 1.0"),
-    ("lora", "rank", 0, "lora.rank: expected an integer >= 1, found 0"),
-    ("optim", "lr", -1e-4, "optim.lr: expected a number > 0, found -0.0001"),
-    ("optim", "betas", [0.9, 1.5], "optim.betas: expected two numbers in [0, 1), found [0.9, 1.5]"),
-    ("deepspeed", "zero_stage", 4, "deepspeed.zero_stage: expected one of 0, 1, 2, 3, found 4"),
-    ("data", "max_length", 4, "data.max_length: expected an integer >= 8, found 4"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("plora", "momentum", 1.0, "plora.momentum: expected a number in [0, 1), found 1.0"),
+        ("lora", "rank", 0, "lora.rank: expected an integer >= 1, found 0"),
+        ("optim", "lr", -1e-4, "optim.lr: expected a number > 0, found -0.0001"),
+        (
+            "optim",
+            "betas",
+            [0.9, 1.5],
+            "optim.betas: expected two numbers in [0, 1), found [0.9, 1.5]",
+        ),
+        ("deepspeed", "zero_stage", 4, "deepspeed.zero_stage: expected one of 0, 1, 2, 3, found 4"),
+        ("data", "max_length", 4, "data.max_length: expected an integer >= 8, found 4"),
+    ],
+)
 def test_out_of_range_value_names_key_expected_and_found(tmp_path, section, key, value, expected):
     assert expected in problems_of(tmp_path, {section: {key: value}})
 
 
 def test_missing_paths_are_reported(tmp_path):
-    probs = problems_of(tmp_path, {
-        "model": {"path": "./no_such_model"},
-        "data": {"sources": [{"path": "missing.jsonl"}, {"dataset": "./no_such_dir"},
-                             {"path": "bundled:gsm9k"}]},
-    })
+    probs = problems_of(
+        tmp_path,
+        {
+            "model": {"path": "./no_such_model"},
+            "data": {
+                "sources": [
+                    {"path": "missing.jsonl"},
+                    {"dataset": "./no_such_dir"},
+                    {"path": "bundled:gsm9k"},
+                ]
+            },
+        },
+    )
     joined = "\n".join(probs)
-    assert ("model.path: expected an existing directory or a hub id, found './no_such_model' "
-            "(no such directory)") in joined
-    assert (f"data.sources[0].path: expected an existing JSONL file, found "
-            f"'{tmp_path / 'missing.jsonl'}' (no such file)") in joined
-    assert ("data.sources[1].dataset: expected a `datasets` hub name or an existing local "
-            "directory") in joined
-    assert ("data.sources[2].path: expected a JSONL file or one of bundled:gsm8k, found "
-            "'bundled:gsm9k' (did you mean 'bundled:gsm8k'?)") in joined
+    assert (
+        "model.path: expected an existing directory or a hub id, found './no_such_model' "
+        "(no such directory)"
+    ) in joined
+    assert (
+        f"data.sources[0].path: expected an existing JSONL file, found "
+        f"'{tmp_path / 'missing.jsonl'}' (no such file)"
+    ) in joined
+    assert (
+        "data.sources[1].dataset: expected a `datasets` hub name or an existing local directory"
+    ) in joined
+    assert (
+        "data.sources[2].path: expected a JSONL file or one of bundled:gsm8k, found "
+        "'bundled:gsm9k' (did you mean 'bundled:gsm8k'?)"
+    ) in joined
 
 
 def test_inconsistent_batch_sizes_are_reported(tmp_path):
-    probs = problems_of(tmp_path, {"batch": {"global_batch": 24, "micro_batch": 5},
-                                   "resources": {"num_workers": 2}})
-    assert probs == ["batch.global_batch: expected a multiple of batch.micro_batch x "
-                     "resources.num_workers = 5 x 2 = 10, found 24"]
+    probs = problems_of(
+        tmp_path, {"batch": {"global_batch": 24, "micro_batch": 5}, "resources": {"num_workers": 2}}
+    )
+    assert probs == [
+        "batch.global_batch: expected a multiple of batch.micro_batch x "
+        "resources.num_workers = 5 x 2 = 10, found 24"
+    ]
 
 
 def test_model_path_and_tiny_together_are_rejected(tmp_path):
@@ -118,19 +153,30 @@ def test_model_path_and_tiny_together_are_rejected(tmp_path):
 
 
 def test_all_errors_of_a_file_are_reported_at_once(tmp_path):
-    probs = problems_of(tmp_path, {
-        "method": "plorra",
-        "lora": {"rank": -1, "dropuot": 0.1},
-        "optim": {"lr": "x"},
-        "plora": {"momentum": 2},
-        "batch": {"global_batch": 10, "micro_batch": 4},
-        "eval": {"tasks": ["gsm8k", "mmmlu"]},
-    })
+    probs = problems_of(
+        tmp_path,
+        {
+            "method": "plorra",
+            "lora": {"rank": -1, "dropuot": 0.1},
+            "optim": {"lr": "x"},
+            "plora": {"momentum": 2},
+            "batch": {"global_batch": 10, "micro_batch": 4},
+            "eval": {"tasks": ["gsm8k", "mmmlu"]},
+        },
+    )
     keys = sorted(p.split(":", 1)[0] for p in probs)
-    assert keys == ["batch.global_batch", "eval.tasks[1]", "lora.dropuot", "lora.rank", "method",
-                    "optim.lr", "plora.momentum"]
-    assert ("method: expected one of 'plora', 'lora', 'full', found 'plorra' "
-            "(did you mean 'plora'?)") in probs
+    assert keys == [
+        "batch.global_batch",
+        "eval.tasks[1]",
+        "lora.dropuot",
+        "lora.rank",
+        "method",
+        "optim.lr",
+        "plora.momentum",
+    ]
+    assert (
+        "method: expected one of 'plora', 'lora', 'full', found 'plorra' (did you mean 'plora'?)"
+    ) in probs
 
 
 def test_unreadable_files_name_the_file(tmp_path):
@@ -140,8 +186,9 @@ def test_unreadable_files_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
         load_config(bad)
     lst = write_yaml(tmp_path / "list.yaml", "- 1\n- 2\n")
-    with pytest.raises(ConfigError,
-                       match=r"list\.yaml: <top level>: expected a mapping, found list"):
+    with pytest.raises(
+        ConfigError, match=r"list\.yaml: <top level>: expected a mapping, found list"
+    ):
         load_config(lst)
 
 
@@ -149,8 +196,10 @@ def test_relative_data_paths_are_resolved_against_the_yaml_directory(tmp_path, m
     sub = tmp_path / "configs"
     sub.mkdir()
     (sub / "train.jsonl").write_text('{"question": "q", "answer": "a"}\n')
-    f = write_yaml(sub / "run.yaml", {"data": {"sources": [{"path": "train.jsonl"},
-                                                           {"path": "bundled:gsm8k"}]}})
+    f = write_yaml(
+        sub / "run.yaml",
+        {"data": {"sources": [{"path": "train.jsonl"}, {"path": "bundled:gsm8k"}]}},
+    )
     monkeypatch.chdir(tmp_path)  # a different working directory must not matter
     cfg = load_config(f)
     assert cfg.data.sources[0].path == str(sub / "train.jsonl")
@@ -162,9 +211,16 @@ def test_relative_data_paths_are_resolved_against_the_yaml_directory(tmp_path, m
 
 def test_overrides_set_dotted_keys_and_list_items(tmp_path):
     f = write_yaml(tmp_path / "run.yaml", {"data": {"sources": [{"path": "bundled:gsm8k"}]}})
-    over = dict(parse_override(s) for s in ["lora.rank=16", "plora.momentum=0.2",
-                                             "optim.betas=[0.9, 0.95]", "train.max_steps=null",
-                                             "data.sources[0].weight=2"])
+    over = dict(
+        parse_override(s)
+        for s in [
+            "lora.rank=16",
+            "plora.momentum=0.2",
+            "optim.betas=[0.9, 0.95]",
+            "train.max_steps=null",
+            "data.sources[0].weight=2",
+        ]
+    )
     cfg = load_config(f, over)
     assert cfg.lora.rank == 16 and cfg.plora.momentum == 0.2
     assert cfg.optim.betas == [0.9, 0.95] and cfg.train.max_steps is None
@@ -177,8 +233,10 @@ def test_bad_overrides_are_validated_and_blamed_on_the_override(tmp_path):
     assert any(p.startswith("lora.rnak: unknown key (did you mean 'lora.rank'?)") for p in probs)
     one_source = {"data": {"sources": [{"path": "bundled:gsm8k"}]}}
     probs = problems_of(tmp_path, one_source, {"data.sources[3].weight": 2})
-    assert probs == ["override data.sources[3].weight: expected data.sources.3 to index an "
-                     "existing list item, found a list of 1 item(s)"]
+    assert probs == [
+        "override data.sources[3].weight: expected data.sources.3 to index an "
+        "existing list item, found a list of 1 item(s)"
+    ]
 
 
 def test_parse_override_requires_key_and_equals():
@@ -211,8 +269,12 @@ def test_validate_cli_runs_as_a_process(tmp_path):
     import sys
 
     bad = write_yaml(tmp_path / "bad.yaml", {"batch": {"micro_batch": 5}})
-    out = subprocess.run([sys.executable, "-m", "plora_ray.cli", "validate", str(bad)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "plora_ray.cli", "validate", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1
     assert "batch.global_batch: expected a multiple of" in out.stderr
 
@@ -220,7 +282,20 @@ def test_validate_cli_runs_as_a_process(tmp_path):
 def test_run_config_is_a_plain_dataclass_tree():
     # Others build configs in code; the field names are the schema's public names.
     cfg = RunConfig()
-    assert set(cfg.to_dict()) >= {"seed", "method", "model", "data", "lora", "plora", "optim",
-                                  "batch", "train", "deepspeed", "resources", "eval",
-                                  "checkpoint", "search"}
+    assert set(cfg.to_dict()) >= {
+        "seed",
+        "method",
+        "model",
+        "data",
+        "lora",
+        "plora",
+        "optim",
+        "batch",
+        "train",
+        "deepspeed",
+        "resources",
+        "eval",
+        "checkpoint",
+        "search",
+    }
     assert cfg.grad_accum == 24 // (4 * 1)

@@ -70,16 +70,23 @@ def labelled_spans(tok, ids: list[int], labels: list[int]) -> list[str]:
 
 
 def test_messages_and_fastchat_conversations_in_one_file_give_the_same_dialogue(tmp_path):
-    conv = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
-             "value": m["content"]} for m in CHAT]
+    conv = [
+        {
+            "from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
+            "value": m["content"],
+        }
+        for m in CHAT
+    ]
     records = [{"messages": CHAT}, "", {"conversations": conv}, qa(3)]
     f = write_jsonl(tmp_path / "mixed.jsonl", records)
     out = load_source(DataSource(path=str(f)))
     assert [d.messages for d in out[:2]] == [CHAT, CHAT]
     # Blank lines are skipped but line numbers stay the file's.
     assert [d.origin for d in out] == [f"{f}:1", f"{f}:3", f"{f}:4"]
-    assert out[2].messages == [{"role": "user", "content": qa(3)["question"]},
-                               {"role": "assistant", "content": qa(3)["answer"]}]
+    assert out[2].messages == [
+        {"role": "user", "content": qa(3)["question"]},
+        {"role": "assistant", "content": qa(3)["answer"]},
+    ]
 
 
 def test_bundled_gsm8k_becomes_user_assistant_dialogues():
@@ -96,15 +103,16 @@ def test_datasets_dataset_saved_to_disk_loads_by_directory_and_split(tmp_path):
 
     rows = [{"messages": CHAT}, {"messages": CHAT[1:3]}]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
-                          "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(
-        str(tmp_path / "dict"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])}
+    ).save_to_disk(str(tmp_path / "dict"))
     single = load_source(DataSource(dataset=str(tmp_path / "single")))
     assert [d.messages for d in single] == [CHAT, CHAT[1:3]]
     test = load_source(DataSource(dataset=str(tmp_path / "dict"), split="test"))
     assert len(test) == 1 and test[0].origin.endswith("[test] row 0")
-    with pytest.raises(ValueError,
-                       match=r"expected split 'validation'.*found splits \['test', 'train'\]"):
+    with pytest.raises(
+        ValueError, match=r"expected split 'validation'.*found splits \['test', 'train'\]"
+    ):
         load_source(DataSource(dataset=str(tmp_path / "dict"), split="validation"))
 
 
@@ -117,20 +125,32 @@ def test_corrupt_json_line_error_names_file_line_and_what_was_found(tmp_path):
     assert "data.skip_invalid" in msg
 
 
-@pytest.mark.parametrize("record, expected", [
-    ({"prompt": "x", "completion": "y"},
-     "expected a record with 'messages', 'conversations', or 'question' and 'answer', found keys "
-     "['completion', 'prompt']"),
-    ({"messages": [{"role": "user", "content": "hi"}]},
-     "expected at least one assistant turn in 'messages'"),
-    ({"messages": [{"role": "robot", "content": "hi"}]},
-     "expected messages[0].role to be one of assistant, system, user, found 'robot'"),
-    ({"conversations": [{"from": "human"}]},
-     "expected conversations[0] to be an object with 'from' and 'value', found ['from']"),
-    ([1, 2], "expected a JSON object, found list"),
-])
-def test_record_without_expected_fields_error_names_line_expected_and_found(tmp_path, record,
-                                                                            expected):
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        (
+            {"prompt": "x", "completion": "y"},
+            "expected a record with 'messages', 'conversations', or 'question' and 'answer', found keys "
+            "['completion', 'prompt']",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            "expected at least one assistant turn in 'messages'",
+        ),
+        (
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            "expected messages[0].role to be one of assistant, system, user, found 'robot'",
+        ),
+        (
+            {"conversations": [{"from": "human"}]},
+            "expected conversations[0] to be an object with 'from' and 'value', found ['from']",
+        ),
+        ([1, 2], "expected a JSON object, found list"),
+    ],
+)
+def test_record_without_expected_fields_error_names_line_expected_and_found(
+    tmp_path, record, expected
+):
     f = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}, record])
     with pytest.raises(ValueError) as err:
         load_source(DataSource(path=str(f)))
@@ -141,8 +161,9 @@ def test_record_without_expected_fields_error_names_line_expected_and_found(tmp_
 def test_skip_invalid_skips_and_counts_bad_lines_and_records(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [qa(1), "not json", qa(2), {"messages": []}, qa(3)])
     stats = DataStats()
-    out = load_dialogues(DataConfig(sources=[DataSource(path=str(f))], skip_invalid=True),
-                         stats=stats)
+    out = load_dialogues(
+        DataConfig(sources=[DataSource(path=str(f))], skip_invalid=True), stats=stats
+    )
     assert len(out) == 3
     assert stats.invalid_skipped == 2 and stats.sources[0].invalid_skipped == 2
     assert stats.sources[0].records == 3
@@ -160,8 +181,13 @@ def test_relative_source_path_is_resolved_against_base_dir(tmp_path):
 
 
 def _dialogues(prefix: str, n: int) -> list[Dialogue]:
-    return [Dialogue([{"role": "user", "content": f"{prefix}{i}"},
-                      {"role": "assistant", "content": "ok"}], f"{prefix}:{i}") for i in range(n)]
+    return [
+        Dialogue(
+            [{"role": "user", "content": f"{prefix}{i}"}, {"role": "assistant", "content": "ok"}],
+            f"{prefix}:{i}",
+        )
+        for i in range(n)
+    ]
 
 
 def test_mixture_counts_give_exact_samples_per_source_repeating_small_sources():
@@ -178,8 +204,11 @@ def test_mixture_counts_give_exact_samples_per_source_repeating_small_sources():
 
 def test_mixture_weights_share_the_weighted_total_and_unweighted_sources_count_once():
     a, b, c = _dialogues("a", 30), _dialogues("b", 10), _dialogues("c", 5)
-    srcs = [DataSource(path="a", weight=1.0), DataSource(path="b", weight=3.0),
-            DataSource(path="c")]
+    srcs = [
+        DataSource(path="a", weight=1.0),
+        DataSource(path="b", weight=3.0),
+        DataSource(path="c"),
+    ]
     out = mix_sources([a, b, c], srcs, seed=1)
     counts = {p: sum(d.origin.startswith(p + ":") for d in out) for p in "abc"}
     assert counts == {"a": 10, "b": 30, "c": 5}  # total of weighted sources (40) split 1:3
@@ -218,8 +247,9 @@ def test_prefix_rendering_finds_the_same_assistant_tokens_without_generation_mar
     from transformers import AutoTokenizer
 
     plain = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
-    plain.chat_template = (tok.chat_template.replace("{% generation %}", "")
-                           .replace("{% endgeneration %}", ""))
+    plain.chat_template = tok.chat_template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", ""
+    )
     assert not has_generation_tags(plain)
     ids, labels, _ = tokenize_dialogue(plain, CHAT, max_length=512)
     ref_ids, ref_labels, _ = tokenize_dialogue(tok, CHAT, max_length=512)
@@ -245,12 +275,21 @@ def _cfg(tmp_path: Path, records: list, **data) -> object:
 
 
 def test_truncation_is_counted_and_examples_without_assistant_tokens_are_dropped(tok, tmp_path):
-    long_prompt = {"messages": [{"role": "user", "content": "word " * 80},
-                                {"role": "assistant", "content": "yes"}]}
-    long_answer = {"messages": [{"role": "user", "content": "hi"},
-                                {"role": "assistant", "content": "word " * 80}]}
-    cfg = _cfg(tmp_path, [qa(i) for i in range(6)] + [long_prompt, long_answer],
-               max_length=40, held_out=0)
+    long_prompt = {
+        "messages": [
+            {"role": "user", "content": "word " * 80},
+            {"role": "assistant", "content": "yes"},
+        ]
+    }
+    long_answer = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "word " * 80},
+        ]
+    }
+    cfg = _cfg(
+        tmp_path, [qa(i) for i in range(6)] + [long_prompt, long_answer], max_length=40, held_out=0
+    )
     train, held, stats = build_datasets(cfg, tok)
     assert stats.truncated == 2
     assert stats.dropped_no_labels == 1  # the long prompt lost its whole answer
@@ -275,8 +314,9 @@ def test_packing_keeps_each_examples_labels_and_fits_max_length(tok, tmp_path):
     assert train.packed and stats.train_rows == len(train) < 30
     assert train.total_examples == stats.train_examples == 30
     spans = []
-    for ids, labels, pos, n in zip(train.input_ids, train.labels, train.position_ids,
-                                   train.num_examples):
+    for ids, labels, pos, n in zip(
+        train.input_ids, train.labels, train.position_ids, train.num_examples
+    ):
         assert len(ids) <= 128
         starts = [k for k, p in enumerate(pos) if p == 0]
         assert len(starts) == n
@@ -288,8 +328,9 @@ def test_packing_keeps_each_examples_labels_and_fits_max_length(tok, tmp_path):
 
 
 def test_packed_rows_attend_within_each_example_only(tok):
-    model = load_model(ModelConfig(tiny=TinyModelConfig(), dtype="float32"), seed=0,
-                       vocab_size=len(tok))
+    model = load_model(
+        ModelConfig(tiny=TinyModelConfig(), dtype="float32"), seed=0, vocab_size=len(tok)
+    )
     a, _, _ = tokenize_dialogue(tok, CHAT[1:3], 64)
     b, _, _ = tokenize_dialogue(tok, CHAT[3:5], 64)
     packed = pack_examples([(a, a), (b, b)], 256, tok.pad_token_id)
@@ -298,7 +339,7 @@ def test_packed_rows_attend_within_each_example_only(tok):
     with torch.no_grad():
         logits = model(**batch, use_cache=False).logits[0]
         alone = model(input_ids=torch.tensor([b]), use_cache=False).logits[0]
-    torch.testing.assert_close(logits[len(a): len(a) + len(b)], alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits[len(a) : len(a) + len(b)], alone, atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- batching
@@ -324,8 +365,8 @@ def test_sharding_gives_each_row_to_exactly_one_rank_once_per_epoch(n, micro, wo
         assert all(len(x) == micro for x in batches)  # nobody gets a short batch
         seen += [i for x in batches for i in x]
     for e in range(3):
-        assert sorted(seen[e * n: (e + 1) * n]) == list(range(n))
-    assert seen[:n] != seen[n: 2 * n]  # reshuffled per epoch
+        assert sorted(seen[e * n : (e + 1) * n]) == list(range(n))
+    assert seen[:n] != seen[n : 2 * n]  # reshuffled per epoch
     assert len({b.samples_seen for b in ranks}) == 1  # every rank counts the same global total
     assert ranks[0].samples_seen == len(seen)
 

@@ -39,8 +39,13 @@ from plora_ray.config import ConfigError, config_from_dict
 
 WORKER = Path(__file__).with_name("ds_worker.py")
 FP32_TOL = 1e-4
-BF16_TOL = {"backbone_targets": 1e-2, "lora_A": 6e-2, "lora_B": 6e-2, "exp_avg": 8e-2,
-            "exp_avg_sq": 8e-2}
+BF16_TOL = {
+    "backbone_targets": 1e-2,
+    "lora_A": 6e-2,
+    "lora_B": 6e-2,
+    "exp_avg": 8e-2,
+    "exp_avg_sq": 8e-2,
+}
 
 
 def _free_port() -> int:
@@ -61,26 +66,75 @@ def _cases(world: int) -> list[dict[str, Any]]:
             # Each stage sees both momenta (m = 0 re-initialises A; m > 0 keeps m·ΔW), each dtype
             # too, and the two world sizes swap them.
             momentum = 0.5 if (stage + bf16 + world) % 2 else 0.0
-            cases.append({"name": f"z{stage}_{'bf16' if bf16 else 'fp32'}_w{world}",
-                          "stage": stage, "bf16": bf16, "momentum": momentum})
+            cases.append(
+                {
+                    "name": f"z{stage}_{'bf16' if bf16 else 'fp32'}_w{world}",
+                    "stage": stage,
+                    "bf16": bf16,
+                    "momentum": momentum,
+                }
+            )
     if world == 2:
         # ZeRO-Offload ("cpu" is where the tensors already are here, but DeepSpeed still takes
         # its offload code paths: CPU-side fp32 partitions and gradient buffers).
-        cases.append({"name": "z2_bf16_w2_offload_optimizer", "stage": 2, "bf16": True,
-                      "momentum": 0.5, "offload_optimizer": True})
-        cases.append({"name": "z3_bf16_w2_offload_optimizer_param", "stage": 3, "bf16": True,
-                      "momentum": 0.0, "offload_optimizer": True, "offload_param": True})
+        cases.append(
+            {
+                "name": "z2_bf16_w2_offload_optimizer",
+                "stage": 2,
+                "bf16": True,
+                "momentum": 0.5,
+                "offload_optimizer": True,
+            }
+        )
+        cases.append(
+            {
+                "name": "z3_bf16_w2_offload_optimizer_param",
+                "stage": 3,
+                "bf16": True,
+                "momentum": 0.0,
+                "offload_optimizer": True,
+                "offload_param": True,
+            }
+        )
         # DeepSpeed's default persistence threshold (1e5 elements) keeps small parameters (all
         # of this model's, LoRA A/B of a 7B model too) whole on every rank: the other ZeRO-3 path.
-        cases.append({"name": "z3_bf16_w2_persistent", "stage": 3, "bf16": True,
-                      "momentum": 0.5, "persistent": True})
+        cases.append(
+            {
+                "name": "z3_bf16_w2_persistent",
+                "stage": 3,
+                "bf16": True,
+                "momentum": 0.5,
+                "persistent": True,
+            }
+        )
     if world == 1:
-        cases.append({"name": "control_module_only_z2_bf16", "stage": 2, "bf16": True,
-                      "momentum": 0.0, "module_only": True})
-        cases.append({"name": "control_module_only_z3_fp32", "stage": 3, "bf16": False,
-                      "momentum": 0.5, "module_only": True})
-        cases.append({"name": "probe_undo_z2_bf16", "stage": 2, "bf16": True, "momentum": 0.0,
-                      "probe_undo": True})
+        cases.append(
+            {
+                "name": "control_module_only_z2_bf16",
+                "stage": 2,
+                "bf16": True,
+                "momentum": 0.0,
+                "module_only": True,
+            }
+        )
+        cases.append(
+            {
+                "name": "control_module_only_z3_fp32",
+                "stage": 3,
+                "bf16": False,
+                "momentum": 0.5,
+                "module_only": True,
+            }
+        )
+        cases.append(
+            {
+                "name": "probe_undo_z2_bf16",
+                "stage": 2,
+                "bf16": True,
+                "momentum": 0.0,
+                "probe_undo": True,
+            }
+        )
     return cases
 
 
@@ -91,14 +145,28 @@ def _launch(world: int, tmp: Path) -> dict[str, Any]:
     port = _free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   # What DeepSpeed's launcher (and our Ray worker) sets: DeepSpeed's CPU backend
-                   # then opens its shared-memory all-reduce buffers in /dev/shm.
-                   LOCAL_SIZE=str(world), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), str(tmp / "cases.json"), str(tmp)], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            # What DeepSpeed's launcher (and our Ray worker) sets: DeepSpeed's CPU backend
+            # then opens its shared-memory all-reduce buffers in /dev/shm.
+            LOCAL_SIZE=str(world),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(tmp / "cases.json"), str(tmp)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = []
     try:
         for proc in procs:
@@ -116,8 +184,12 @@ def _launch(world: int, tmp: Path) -> dict[str, Any]:
     results = {c["name"]: json.loads((tmp / f"{c['name']}.json").read_text()) for c in cases}
     # Only this launch's names: other runs on the machine may create their own meanwhile.
     mine = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_"
-    return {"results": results, "cases": cases, "shm_removed": removed,
-            "shm_left": sorted(n for n in _shm_names() if n.startswith(mine))}
+    return {
+        "results": results,
+        "cases": cases,
+        "shm_removed": removed,
+        "shm_left": sorted(n for n in _shm_names() if n.startswith(mine)),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +285,17 @@ def _cfg(**sections: Any):
 def test_deepspeed_config_carries_run_config_settings():
     from plora_ray.engine import deepspeed_config
 
-    cfg = _cfg(batch={"global_batch": 24, "micro_batch": 4},
-               optim={"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1,
-                      "grad_clip": 0.5},
-               deepspeed={"zero_stage": 3, "bf16": True, "offload_optimizer": True,
-                          "offload_param": True})
+    cfg = _cfg(
+        batch={"global_batch": 24, "micro_batch": 4},
+        optim={
+            "lr": 3e-4,
+            "betas": [0.9, 0.95],
+            "eps": 1e-6,
+            "weight_decay": 0.1,
+            "grad_clip": 0.5,
+        },
+        deepspeed={"zero_stage": 3, "bf16": True, "offload_optimizer": True, "offload_param": True},
+    )
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 24
     assert ds["train_micro_batch_size_per_gpu"] == 4
@@ -230,14 +308,24 @@ def test_deepspeed_config_carries_run_config_settings():
     params = ds["optimizer"]["params"]
     assert ds["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True
     assert (params["lr"], params["betas"], params["eps"], params["weight_decay"]) == (
-        3e-4, [0.9, 0.95], 1e-6, 0.1)
-    fp32 = deepspeed_config(_cfg(model={"tiny": {}, "dtype": "float32"},
-                                 deepspeed={"zero_stage": 0, "bf16": False},
-                                 optim={"grad_clip": None}), 1)
+        3e-4,
+        [0.9, 0.95],
+        1e-6,
+        0.1,
+    )
+    fp32 = deepspeed_config(
+        _cfg(
+            model={"tiny": {}, "dtype": "float32"},
+            deepspeed={"zero_stage": 0, "bf16": False},
+            optim={"grad_clip": None},
+        ),
+        1,
+    )
     assert fp32["bf16"] == {"enabled": False} and fp32["gradient_clipping"] == 0.0
     assert "offload_optimizer" not in fp32["zero_optimization"]
     merged = deepspeed_config(
-        cfg, 2, {"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+        cfg, 2, {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+    )
     assert merged["zero_optimization"]["stage"] == 3
     assert merged["zero_optimization"]["stage3_param_persistence_threshold"] == 0
 
@@ -246,11 +334,17 @@ def test_deepspeed_config_carries_run_config_settings():
     ("sections", "world", "needle"),
     [
         ({"batch": {"global_batch": 24, "micro_batch": 4}}, 4, "batch.global_batch"),
-        ({"deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, 1,
-         "deepspeed.offload_optimizer"),
+        (
+            {"deepspeed": {"zero_stage": 0, "offload_optimizer": True}},
+            1,
+            "deepspeed.offload_optimizer",
+        ),
         ({"deepspeed": {"zero_stage": 2, "offload_param": True}}, 1, "deepspeed.offload_param"),
-        ({"model": {"tiny": {}, "dtype": "bfloat16"}, "deepspeed": {"bf16": False}}, 1,
-         "deepspeed.bf16"),
+        (
+            {"model": {"tiny": {}, "dtype": "bfloat16"}, "deepspeed": {"bf16": False}},
+            1,
+            "deepspeed.bf16",
+        ),
         ({"model": {"tiny": {}, "dtype": "float16"}}, 1, "model.dtype"),
     ],
 )
@@ -272,8 +366,13 @@ def test_deepspeed_config_rejects_bad_combinations_naming_the_key(sections, worl
 def test_gpu_throughput_counts_llama7b_flops_without_weight_grads_of_frozen_weights():
     import torch
 
-    from benchmarks.gpu_throughput import (LLAMA_7B, LLAMA_7B_VOCAB, build_model, count_params,
-                                           model_flops_per_step)
+    from benchmarks.gpu_throughput import (
+        LLAMA_7B,
+        LLAMA_7B_VOCAB,
+        build_model,
+        count_params,
+        model_flops_per_step,
+    )
     from plora_ray.config import LLAMA_LINEAR_TARGETS, LoraConfig
     from plora_ray.plora import attach_lora
 
@@ -309,8 +408,12 @@ def test_gpu_throughput_quick_runs_tiny_size_on_cpu(tmp_path):
     env.pop("MASTER_PORT", None)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_throughput", "--quick", "--out", str(out)],
-        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-        timeout=300)
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     h = result["headline"]

@@ -87,8 +87,9 @@ class _Rules:
 
         class ConstantLetterLM(_lm_base()):  # type: ignore[misc]
             def loglikelihood(self, requests, disable_tqdm=False):  # noqa: ANN001
-                return [(0.0, True) if r.args[1] == f" {letter}" else (-5.0, False)
-                        for r in requests]
+                return [
+                    (0.0, True) if r.args[1] == f" {letter}" else (-5.0, False) for r in requests
+                ]
 
             def generate_until(self, requests, disable_tqdm=False):  # noqa: ANN001
                 raise NotImplementedError
@@ -137,13 +138,17 @@ def _stock_task(tmp: Path, stock_rel: str, task: str, data_files: dict[str, str]
 
     folder = tmp / f"stock_{task}"
     folder.mkdir()
-    (folder / f"{task}.yaml").write_text(yaml.safe_dump({
-        "include": str(stock_tasks_dir() / stock_rel),
-        "task": task,
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": data_files, "cache_dir": str(tmp / "hf_cache")},
-    }))
+    (folder / f"{task}.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "include": str(stock_tasks_dir() / stock_rel),
+                "task": task,
+                "dataset_path": "json",
+                "dataset_name": None,
+                "dataset_kwargs": {"data_files": data_files, "cache_dir": str(tmp / "hf_cache")},
+            }
+        )
+    )
     loaded = TaskManager(include_path=str(folder), include_defaults=False).load([task])
     return loaded["tasks"][task]
 
@@ -151,14 +156,23 @@ def _stock_task(tmp: Path, stock_rel: str, task: str, data_files: dict[str, str]
 def _requests(task: Any, num_fewshot: int, chat: Any = None) -> list[tuple[Any, ...]]:
     task.set_config(key="num_fewshot", value=num_fewshot)
     task.set_fewshot_seed(seed=1234)
-    task.build_all_requests(apply_chat_template=chat is not None, fewshot_as_multiturn=True,
-                            chat_template=chat)
+    task.build_all_requests(
+        apply_chat_template=chat is not None, fewshot_as_multiturn=True, chat_template=chat
+    )
     return [(i.request_type, i.args, i.doc_id, i.idx) for i in task.instances]
 
 
 def _same_scoring_setup(ours: Any, stock: Any) -> None:
-    for key in ("output_type", "generation_kwargs", "filter_list", "metric_list",
-                "target_delimiter", "fewshot_delimiter", "doc_to_choice", "description"):
+    for key in (
+        "output_type",
+        "generation_kwargs",
+        "filter_list",
+        "metric_list",
+        "target_delimiter",
+        "fewshot_delimiter",
+        "doc_to_choice",
+        "description",
+    ):
         assert ours.config[key] == stock.config[key], key
     assert [f.name for f in ours._filters] == [f.name for f in stock._filters]
     assert ours.aggregation().keys() == stock.aggregation().keys()
@@ -173,8 +187,10 @@ def test_local_tasks_build_the_same_requests_as_the_stock_tasks(tmp_path: Path) 
     local = tmp_path / "local"
     hub = tmp_path / "hub"
     # GSM8K: the local files already are the hub schema; a 30-problem few-shot pool.
-    gsm = {s: [json.loads(x) for x in open(BUNDLED_DATA_DIR / "gsm8k" / f"{s}.jsonl")][:n]
-           for s, n in (("train", 30), ("test", 4))}
+    gsm = {
+        s: [json.loads(x) for x in open(BUNDLED_DATA_DIR / "gsm8k" / f"{s}.jsonl")][:n]
+        for s, n in (("train", 30), ("test", 4))
+    }
     for split, rows in gsm.items():
         _write_jsonl(local / "gsm8k" / f"{split}.jsonl", rows)
         _write_jsonl(hub / f"gsm8k_{split}.jsonl", rows)
@@ -184,10 +200,18 @@ def test_local_tasks_build_the_same_requests_as_the_stock_tasks(tmp_path: Path) 
     for split, out in (("test", tests), ("dev", devs)):
         with open(BUNDLED_DATA_DIR / "mmlu" / split / f"anatomy_{split}.csv", newline="") as fh:
             rows = list(csv.reader(fh))[1:4]
-        out.extend({"question": r[0], "subject": "anatomy", "choices": r[1:5],
-                    "answer": int(r[5])} for r in rows)
-    tests.append({"question": ' Which, of "these" ', "subject": "anatomy",
-                  "choices": ["None", "1.50", "", "NA"], "answer": 2})
+        out.extend(
+            {"question": r[0], "subject": "anatomy", "choices": r[1:5], "answer": int(r[5])}
+            for r in rows
+        )
+    tests.append(
+        {
+            "question": ' Which, of "these" ',
+            "subject": "anatomy",
+            "choices": ["None", "1.50", "", "NA"],
+            "answer": 2,
+        }
+    )
     for split, rows in (("test", tests), ("dev", devs)):
         path = local / "mmlu" / split / f"anatomy_{split}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,14 +221,28 @@ def test_local_tasks_build_the_same_requests_as_the_stock_tasks(tmp_path: Path) 
             w.writerows([r["question"], *r["choices"], r["answer"]] for r in rows)
         _write_jsonl(hub / f"mmlu_{split}.jsonl", rows)
     # ARC: local {query, choices, gold} vs hub {question, choices{text,label}, answerKey}.
-    arc_local = [{"query": "Question: Which is a gas?", "choices": ["ice", "steam", "rock", "wood"],
-                  "gold": 1},
-                 {"query": "Question: 2+2?", "choices": ["3", "4", "5", "4"], "gold": 1}]
-    arc_hub = [{"id": "a", "question": "Which is a gas?",
-                "choices": {"text": ["ice", "steam", "rock", "wood"], "label": list("ABCD")},
-                "answerKey": "B"},
-               {"id": "b", "question": "2+2?",
-                "choices": {"text": ["3", "4", "5", "4"], "label": list("ABCD")}, "answerKey": "B"}]
+    arc_local = [
+        {
+            "query": "Question: Which is a gas?",
+            "choices": ["ice", "steam", "rock", "wood"],
+            "gold": 1,
+        },
+        {"query": "Question: 2+2?", "choices": ["3", "4", "5", "4"], "gold": 1},
+    ]
+    arc_hub = [
+        {
+            "id": "a",
+            "question": "Which is a gas?",
+            "choices": {"text": ["ice", "steam", "rock", "wood"], "label": list("ABCD")},
+            "answerKey": "B",
+        },
+        {
+            "id": "b",
+            "question": "2+2?",
+            "choices": {"text": ["3", "4", "5", "4"], "label": list("ABCD")},
+            "answerKey": "B",
+        },
+    ]
     for name in ("arc_easy", "arc_challenge"):
         _write_jsonl(local / "arc" / f"{name}.jsonl", arc_local)
         _write_jsonl(hub / f"{name}.jsonl", arc_hub)
@@ -212,29 +250,38 @@ def test_local_tasks_build_the_same_requests_as_the_stock_tasks(tmp_path: Path) 
     tok = load_tokenizer(TINY)
     chat = HFLM(pretrained=_TinyForChat.model(), tokenizer=tok).apply_chat_template
 
-    stock = _stock_task(tmp_path, "gsm8k/gsm8k.yaml", "gsm8k",
-                        {"train": str(hub / "gsm8k_train.jsonl"),
-                         "test": str(hub / "gsm8k_test.jsonl")})
+    stock = _stock_task(
+        tmp_path,
+        "gsm8k/gsm8k.yaml",
+        "gsm8k",
+        {"train": str(hub / "gsm8k_train.jsonl"), "test": str(hub / "gsm8k_test.jsonl")},
+    )
     ours = build_leaf_task("gsm8k", local)
     _same_scoring_setup(ours, stock)
     for shots, template in ((0, None), (5, None), (5, chat)):
         assert _requests(ours, shots, template) == _requests(stock, shots, template)
     assert ours.instances[0].args[1]["until"] == ["Question:", "</s>", "<|im_end|>"]
 
-    stock = _stock_task(tmp_path, "mmlu/default/mmlu_anatomy.yaml", "mmlu_anatomy",
-                        {"test": str(hub / "mmlu_test.jsonl"), "dev": str(hub / "mmlu_dev.jsonl")})
+    stock = _stock_task(
+        tmp_path,
+        "mmlu/default/mmlu_anatomy.yaml",
+        "mmlu_anatomy",
+        {"test": str(hub / "mmlu_test.jsonl"), "dev": str(hub / "mmlu_dev.jsonl")},
+    )
     ours = build_leaf_task("mmlu_anatomy", local)
     _same_scoring_setup(ours, stock)
     for shots, template in ((0, None), (3, None), (3, chat)):
         assert _requests(ours, shots, template) == _requests(stock, shots, template)
     assert "A. None\nB. 1.50\nC. \nD. NA\nAnswer:" in ours.instances[-1].args[0]
     assert [ours.doc_to_target(d) for d in ours.eval_docs] == [
-        stock.doc_to_target(d) for d in stock.eval_docs]
+        stock.doc_to_target(d) for d in stock.eval_docs
+    ]
 
     for name in ("arc_easy", "arc_challenge"):
         f = str(hub / f"{name}.jsonl")
-        stock = _stock_task(tmp_path, f"arc/{name}.yaml", name,
-                            {"train": f, "validation": f, "test": f})
+        stock = _stock_task(
+            tmp_path, f"arc/{name}.yaml", name, {"train": f, "validation": f, "test": f}
+        )
         ours = build_leaf_task(name, local)
         _same_scoring_setup(ours, stock)
         assert _requests(ours, 0) == _requests(stock, 0)
@@ -260,8 +307,12 @@ def test_mmlu_group_tree_matches_the_stock_group_configs() -> None:
     index = TaskIndex.build([stock_tasks_dir() / "mmlu" / "default"])
     tasks = build_tasks(["mmlu"], num_fewshot={"mmlu": 0})
     mmlu = tasks["mmlu"]
-    assert mmlu.child_names == ["mmlu_stem", "mmlu_other", "mmlu_social_sciences",
-                                "mmlu_humanities"]
+    assert mmlu.child_names == [
+        "mmlu_stem",
+        "mmlu_other",
+        "mmlu_social_sciences",
+        "mmlu_humanities",
+    ]
     for group in mmlu:
         stock_tag = index[group.name].cfg["task"][0]
         assert sorted(group.child_names) == sorted(index[stock_tag].tags)
@@ -280,9 +331,9 @@ def test_gsm8k_strict_match_scores_outputs_with_the_right_final_number(tmp_path:
     rows = [json.loads(x) for x in open(BUNDLED_DATA_DIR / "gsm8k" / "test.jsonl")][:4]
     gold = [r["answer"].split("#### ")[-1].strip() for r in rows]
     answers = {
-        rows[0]["question"]: f"Some steps.\n#### {gold[0]}",      # strict 1, flexible 1
-        rows[1]["question"]: f"So the answer is {gold[1]}.",      # strict 0, flexible 1
-        rows[2]["question"]: "Wrong.\n#### 123456789",            # strict 0, flexible 0
+        rows[0]["question"]: f"Some steps.\n#### {gold[0]}",  # strict 1, flexible 1
+        rows[1]["question"]: f"So the answer is {gold[1]}.",  # strict 0, flexible 1
+        rows[2]["question"]: "Wrong.\n#### 123456789",  # strict 0, flexible 0
         rows[3]["question"]: f"#### {gold[3]}\nThen more text.",  # strict 1, flexible 1
     }
     _write_jsonl(tmp_path / "gsm8k" / "test.jsonl", rows)
@@ -307,8 +358,7 @@ def test_constant_mmlu_answer_scores_the_fraction_of_its_letter_in_the_gold_labe
         idx = fixed_subsample(f"mmlu_{subject}", len(answers), 6, 7)
         assert idx is not None and len(idx) == 6
         picked = [answers[i] == 0 for i in idx]
-        assert results["results"][f"mmlu_{subject}"]["acc,none"] == pytest.approx(
-            sum(picked) / 6)
+        assert results["results"][f"mmlu_{subject}"]["acc,none"] == pytest.approx(sum(picked) / 6)
         hits.setdefault(group, []).extend(picked)
     every = [h for group in hits.values() for h in group]
     assert obj["mmlu"] == pytest.approx(sum(every) / len(every))
@@ -330,8 +380,9 @@ def test_mmlu_groups_weight_subjects_by_their_size(tmp_path: Path) -> None:
         n = rng.randint(1, 4)
         rows = [["q", "a", "b", "c", "d", str(rng.randint(0, 3))] for _ in range(n)]
         with open(tmp_path / "mmlu" / "test" / f"{subject}_test.csv", "w", newline="") as fh:
-            csv.writer(fh).writerows([["question", "choice0", "choice1", "choice2", "choice3",
-                                       "answer"], *rows])
+            csv.writer(fh).writerows(
+                [["question", "choice0", "choice1", "choice2", "choice3", "answer"], *rows]
+            )
         per_group.setdefault(group, []).append([r[5] == "1" for r in rows])
     ev = EvalConfig(tasks=["mmlu"], num_fewshot={"mmlu": 0}, data_dir=str(tmp_path))
     obj = objectives_from_results(run_tasks(_Rules.constant_letter("B"), ev)[0])
@@ -359,8 +410,11 @@ def test_shard_assignment_keeps_documents_whole_and_alternates_ranks() -> None:
 
     from plora_ray.evaluate import _shard_of
 
-    reqs = [Instance("loglikelihood", {}, ("c", f" {k}"), k, ("t", doc, 1))
-            for doc in range(5) for k in range(4)]
+    reqs = [
+        Instance("loglikelihood", {}, ("c", f" {k}"), k, ("t", doc, 1))
+        for doc in range(5)
+        for k in range(4)
+    ]
     owners = _shard_of(reqs, 2)
     assert owners == [doc % 2 for doc in range(5) for _ in range(4)]
 
@@ -374,13 +428,30 @@ def test_every_task_runs_end_to_end_on_the_tiny_model(tiny: tuple[Any, Any]) -> 
     model.train()
     state = torch.get_rng_state()
     py_state = random.getstate()
-    ev = EvalConfig(tasks=["gsm8k", "mmlu", "arc_easy", "arc_challenge"],
-                    num_fewshot={"gsm8k": 0, "mmlu": 0}, limit=2, max_gen_toks=16,
-                    proxy_samples=4, batch_size=16)
+    ev = EvalConfig(
+        tasks=["gsm8k", "mmlu", "arc_easy", "arc_challenge"],
+        num_fewshot={"gsm8k": 0, "mmlu": 0},
+        limit=2,
+        max_gen_toks=16,
+        proxy_samples=4,
+        batch_size=16,
+    )
     res = evaluate_model(model, tok, ev)
-    expected = {"gsm8k", "gsm8k_flexible", "mmlu", "mmlu_humanities", "mmlu_stem",
-                "mmlu_social_sciences", "mmlu_other", "arc_easy", "arc_easy_norm", "arc_challenge",
-                "arc_challenge_norm", "gsm8k_nll", "mmlu_nll"}
+    expected = {
+        "gsm8k",
+        "gsm8k_flexible",
+        "mmlu",
+        "mmlu_humanities",
+        "mmlu_stem",
+        "mmlu_social_sciences",
+        "mmlu_other",
+        "arc_easy",
+        "arc_easy_norm",
+        "arc_challenge",
+        "arc_challenge_norm",
+        "gsm8k_nll",
+        "mmlu_nll",
+    }
     assert set(res.objectives) == expected
     assert all(type(v) is float for v in res.objectives.values())
     assert all(0.0 <= res.objectives[k] <= 1.0 for k in expected - {"gsm8k_nll", "mmlu_nll"})
@@ -410,7 +481,7 @@ def test_proxy_nll_matches_a_direct_computation(tiny: tuple[Any, Any]) -> None:
             ctx = tok(f"Question: {rows[i]['question']}\nAnswer:")["input_ids"]
             cont = tok(" " + rows[i]["answer"], add_special_tokens=False)["input_ids"]
             logits = model(torch.tensor([ctx + cont])).logits[0].float()
-            logp = torch.log_softmax(logits, -1)[len(ctx) - 1:-1]
+            logp = torch.log_softmax(logits, -1)[len(ctx) - 1 : -1]
             total -= float(logp.gather(-1, torch.tensor(cont)[:, None]).sum())
             count += len(cont)
     assert got["gsm8k_nll"] == pytest.approx(total / count, rel=1e-4)
@@ -428,8 +499,10 @@ def test_unknown_task_is_named_before_any_model_work() -> None:
 
 
 def test_missing_column_names_the_file_line_and_column(tmp_path: Path) -> None:
-    _write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "q", "answer": "#### 1"},
-                                                     {"question": "q2"}])
+    _write_jsonl(
+        tmp_path / "gsm8k" / "test.jsonl",
+        [{"question": "q", "answer": "#### 1"}, {"question": "q2"}],
+    )
     _write_jsonl(tmp_path / "gsm8k" / "train.jsonl", [{"question": "q", "answer": "#### 1"}])
     ev = EvalConfig(tasks=["gsm8k"], data_dir=str(tmp_path))
     with pytest.raises(DataError, match=r"gsm8k/test\.jsonl:2: missing column 'answer'"):
@@ -441,10 +514,13 @@ def test_missing_column_names_the_file_line_and_column(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"anatomy_test\.csv:1: missing column 'choice3'"):
         build_leaf_task("mmlu_anatomy", tmp_path)
 
-    _write_jsonl(tmp_path / "arc" / "arc_easy.jsonl",
-                 [{"query": "Question: x", "choices": ["a", "b", "c", "d"], "gold": 4}])
-    with pytest.raises(DataError,
-                       match=r"arc_easy\.jsonl:1: column 'gold': expected an integer 0-3"):
+    _write_jsonl(
+        tmp_path / "arc" / "arc_easy.jsonl",
+        [{"query": "Question: x", "choices": ["a", "b", "c", "d"], "gold": 4}],
+    )
+    with pytest.raises(
+        DataError, match=r"arc_easy\.jsonl:1: column 'gold': expected an integer 0-3"
+    ):
         build_leaf_task("arc_easy", tmp_path)
     with pytest.raises(DataError, match="arc_challenge.jsonl: expected the arc_challenge file"):
         build_leaf_task("arc_challenge", tmp_path)
@@ -469,17 +545,33 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tiny: tuple[Any, Any]) ->
 
 @pytest.mark.slow
 def test_cli_eval_on_an_exported_model_writes_results_and_objectives(
-        exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from plora_ray.cli import main
 
     out = tmp_path / "res" / "eval.json"
     # Loglikelihood tasks only: generation (256 tokens by default) is covered in-process above.
-    rc = main(["eval", "--model", str(exported), "--tasks", "arc_easy,arc_challenge", "--limit",
-               "3", "--out", str(out)])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(exported),
+            "--tasks",
+            "arc_easy,arc_challenge",
+            "--limit",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
-    assert set(data["objectives"]) == {"arc_easy", "arc_easy_norm", "arc_challenge",
-                                       "arc_challenge_norm"}
+    assert set(data["objectives"]) == {
+        "arc_easy",
+        "arc_easy_norm",
+        "arc_challenge",
+        "arc_challenge_norm",
+    }
     assert data["results"]["arc_easy"]["sample_len"] == 3
     assert data["n-shot"]["arc_challenge"] == 0
     assert set(data["seconds_per_task"]) == {"arc_easy", "arc_challenge"} and data["seconds"] > 0
@@ -487,20 +579,25 @@ def test_cli_eval_on_an_exported_model_writes_results_and_objectives(
     # The same model in memory scores the same.
     from plora_ray.model import load_model, load_tokenizer
 
-    again = evaluate_model(load_model(ModelConfig(path=str(exported), dtype="float32")),
-                           load_tokenizer(ModelConfig(path=str(exported))),
-                           EvalConfig(tasks=["arc_easy", "arc_challenge"], limit=3))
+    again = evaluate_model(
+        load_model(ModelConfig(path=str(exported), dtype="float32")),
+        load_tokenizer(ModelConfig(path=str(exported))),
+        EvalConfig(tasks=["arc_easy", "arc_challenge"], limit=3),
+    )
     assert again.objectives == data["objectives"]
     assert "objectives:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("remove", "message"), [
-    ("model.safetensors", "expected weights"),
-    ("tokenizer.json", "expected a tokenizer"),
-])
+@pytest.mark.parametrize(
+    ("remove", "message"),
+    [
+        ("model.safetensors", "expected weights"),
+        ("tokenizer.json", "expected a tokenizer"),
+    ],
+)
 def test_cli_names_what_the_model_directory_lacks(
-        exported: Path, tmp_path: Path, remove: str, message: str,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    exported: Path, tmp_path: Path, remove: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     import shutil
 
     from plora_ray.cli import main
@@ -513,8 +610,9 @@ def test_cli_names_what_the_model_directory_lacks(
     assert message in err and str(broken) in err
 
 
-def test_cli_rejects_unknown_task_and_missing_dir(tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_rejects_unknown_task_and_missing_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from plora_ray.cli import main
 
     assert main(["eval", "--model", str(tmp_path), "--tasks", "gsm8k,boolq"]) == 2
@@ -547,16 +645,20 @@ def _sharded_worker(rank: int, port: int, out_dir: str) -> None:
         model, tok = load_model(TINY, seed=0), load_tokenizer(TINY)
         ev2 = EvalConfig(tasks=["arc_challenge"], limit=6, proxy_samples=5)
         res = evaluate_model(model, tok, ev2, rank=rank, world_size=2)
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
-            {"results": results["results"], "seen": seen, "objectives": res.objectives},
-            default=float))
+        Path(out_dir, f"rank{rank}.json").write_text(
+            json.dumps(
+                {"results": results["results"], "seen": seen, "objectives": res.objectives},
+                default=float,
+            )
+        )
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_sharded_evaluation_on_two_ranks_equals_the_single_process_result(
-        tmp_path: Path, tiny: tuple[Any, Any]) -> None:
+    tmp_path: Path, tiny: tuple[Any, Any]
+) -> None:
     import torch.multiprocessing as mp
 
     mp.spawn(_sharded_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -572,8 +674,9 @@ def test_sharded_evaluation_on_two_ranks_equals_the_single_process_result(
     assert all(0 < s for s in ranks[0]["seen"] + ranks[1]["seen"])
     # The real HFLM path: the same objectives on both ranks and as a single process.
     model, tok = tiny
-    alone = evaluate_model(model, tok,
-                           EvalConfig(tasks=["arc_challenge"], limit=6, proxy_samples=5))
+    alone = evaluate_model(
+        model, tok, EvalConfig(tasks=["arc_challenge"], limit=6, proxy_samples=5)
+    )
     assert ranks[0]["objectives"] == ranks[1]["objectives"]
     for k, v in alone.objectives.items():
         assert ranks[0]["objectives"][k] == pytest.approx(v, rel=1e-4), k

@@ -60,9 +60,12 @@ def test_smoke_search_submitted_as_a_ray_job_finishes_and_publishes(
 
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sdir / 'study.db'}")
     by_tune = {t.user_attrs.get("tune_trial_id"): t for t in study.trials}
-    state_of = {"completed": optuna.trial.TrialState.COMPLETE,
-                "early_stopped": optuna.trial.TrialState.PRUNED,
-                "diverged": optuna.trial.TrialState.FAIL, "failed": optuna.trial.TrialState.FAIL}
+    state_of = {
+        "completed": optuna.trial.TrialState.COMPLETE,
+        "early_stopped": optuna.trial.TrialState.PRUNED,
+        "diverged": optuna.trial.TrialState.FAIL,
+        "failed": optuna.trial.TrialState.FAIL,
+    }
     for r in records:
         assert by_tune[r["trial_id"]].state == state_of[r["status"]], (r["status"], r["reason"])
         if r["status"] == "completed":

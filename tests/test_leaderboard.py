@@ -29,35 +29,62 @@ from ray_helpers import finished_smoke_search  # the session's one smoke search 
 T0 = 1_764_000_000.0  # a fixed "search started" time, so records are deterministic
 
 
-def record(trial_id: str, method: str = "plora", rank: int = 8, status: str = "completed", *,
-           gsm8k: float | None = None, mmlu: float | None = None, reason: str | None = None,
-           params: dict[str, Any] | None = None, minute: float = 1.0, search: str = "unit",
-           objective_value: float | None = None, **extra: Any) -> dict[str, Any]:
+def record(
+    trial_id: str,
+    method: str = "plora",
+    rank: int = 8,
+    status: str = "completed",
+    *,
+    gsm8k: float | None = None,
+    mmlu: float | None = None,
+    reason: str | None = None,
+    params: dict[str, Any] | None = None,
+    minute: float = 1.0,
+    search: str = "unit",
+    objective_value: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """One trial record with every contract field, its config a real validated run config."""
     params = dict(params if params is not None else {"lora.rank": rank, "method": method})
     sections = {f.name for f in dataclasses.fields(RunConfig)} - {"method"}
     overrides = {k: v for k, v in params.items() if k.split(".")[0] in sections}
-    cfg = config_from_dict({"method": method, "lora": {"rank": rank},
-                            "train": {"max_steps": 6}}, overrides=overrides).to_dict()
+    cfg = config_from_dict(
+        {"method": method, "lora": {"rank": rank}, "train": {"max_steps": 6}}, overrides=overrides
+    ).to_dict()
     objectives: dict[str, float] = {}
     if gsm8k is not None:
         objectives.update(gsm8k=gsm8k, gsm8k_flexible=gsm8k + 0.01, gsm8k_nll=2.5 - gsm8k)
     if mmlu is not None:
-        objectives.update(mmlu=mmlu, mmlu_humanities=mmlu - 0.01, mmlu_stem=mmlu + 0.02,
-                          mmlu_social_sciences=mmlu, mmlu_other=mmlu - 0.02)
+        objectives.update(
+            mmlu=mmlu,
+            mmlu_humanities=mmlu - 0.01,
+            mmlu_stem=mmlu + 0.02,
+            mmlu_social_sciences=mmlu,
+            mmlu_other=mmlu - 0.02,
+        )
     started = T0 + (minute - 1.0) * 60
     rec = {
-        "trial_id": trial_id, "search": search, "status": status, "reason": reason,
-        "params": params, "config": cfg, "method": method,
-        "lora_rank": None if method == "full" else rank, "objectives": objectives,
-        "objective_value": (objective_value if objective_value is not None
-                            else objectives.get("gsm8k")),
-        "proxy": 2.5 - (gsm8k or 0.0), "final_loss": 1.9 - (gsm8k or 0.0),
+        "trial_id": trial_id,
+        "search": search,
+        "status": status,
+        "reason": reason,
+        "params": params,
+        "config": cfg,
+        "method": method,
+        "lora_rank": None if method == "full" else rank,
+        "objectives": objectives,
+        "objective_value": (
+            objective_value if objective_value is not None else objectives.get("gsm8k")
+        ),
+        "proxy": 2.5 - (gsm8k or 0.0),
+        "final_loss": 1.9 - (gsm8k or 0.0),
         "num_unloads": 3 if method == "plora" else 0,
         "delta_effective_rank": {"layers.0.q_proj": rank * 2, "layers.1.v_proj": rank * 2 + 1},
-        "wall_time_s": 55.0 + minute, "accelerator_hours": 0.0, "checkpoint_path":
-        f"/storage/{search}/trials/{trial_id}/checkpoint", "model_path":
-        f"/storage/{search}/trials/{trial_id}/model", "started_at": started,
+        "wall_time_s": 55.0 + minute,
+        "accelerator_hours": 0.0,
+        "checkpoint_path": f"/storage/{search}/trials/{trial_id}/checkpoint",
+        "model_path": f"/storage/{search}/trials/{trial_id}/model",
+        "started_at": started,
         "ended_at": started + 55.0,
         "loss_curve": [[s, 2.0 - 0.05 * s * (1 + (gsm8k or 0))] for s in range(0, 7)],
     }
@@ -65,19 +92,34 @@ def record(trial_id: str, method: str = "plora", rank: int = 8, status: str = "c
     return rec
 
 
-def make_search_dir(root: Path, name: str, records: list[dict[str, Any]], *,
-                    objective: dict[str, Any] | None = None, study: bool = True,
-                    dirname: str | None = None) -> Path:
+def make_search_dir(
+    root: Path,
+    name: str,
+    records: list[dict[str, Any]],
+    *,
+    objective: dict[str, Any] | None = None,
+    study: bool = True,
+    dirname: str | None = None,
+) -> Path:
     """A search directory as the search writes it, plus a real Optuna study of the same trials."""
     import optuna
 
-    objective = objective or {"metrics": ["gsm8k"], "directions": ["max"], "weights": None,
-                              "pareto": False}
+    objective = objective or {
+        "metrics": ["gsm8k"],
+        "directions": ["max"],
+        "weights": None,
+        "pareto": False,
+    }
     d = root / (dirname or name)
     (d / "trials").mkdir(parents=True)
     db = d / "study.db"
-    meta = {"name": name, "objective": objective, "source_yaml": "search: {}\n",
-            "storage_url": f"sqlite:///{db}", "study_name": name}
+    meta = {
+        "name": name,
+        "objective": objective,
+        "source_yaml": "search: {}\n",
+        "storage_url": f"sqlite:///{db}",
+        "study_name": name,
+    }
     (d / "search.json").write_text(json.dumps(meta))
     for rec in records:
         (d / "trials" / f"{rec['trial_id']}.json").write_text(json.dumps(rec))
@@ -85,27 +127,34 @@ def make_search_dir(root: Path, name: str, records: list[dict[str, Any]], *,
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         directions = ["maximize" if x == "max" else "minimize" for x in objective["directions"]]
         st = optuna.create_study(
-            study_name=name, storage=meta["storage_url"],
-            directions=directions if objective.get("pareto") else directions[:1])
+            study_name=name,
+            storage=meta["storage_url"],
+            directions=directions if objective.get("pareto") else directions[:1],
+        )
         for rec in records:
             numeric = {k: v for k, v in rec["params"].items() if isinstance(v, (int, float))}
             dists = {k: optuna.distributions.FloatDistribution(1e-6, 1e3) for k in numeric}
             if rec["status"] != "completed":
-                st.add_trial(optuna.trial.create_trial(
-                    state=optuna.trial.TrialState.FAIL, params=numeric, distributions=dists))
+                st.add_trial(
+                    optuna.trial.create_trial(
+                        state=optuna.trial.TrialState.FAIL, params=numeric, distributions=dists
+                    )
+                )
                 continue
             if objective.get("pareto"):
                 values = [rec["objectives"][m] for m in objective["metrics"]]
             else:
                 values = [rec["objective_value"]]
-            st.add_trial(optuna.trial.create_trial(params=numeric, distributions=dists,
-                                                   values=values))
+            st.add_trial(
+                optuna.trial.create_trial(params=numeric, distributions=dists, values=values)
+            )
     return d
 
 
 def small_search(root: Path, name: str = "unit", **kw: Any) -> Path:
     """Six trials: PLoRA r8 x2, r4, LoRA r8 and r4 baselines, a full baseline, plus early-stopped,
     diverged and failed ones."""
+
     def p(rank: int, lr: float, mom: float | None = None) -> dict[str, Any]:
         # lora.rank and optim.lr in every trial (as a search sampling them for every method
         # does), plora.momentum only for plora (conditional): Optuna rates the first two.
@@ -115,21 +164,48 @@ def small_search(root: Path, name: str = "unit", **kw: Any) -> Path:
         return out
 
     recs = [
-        record("t1", "plora", 8, gsm8k=0.30, mmlu=0.40, params=p(8, 1e-4, 0.1), minute=1,
-               search=name),
-        record("t2", "plora", 8, gsm8k=0.22, mmlu=0.45, params=p(8, 3e-4, 0.5), minute=2,
-               search=name),
-        record("t3", "plora", 4, gsm8k=0.18, mmlu=0.41, params=p(4, 2e-4, 0.2), minute=3,
-               search=name),
+        record(
+            "t1", "plora", 8, gsm8k=0.30, mmlu=0.40, params=p(8, 1e-4, 0.1), minute=1, search=name
+        ),
+        record(
+            "t2", "plora", 8, gsm8k=0.22, mmlu=0.45, params=p(8, 3e-4, 0.5), minute=2, search=name
+        ),
+        record(
+            "t3", "plora", 4, gsm8k=0.18, mmlu=0.41, params=p(4, 2e-4, 0.2), minute=3, search=name
+        ),
         record("t4", "lora", 8, gsm8k=0.25, mmlu=0.38, params=p(8, 1e-4), minute=4, search=name),
         record("t5", "lora", 4, gsm8k=0.10, mmlu=0.39, params=p(4, 5e-4), minute=5, search=name),
         record("t6", "full", 8, gsm8k=0.20, mmlu=0.35, params=p(8, 1e-5), minute=6, search=name),
-        record("t7", "plora", 8, "early_stopped", params=p(8, 1e-3, 0.9), minute=7, search=name,
-               reason="ASHA stopped it at step 3 (proxy 2.41)"),
-        record("t8", "plora", 8, "diverged", params=p(8, 5e-2, 0.1), minute=8, search=name,
-               reason="loss nan at step 4"),
-        record("t9", "plora", 8, "failed", params=p(8, 1e-4, 0.3), minute=9, search=name,
-               reason="RuntimeError: worker died"),
+        record(
+            "t7",
+            "plora",
+            8,
+            "early_stopped",
+            params=p(8, 1e-3, 0.9),
+            minute=7,
+            search=name,
+            reason="ASHA stopped it at step 3 (proxy 2.41)",
+        ),
+        record(
+            "t8",
+            "plora",
+            8,
+            "diverged",
+            params=p(8, 5e-2, 0.1),
+            minute=8,
+            search=name,
+            reason="loss nan at step 4",
+        ),
+        record(
+            "t9",
+            "plora",
+            8,
+            "failed",
+            params=p(8, 1e-4, 0.3),
+            minute=9,
+            search=name,
+            reason="RuntimeError: worker died",
+        ),
     ]
     recs[6]["proxy"] = 2.41
     recs[7]["proxy"] = None
@@ -150,13 +226,16 @@ def test_pareto_fronts_non_dominated_sorting_respects_directions() -> None:
 def test_objective_spec_parsing_accepts_aliases_and_names_bad_values() -> None:
     s = lb.parse_objective_spec({"objective": {"metric": "gsm8k", "mode": "maximize"}}, "s.json")
     assert s == lb.ObjectiveSpec(("gsm8k",), ("max",), None, False)
-    s = lb.parse_objective_spec({"metrics": ["gsm8k", "mmlu"], "directions": "max",
-                                 "weights": {"gsm8k": 0.7, "mmlu": 0.3}}, "s.json")
+    s = lb.parse_objective_spec(
+        {"metrics": ["gsm8k", "mmlu"], "directions": "max", "weights": {"gsm8k": 0.7, "mmlu": 0.3}},
+        "s.json",
+    )
     assert s.weights == (0.7, 0.3) and s.directions == ("max", "max")
     assert s.score({"gsm8k": 0.5, "mmlu": 0.2}, None) == pytest.approx(0.41)
     with pytest.raises(lb.LeaderboardError, match=r"s\.json: objective\.directions.*'up'"):
-        lb.parse_objective_spec({"objective": {"metrics": ["gsm8k"], "directions": ["up"]}},
-                                "s.json")
+        lb.parse_objective_spec(
+            {"objective": {"metrics": ["gsm8k"], "directions": ["up"]}}, "s.json"
+        )
     with pytest.raises(lb.LeaderboardError, match="weights or pareto"):
         lb.parse_objective_spec({"objective": {"metrics": ["gsm8k", "mmlu"]}}, "s.json")
 
@@ -166,9 +245,14 @@ def _rows(*recs: dict[str, Any]) -> list[lb.Row]:
 
 
 def test_scalar_ranking_orders_completed_by_objective_then_incomplete_by_status() -> None:
-    rows = _rows(record("a", gsm8k=0.1), record("b", status="failed", reason="x"),
-                 record("c", gsm8k=0.3), record("d", status="early_stopped", proxy=1.0),
-                 record("e", status="diverged"), record("f", gsm8k=0.2))
+    rows = _rows(
+        record("a", gsm8k=0.1),
+        record("b", status="failed", reason="x"),
+        record("c", gsm8k=0.3),
+        record("d", status="early_stopped", proxy=1.0),
+        record("e", status="diverged"),
+        record("f", gsm8k=0.2),
+    )
     spec = lb.ObjectiveSpec(("gsm8k",), ("max",))
     assert [r.trial_id for r in lb.rank_rows(rows, spec)] == ["c", "f", "a", "d", "e", "b"]
     assert [r.rank for r in lb.rank_rows(rows, spec)] == [1, 2, 3, 4, 5, 6]
@@ -178,42 +262,61 @@ def test_scalar_ranking_orders_completed_by_objective_then_incomplete_by_status(
 
 
 def test_pareto_ranking_puts_the_front_first_and_marks_it() -> None:
-    rows = _rows(record("dominated", gsm8k=0.1, mmlu=0.3), record("mmlu_best", gsm8k=0.2, mmlu=0.5),
-                 record("gsm_best", gsm8k=0.4, mmlu=0.2), record("mid", gsm8k=0.3, mmlu=0.35),
-                 record("second", gsm8k=0.25, mmlu=0.3), record("x", status="failed"))
+    rows = _rows(
+        record("dominated", gsm8k=0.1, mmlu=0.3),
+        record("mmlu_best", gsm8k=0.2, mmlu=0.5),
+        record("gsm_best", gsm8k=0.4, mmlu=0.2),
+        record("mid", gsm8k=0.3, mmlu=0.35),
+        record("second", gsm8k=0.25, mmlu=0.3),
+        record("x", status="failed"),
+    )
     spec = lb.ObjectiveSpec(("gsm8k", "mmlu"), ("max", "max"), None, True)
     ranked = lb.rank_rows(rows, spec)
-    assert [r.trial_id for r in ranked] == ["gsm_best", "mid", "mmlu_best", "second",
-                                            "dominated", "x"]
+    assert [r.trial_id for r in ranked] == [
+        "gsm_best",
+        "mid",
+        "mmlu_best",
+        "second",
+        "dominated",
+        "x",
+    ]
     assert [r.front for r in ranked] == [0, 0, 0, 1, 2, None]
     assert [r.on_pareto_front for r in ranked] == [True, True, True, False, False, False]
 
 
 def test_baseline_gain_compares_with_best_lora_of_same_rank_or_full() -> None:
-    rows = _rows(record("p8", "plora", 8, gsm8k=0.30), record("p4", "plora", 4, gsm8k=0.18),
-                 record("p2", "plora", 2, gsm8k=0.50), record("l8", "lora", 8, gsm8k=0.25),
-                 record("l4", "lora", 4, gsm8k=0.10), record("full", "full", gsm8k=0.20),
-                 record("l8bad", "lora", 8, "failed"))
+    rows = _rows(
+        record("p8", "plora", 8, gsm8k=0.30),
+        record("p4", "plora", 4, gsm8k=0.18),
+        record("p2", "plora", 2, gsm8k=0.50),
+        record("l8", "lora", 8, gsm8k=0.25),
+        record("l4", "lora", 4, gsm8k=0.10),
+        record("full", "full", gsm8k=0.20),
+        record("l8bad", "lora", 8, "failed"),
+    )
     spec = lb.ObjectiveSpec(("gsm8k",), ("max",))
     ranked = lb.rank_rows(rows, spec)
     lb.baseline_gains(ranked, spec)
     by = {r.trial_id: r for r in ranked}
-    assert by["p8"].gain["objective"] == pytest.approx(0.05)       # vs lora r8 (0.25 > full 0.20)
+    assert by["p8"].gain["objective"] == pytest.approx(0.05)  # vs lora r8 (0.25 > full 0.20)
     assert by["p8"].gain_baseline["objective"] == "unit/l8"
-    assert by["p4"].gain["objective"] == pytest.approx(-0.02)      # vs full (0.20 > lora r4 0.10)
+    assert by["p4"].gain["objective"] == pytest.approx(-0.02)  # vs full (0.20 > lora r4 0.10)
     assert by["p4"].gain_baseline["objective"] == "unit/full"
-    assert by["p2"].gain["objective"] == pytest.approx(0.30)       # no lora r2: full counts
-    assert by["l8"].gain == {} and by["full"].gain == {}          # baselines get no gain
+    assert by["p2"].gain["objective"] == pytest.approx(0.30)  # no lora r2: full counts
+    assert by["l8"].gain == {} and by["full"].gain == {}  # baselines get no gain
     assert by["l8"].is_baseline and by["full"].is_baseline and not by["p8"].is_baseline
     # A minimised objective: lower is better, so a lower PLoRA value is a positive gain.
     spec_min = lb.ObjectiveSpec(("gsm8k",), ("min",))
     lb.baseline_gains(lb.rank_rows(rows, spec_min), spec_min)
-    assert by["p8"].gain["objective"] == pytest.approx(-0.10)      # 0.30 vs best-min full 0.20
+    assert by["p8"].gain["objective"] == pytest.approx(-0.10)  # 0.30 vs best-min full 0.20
 
 
 def test_pareto_gain_is_per_metric_against_each_metrics_best_baseline() -> None:
-    rows = _rows(record("p", "plora", 8, gsm8k=0.3, mmlu=0.4), record("l", "lora", 8, gsm8k=0.2,
-                 mmlu=0.45), record("f", "full", gsm8k=0.25, mmlu=0.3))
+    rows = _rows(
+        record("p", "plora", 8, gsm8k=0.3, mmlu=0.4),
+        record("l", "lora", 8, gsm8k=0.2, mmlu=0.45),
+        record("f", "full", gsm8k=0.25, mmlu=0.3),
+    )
     spec = lb.ObjectiveSpec(("gsm8k", "mmlu"), ("max", "max"), None, True)
     ranked = lb.rank_rows(rows, spec)
     lb.baseline_gains(ranked, spec)
@@ -244,8 +347,9 @@ def test_bad_search_directories_get_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(lb.LeaderboardError, match="nothing there"):
         lb.build_leaderboard([tmp_path / "missing"])
     (tmp_path / "s").mkdir()
-    with pytest.raises(lb.LeaderboardError,
-                       match=r"/s: expected a search directory \(with search\.json\)"):
+    with pytest.raises(
+        lb.LeaderboardError, match=r"/s: expected a search directory \(with search\.json\)"
+    ):
         lb.build_leaderboard([tmp_path / "s"])
     (tmp_path / "s" / "search.json").write_text("{not json")
     with pytest.raises(lb.LeaderboardError, match=r"search\.json: not valid JSON"):
@@ -261,8 +365,10 @@ def test_corrupt_and_invalid_records_are_skipped_and_named(tmp_path: Path) -> No
     board = lb.build_leaderboard([d])
     assert len(board.rows) == 9
     assert any("half.json: skipped, not valid JSON" in w for w in board.warnings)
-    assert any("odd.json: status: expected one of completed" in w and "'paused'" in w
-               for w in board.warnings)
+    assert any(
+        "odd.json: status: expected one of completed" in w and "'paused'" in w
+        for w in board.warnings
+    )
     assert not any(".tmp" in w for w in board.warnings)
 
 
@@ -275,15 +381,35 @@ def test_publish_writes_all_files_consistently(tmp_path: Path) -> None:
     assert out == d / "leaderboard"
     assert sorted(os.listdir(out)) == sorted(lb.OUTPUT_FILES)  # and no temp files left
     data = json.loads((out / "leaderboard.json").read_text())
-    assert [r["trial_id"] for r in data["rows"]] == ["t1", "t4", "t2", "t6", "t3", "t5", "t7",
-                                                     "t8", "t9"]
+    assert [r["trial_id"] for r in data["rows"]] == [
+        "t1",
+        "t4",
+        "t2",
+        "t6",
+        "t3",
+        "t5",
+        "t7",
+        "t8",
+        "t9",
+    ]
     assert data["best"] == {"search": "unit", "trial_id": "t1"}
     t1 = data["rows"][0]
     assert t1["gain_over_baseline"]["objective"] == pytest.approx(0.05)
     assert t1["params"] == {"lora.rank": 8, "optim.lr": 1e-4, "plora.momentum": 0.1}
-    for key in ("status", "reason", "objectives", "proxy", "final_loss", "accelerator_hours",
-                "wall_time_s", "num_unloads", "delta_effective_rank", "checkpoint_path",
-                "model_path", "loss_curve"):
+    for key in (
+        "status",
+        "reason",
+        "objectives",
+        "proxy",
+        "final_loss",
+        "accelerator_hours",
+        "wall_time_s",
+        "num_unloads",
+        "delta_effective_rank",
+        "checkpoint_path",
+        "model_path",
+        "loss_curve",
+    ):
         assert key in t1
     assert data["rows"][-1]["reason"] == "RuntimeError: worker died"
     with open(out / "leaderboard.csv", newline="") as f:
@@ -310,7 +436,8 @@ def test_a_search_without_finished_trials_publishes_an_empty_board(tmp_path: Pat
 
 
 def test_cli_default_output_is_the_search_leaderboard_dir(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     d = small_search(tmp_path / "storage", study=False)
     from plora_ray.cli import main
 
@@ -375,8 +502,17 @@ def test_atomic_write_failure_midway_keeps_the_old_file_and_leaves_no_temp(tmp_p
 
 def test_killed_publisher_leaves_complete_files(tmp_path: Path) -> None:
     """A search driver killed (SIGKILL) while publishing leaves every file whole and readable."""
-    recs = [record(f"t{i:03d}", "plora" if i % 3 else "lora", 8, gsm8k=(i % 17) / 20,
-                   mmlu=(i % 11) / 12, minute=i) for i in range(150)]
+    recs = [
+        record(
+            f"t{i:03d}",
+            "plora" if i % 3 else "lora",
+            8,
+            gsm8k=(i % 17) / 20,
+            mmlu=(i % 11) / 12,
+            minute=i,
+        )
+        for i in range(150)
+    ]
     d = make_search_dir(tmp_path, "big", recs, study=False)
     lb.publish(d)
     code = "import sys\nfrom plora_ray.leaderboard import publish\nwhile True: publish(sys.argv[1])"
@@ -407,18 +543,27 @@ def test_stale_temp_files_of_a_killed_writer_are_cleaned_up(tmp_path: Path) -> N
 
 def test_merge_two_searches_keeps_every_entry_and_names_its_search(tmp_path: Path) -> None:
     a = small_search(tmp_path / "r1", "alpha")
-    b = make_search_dir(tmp_path / "r2", "beta", [
-        record("t1", "plora", 8, gsm8k=0.50, mmlu=0.3, search="beta", minute=2),
-        record("t2", "lora", 8, gsm8k=0.45, mmlu=0.3, search="beta", minute=3)])
+    b = make_search_dir(
+        tmp_path / "r2",
+        "beta",
+        [
+            record("t1", "plora", 8, gsm8k=0.50, mmlu=0.3, search="beta", minute=2),
+            record("t2", "lora", 8, gsm8k=0.45, mmlu=0.3, search="beta", minute=3),
+        ],
+    )
     out = tmp_path / "merged"
     assert lb.leaderboard_command([str(a), str(b)], str(out)) == 0
     data = json.loads((out / "leaderboard.json").read_text())
     assert data["ranked_globally"] is True
     assert len(data["rows"]) == 11
     assert {(r["search"], r["trial_id"]) for r in data["rows"]} == (
-        {("alpha", f"t{i}") for i in range(1, 10)} | {("beta", "t1"), ("beta", "t2")})
+        {("alpha", f"t{i}") for i in range(1, 10)} | {("beta", "t1"), ("beta", "t2")}
+    )
     assert [(r["search"], r["trial_id"]) for r in data["rows"][:3]] == [
-        ("beta", "t1"), ("beta", "t2"), ("alpha", "t1")]
+        ("beta", "t1"),
+        ("beta", "t2"),
+        ("alpha", "t1"),
+    ]
     # beta's PLoRA r8 is compared with the best r8 baseline of both searches (beta/t2).
     assert data["rows"][0]["gain_baseline"]["objective"] == "beta/t2"
     page = (out / "index.html").read_text()
@@ -430,16 +575,25 @@ def test_merge_two_searches_keeps_every_entry_and_names_its_search(tmp_path: Pat
 
 def test_merge_of_searches_with_different_objectives_ranks_each_by_its_own(tmp_path: Path) -> None:
     a = small_search(tmp_path / "r1", "by_gsm8k", study=False)
-    b = make_search_dir(tmp_path / "r2", "by_pareto", [
-        record("p1", gsm8k=0.1, mmlu=0.5), record("p2", gsm8k=0.4, mmlu=0.2),
-        record("p3", gsm8k=0.05, mmlu=0.1)],
+    b = make_search_dir(
+        tmp_path / "r2",
+        "by_pareto",
+        [
+            record("p1", gsm8k=0.1, mmlu=0.5),
+            record("p2", gsm8k=0.4, mmlu=0.2),
+            record("p3", gsm8k=0.05, mmlu=0.1),
+        ],
         objective={"metrics": ["gsm8k", "mmlu"], "directions": ["max", "max"], "pareto": True},
-        study=False)
+        study=False,
+    )
     board = lb.build_leaderboard([a, b])
     assert not board.ranked_globally
     assert [r.search for r in board.rows] == ["by_gsm8k"] * 9 + ["by_pareto"] * 3
     assert [(r.trial_id, r.rank, r.front) for r in board.rows[9:]] == [
-        ("p2", 1, 0), ("p1", 2, 0), ("p3", 3, 1)]
+        ("p2", 1, 0),
+        ("p1", 2, 0),
+        ("p3", 3, 1),
+    ]
 
 
 def test_same_search_name_in_two_storages_is_kept_apart(tmp_path: Path) -> None:
@@ -465,8 +619,12 @@ def test_cloud_storage_code_path_via_pyarrow_filesystem(tmp_path: Path) -> None:
 
 def test_user_text_is_escaped_in_html_markdown_and_csv(tmp_path: Path) -> None:
     evil = "<script>window.__pwned=1</script>"
-    rec = record("t<b>1", gsm8k=0.3, reason=evil, params={"lora.rank": 8, "tag": evil,
-                                                          "formula": "=HYPERLINK(\"x\")"})
+    rec = record(
+        "t<b>1",
+        gsm8k=0.3,
+        reason=evil,
+        params={"lora.rank": 8, "tag": evil, "formula": '=HYPERLINK("x")'},
+    )
     d = make_search_dir(tmp_path, "s<i>x", [rec], study=False)
     out = lb.publish(d)
     page = (out / "index.html").read_text()
@@ -491,6 +649,7 @@ def test_nan_objectives_do_not_break_the_board(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- a real smoke search
+
 
 @pytest.fixture(scope="session")
 def smoke_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -521,7 +680,8 @@ def test_board_from_a_real_finished_smoke_search(smoke_search: Path, tmp_path: P
     assert done, "the smoke search should complete at least one trial"
     if spec.pareto:
         assert done[0]["pareto_front"] and all(
-            not r["pareto_front"] for r in done if r["front"] and r["front"] > 0)
+            not r["pareto_front"] for r in done if r["front"] and r["front"] > 0
+        )
     else:
         vals = [records[r["trial_id"]]["objective_value"] for r in done]
         assert vals == sorted(vals, reverse=spec.scalar_direction == "max")
@@ -533,7 +693,8 @@ def test_board_from_a_real_finished_smoke_search(smoke_search: Path, tmp_path: P
         sign = 1.0 if spec.scalar_direction == "max" else -1.0
         best_lora8 = max(lora8, key=lambda r: sign * r["score"])
         assert plora8[0]["gain_over_baseline"]["objective"] == pytest.approx(
-            sign * (plora8[0]["score"] - best_lora8["score"]))
+            sign * (plora8[0]["score"] - best_lora8["score"])
+        )
         assert plora8[0]["gain_baseline"]["objective"] == f"smoke/{best_lora8['trial_id']}"
     for row in data["rows"]:
         rec = records[row["trial_id"]]

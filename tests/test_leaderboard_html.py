@@ -27,18 +27,34 @@ from ray_helpers import finished_smoke_search
 from test_leaderboard import make_search_dir, record, small_search
 
 EVIL = "<script>window.__pwned=1</script>"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--hide-scrollbars", "--window-size=1400,1000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1400,1000",
+]
 
 
 def chromium_path() -> str:
-    for cand in (os.environ.get("PLORA_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                 shutil.which("chromium-browser"), shutil.which("google-chrome")):
+    for cand in (
+        os.environ.get("PLORA_CHROMIUM"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+        shutil.which("google-chrome"),
+    ):
         if cand and os.path.isfile(cand):
             return cand
-    pytest.fail("the HTML tests need Chromium: apt-get install -y --no-install-recommends "
-                "chromium (.ci/run does), or set PLORA_CHROMIUM to a Chrome/Chromium binary")
+    pytest.fail(
+        "the HTML tests need Chromium: apt-get install -y --no-install-recommends "
+        "chromium (.ci/run does), or set PLORA_CHROMIUM to a Chrome/Chromium binary"
+    )
 
 
 class Browser:
@@ -59,18 +75,27 @@ class Browser:
             os.dup2(hi[1], 4)
 
         self.proc = subprocess.Popen(
-            [binary, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
-             "--remote-debugging-pipe", "about:blank"],
-            preexec_fn=child_fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
+            [
+                binary,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={self.profile}",
+                "--remote-debugging-pipe",
+                "about:blank",
+            ],
+            preexec_fn=child_fds,
+            pass_fds=(3, 4),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for fd in hi:
             os.close(fd)
         self._buf = b""
         self._next_id = 0
         self.events: list[dict[str, Any]] = []
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self.session = self.call("Target.attachToTarget",
-                                 {"targetId": target, "flatten": True})["sessionId"]
+        self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.call(f"{domain}.enable", session=True)
 
@@ -87,8 +112,14 @@ class Browser:
         msg, self._buf = self._buf.split(b"\0", 1)
         return json.loads(msg)
 
-    def call(self, method: str, params: dict[str, Any] | None = None, *, session: bool = False,
-             timeout: float = 30.0) -> dict[str, Any]:
+    def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        session: bool = False,
+        timeout: float = 30.0,
+    ) -> dict[str, Any]:
         self._next_id += 1
         msg: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
         if session:
@@ -121,22 +152,27 @@ class Browser:
         self.eval("0")  # drain: every event of the load is in self.events now
 
     def eval(self, expression: str) -> Any:
-        res = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True},
-                        session=True)
+        res = self.call(
+            "Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=True
+        )
         if "exceptionDetails" in res:
             raise RuntimeError(f"{expression}: {res['exceptionDetails']}")
         return res["result"].get("value")
 
     def click(self, selector: str) -> None:
         """A real left click (mouse pressed + released) at the centre of ``selector``."""
-        box = self.eval(f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
-                        "e.scrollIntoView({block: 'center', inline: 'center'});"
-                        "const r = e.getBoundingClientRect();"
-                        "return [r.left + r.width / 2, r.top + r.height / 2]; })()")
+        box = self.eval(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+            "e.scrollIntoView({block: 'center', inline: 'center'});"
+            "const r = e.getBoundingClientRect();"
+            "return [r.left + r.width / 2, r.top + r.height / 2]; })()"
+        )
         for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1],
-                                                   "button": "left", "clickCount": 1},
-                      session=True)
+            self.call(
+                "Input.dispatchMouseEvent",
+                {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1},
+                session=True,
+            )
 
     def errors(self) -> list[str]:
         """JS exceptions, console errors and browser log errors (CSP violations land here)."""
@@ -152,12 +188,16 @@ class Browser:
         return out
 
     def requested_urls(self) -> list[str]:
-        return [ev["params"]["request"]["url"] for ev in self.events
-                if ev.get("method") == "Network.requestWillBeSent"]
+        return [
+            ev["params"]["request"]["url"]
+            for ev in self.events
+            if ev.get("method") == "Network.requestWillBeSent"
+        ]
 
     def screenshot(self, path: Path) -> None:
-        data = self.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True},
-                         session=True)["data"]
+        data = self.call(
+            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session=True
+        )["data"]
         path.write_bytes(base64.b64decode(data))
 
     def close(self) -> None:
@@ -190,11 +230,20 @@ def board_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
     in a search whose name holds <script> too."""
     root = tmp_path_factory.mktemp("html")
     d = small_search(root, name="unit")
-    evil = record("evil" + EVIL, "plora", 8, gsm8k=0.05, mmlu=0.30, minute=10, reason=EVIL,
-                  params={"lora.rank": 8, "optim.lr": 2e-4, "note": EVIL})
+    evil = record(
+        "evil" + EVIL,
+        "plora",
+        8,
+        gsm8k=0.05,
+        mmlu=0.30,
+        minute=10,
+        reason=EVIL,
+        params={"lora.rank": 8, "optim.lr": 2e-4, "note": EVIL},
+    )
     (d / "trials" / "evil.json").write_text(json.dumps(evil))
-    named = make_search_dir(root, "named" + EVIL, [record("n1", gsm8k=0.26, mmlu=0.42)],
-                            study=False, dirname="named")
+    named = make_search_dir(
+        root, "named" + EVIL, [record("n1", gsm8k=0.26, mmlu=0.42)], study=False, dirname="named"
+    )
     out = root / "merged"
     assert lb.leaderboard_command([str(d), str(named)], str(out)) == 0
     return out / "index.html"
@@ -210,8 +259,9 @@ def test_page_renders_without_errors_or_network_with_one_row_per_trial(loaded: B
     assert loaded.errors() == []
     assert loaded.requested_urls() and all(u.startswith("file://") for u in loaded.requested_urls())
     assert loaded.eval("document.querySelectorAll('#board tbody tr').length") == 11
-    labels = loaded.eval("[...document.querySelectorAll('#board tbody tr')]"
-                         ".map(r => r.dataset.trial)")
+    labels = loaded.eval(
+        "[...document.querySelectorAll('#board tbody tr')].map(r => r.dataset.trial)"
+    )
     assert len(set(labels)) == 11 and "unit/t1" in labels and f"named{EVIL}/n1" in labels
     assert loaded.eval("document.querySelector('#board tbody tr td').textContent") == "1"
 
@@ -219,8 +269,9 @@ def test_page_renders_without_errors_or_network_with_one_row_per_trial(loaded: B
 def test_clicking_a_column_header_sorts_the_table(loaded: Browser) -> None:
     headers = loaded.eval("[...document.querySelectorAll('#board th')].map(h => h.textContent)")
     col = headers.index("gsm8k")
-    values = (f"[...document.querySelectorAll('#board tbody tr')]"
-              f".map(r => r.cells[{col}].textContent)")
+    values = (
+        f"[...document.querySelectorAll('#board tbody tr')].map(r => r.cells[{col}].textContent)"
+    )
     before = loaded.eval(values)
     sel = f"#board th:nth-child({col + 1})"
     loaded.click(sel)
@@ -235,8 +286,9 @@ def test_clicking_a_column_header_sorts_the_table(loaded: Browser) -> None:
     # A text column sorts too (status), and the rank column restores the original order.
     status_col = headers.index("status") + 1
     loaded.click(f"#board th:nth-child({status_col})")
-    statuses = loaded.eval("[...document.querySelectorAll('#board tbody tr .status')]"
-                           ".map(s => s.textContent)")
+    statuses = loaded.eval(
+        "[...document.querySelectorAll('#board tbody tr .status')].map(s => s.textContent)"
+    )
     assert statuses == sorted(statuses)
     loaded.click("#board th:nth-child(1)")
     assert loaded.eval(values) == before
@@ -251,8 +303,10 @@ def test_plots_are_inline_svg_with_their_marks(loaded: Browser) -> None:
     assert loaded.eval("document.querySelectorAll('#plot-pareto path.front').length") == 1
     assert loaded.eval("document.querySelectorAll('#plot-loss path.curve').length") == 5
     assert loaded.eval("document.querySelectorAll('#plot-importance-unit rect.bar').length") == 2
-    size = loaded.eval("(() => { const r = document.querySelector('#plot-pareto')"
-                       ".getBoundingClientRect(); return [r.width, r.height]; })()")
+    size = loaded.eval(
+        "(() => { const r = document.querySelector('#plot-pareto')"
+        ".getBoundingClientRect(); return [r.width, r.height]; })()"
+    )
     assert size[0] > 300 and size[1] > 150  # laid out, not collapsed
 
 
@@ -278,7 +332,8 @@ def test_screenshot_of_the_page(loaded: Browser, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_board_of_a_real_smoke_search_in_the_browser(
-        browser: Browser, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    browser: Browser, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
     d = finished_smoke_search(tmp_path_factory)  # the session's one smoke search
     n = len(list((d / "trials").glob("*.json")))
     browser.open((d / "leaderboard" / "index.html").as_uri())
@@ -289,8 +344,9 @@ def test_board_of_a_real_smoke_search_in_the_browser(
     headers = browser.eval("[...document.querySelectorAll('#board th')].map(h => h.textContent)")
     col = headers.index("final loss" if "final loss" in headers else "loss")
     browser.click(f"#board th:nth-child({col + 1})")
-    losses = browser.eval("[...document.querySelectorAll('#board tbody tr')]"
-                          f".map(r => r.cells[{col}].textContent)")
+    losses = browser.eval(
+        f"[...document.querySelectorAll('#board tbody tr')].map(r => r.cells[{col}].textContent)"
+    )
     numbers = [float(v) for v in losses if v]
     assert numbers and numbers == sorted(numbers)
     shot = tmp_path / "smoke_leaderboard.png"

@@ -26,12 +26,18 @@ from plora_ray.plora import (
 
 VOCAB = 256
 # One block of hidden 32: the seven targets, real attention and MLP, at a fraction of the cost.
-SMALL = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=2)
+SMALL = TinyModelConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+)
 
 
-def tiny_lora(dtype: str = "float32", rank: int = 8, seed: int = 0,
-              tiny: TinyModelConfig = SMALL) -> torch.nn.Module:
+def tiny_lora(
+    dtype: str = "float32", rank: int = 8, seed: int = 0, tiny: TinyModelConfig = SMALL
+) -> torch.nn.Module:
     model = load_model(ModelConfig(tiny=tiny, dtype=dtype), seed=seed, vocab_size=VOCAB)
     torch.manual_seed(seed)  # peft draws the initial A from the global RNG
     return attach_lora(model, LoraConfig(rank=rank))
@@ -55,8 +61,14 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    return {p.name: (p.base.detach().float().clone(), p.A.detach().float().clone(),
-                     p.B.detach().float().clone()) for p in lora_pairs(model)}
+    return {
+        p.name: (
+            p.base.detach().float().clone(),
+            p.A.detach().float().clone(),
+            p.B.detach().float().clone(),
+        )
+        for p in lora_pairs(model)
+    }
 
 
 # --------------------------------------------------------------------------- attach + bad input
@@ -99,7 +111,9 @@ def test_attach_lora_rejects_bad_lora_settings(field: str, value: object, patter
         ("merge_rounding", "up", r"plora\.merge_rounding.*found 'up'"),
     ],
 )
-def test_plora_rejects_bad_settings_before_any_step(field: str, value: object, pattern: str) -> None:
+def test_plora_rejects_bad_settings_before_any_step(
+    field: str, value: object, pattern: str
+) -> None:
     model = tiny_lora()
     with pytest.raises(ValueError, match=pattern):
         PLoRA(model, PLoRAConfig(**{field: value}), 24, 0, TorchParamAccess(None))
@@ -157,7 +171,9 @@ def test_momentum_zero_reinitialises_A_as_peft_and_zeroes_B_seeded() -> None:
         model = tiny_lora()
         randomise_B(model, 0.02)
         old = snapshot(model)
-        PLoRA(model, PLoRAConfig(momentum=0.0), 24, seed=7, access=TorchParamAccess(None)).unload(1, 24)
+        PLoRA(model, PLoRAConfig(momentum=0.0), 24, seed=7, access=TorchParamAccess(None)).unload(
+            1, 24
+        )
         outs.append(snapshot(model))
     for name, (_, a_old, _) in old.items():
         _, a, b = outs[0][name]
@@ -204,9 +220,16 @@ def test_paper_literal_drops_m_one_minus_m_delta_each_unload() -> None:
         torch.testing.assert_close(a1, m * a0)
 
 
-def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, n: int, seed: int,
-                sched: torch.optim.lr_scheduler.LRScheduler | None = None,
-                plora: PLoRA | None = None, start: int = 0, batch: int = 2) -> list[float]:
+def train_steps(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    n: int,
+    seed: int,
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+    plora: PLoRA | None = None,
+    start: int = 0,
+    batch: int = 2,
+) -> list[float]:
     lrs = []
     for i in range(start, start + n):
         x = tokens(seed=seed + i, batch=batch, length=16)
@@ -299,7 +322,10 @@ def test_unload_due_in_samples_fires_at_first_step_boundary_at_or_after_the_poin
 
 def test_stage_length_rounds_sample_intervals_up_to_whole_steps() -> None:
     model = tiny_lora()
-    assert PLoRA(model, PLoRAConfig(unload_every=50), 24, 0, TorchParamAccess(None)).stage_length_steps == 3
+    assert (
+        PLoRA(model, PLoRAConfig(unload_every=50), 24, 0, TorchParamAccess(None)).stage_length_steps
+        == 3
+    )
     cfg = PLoRAConfig(unload_every=7, unload_unit="steps")
     assert PLoRA(model, cfg, 24, 0, TorchParamAccess(None)).stage_length_steps == 7
 
@@ -314,8 +340,10 @@ def test_stochastic_rounding_is_unbiased_for_bf16_and_fp16() -> None:
         xs = x.repeat(20000, 1)
         sr = round_to_dtype(xs, dtype, "stochastic", g).float().mean(0)
         near = round_to_dtype(x, dtype, "nearest", None).float()
-        spacing = (torch.nextafter(x.to(dtype), torch.full_like(x, 10).to(dtype)).float()
-                   - x.to(dtype).float()).abs()
+        spacing = (
+            torch.nextafter(x.to(dtype), torch.full_like(x, 10).to(dtype)).float()
+            - x.to(dtype).float()
+        ).abs()
         assert ((sr - x).abs() < 0.03 * spacing).all(), (dtype, sr - x, spacing)
         assert ((near - x).abs() > 0.05 * spacing).any()  # nearest is off by a fixed amount
 
@@ -335,9 +363,15 @@ def merge_run(rounding: str, rho: float, base_dir: Path, unloads: int = 50) -> d
         s = rho * p.base.float().norm() / (p.scaling * b @ a).norm()
         directions.append((b * s, a))
     jitter = (1 + 0.3 * torch.randn(unloads, generator=g)).tolist()
-    plora = PLoRA(model, PLoRAConfig(momentum=0.0, merge_rounding=rounding, rank_sample_layers=0),
-                  24, 0, TorchParamAccess(None), track_all_layers=True,
-                  base_weights=safetensors_base_weights(base_dir))
+    plora = PLoRA(
+        model,
+        PLoRAConfig(momentum=0.0, merge_rounding=rounding, rank_sample_layers=0),
+        24,
+        0,
+        TorchParamAccess(None),
+        track_all_layers=True,
+        base_weights=safetensors_base_weights(base_dir),
+    )
     for k in range(unloads):
         with torch.no_grad():
             for p, (b, a) in zip(pairs, directions):
@@ -359,7 +393,8 @@ def bf16_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_merge_precision_over_50_unloads_nearest_vs_stochastic_vs_from_base(
-        bf16_base_dir: Path) -> None:
+    bf16_base_dir: Path,
+) -> None:
     """Side by side on the same updates, rho = 1e-3 and 1e-2 of ||W|| per unload (LR-1e-4 sizes).
 
     * nearest silently drops per-element updates under half a bf16 ulp (~2^-9 of |w|): biased.
@@ -372,8 +407,11 @@ def test_merge_precision_over_50_unloads_nearest_vs_stochastic_vs_from_base(
     at rho = 1e-3 (Σ ~ 0.05·||W||) no bf16 backbone can meet it (the grid itself is ~3% away),
     and from_base is asserted to sit near that floor, far below stochastic.
     """
-    res = {(r, rho): merge_run(r, rho, bf16_base_dir)
-           for rho in (1e-3, 1e-2) for r in ("nearest", "stochastic", "from_base")}
+    res = {
+        (r, rho): merge_run(r, rho, bf16_base_dir)
+        for rho in (1e-3, 1e-2)
+        for r in ("nearest", "stochastic", "from_base")
+    }
     for rho, near_min in ((1e-3, 0.4), (1e-2, 0.05)):
         near, sr, fb = (res[(r, rho)] for r in ("nearest", "stochastic", "from_base"))
         assert abs(sr["retained_fraction"] - 1.0) <= 0.01, (rho, sr)
@@ -388,12 +426,20 @@ def test_merge_precision_over_50_unloads_nearest_vs_stochastic_vs_from_base(
 
 
 def test_from_base_writes_the_nearest_bf16_value_of_w0_plus_all_merged_updates(
-        bf16_base_dir: Path) -> None:
+    bf16_base_dir: Path,
+) -> None:
     model = tiny_lora("bfloat16")
     w0 = {p.name: p.base.detach().float().clone() for p in lora_pairs(model)}
     cfg = PLoRAConfig(momentum=0.1, merge_rounding="from_base", rank_sample_layers=0)
-    plora = PLoRA(model, cfg, 24, 0, TorchParamAccess(None), track_all_layers=True,
-                  base_weights=safetensors_base_weights(bf16_base_dir))
+    plora = PLoRA(
+        model,
+        cfg,
+        24,
+        0,
+        TorchParamAccess(None),
+        track_all_layers=True,
+        base_weights=safetensors_base_weights(bf16_base_dir),
+    )
     for k in range(3):
         randomise_B(model, 0.002, seed=50 + k)
         plora.unload(k + 1, 24 * (k + 1))
@@ -455,7 +501,9 @@ def test_unload_reports_rank_of_cumulative_update_growing_with_unloads() -> None
 
 
 def test_state_dict_resume_continues_exactly() -> None:
-    cfg = PLoRAConfig(momentum=0.0, unload_every=6, unload_unit="samples")  # every 3 steps (batch 2)
+    cfg = PLoRAConfig(
+        momentum=0.0, unload_every=6, unload_unit="samples"
+    )  # every 3 steps (batch 2)
     optim = OptimConfig(lr=1e-3, schedule="warmup_restart", warmup_steps=2)
 
     def build() -> tuple[torch.nn.Module, torch.optim.Optimizer, object, PLoRA]:
@@ -470,8 +518,9 @@ def test_state_dict_resume_continues_exactly() -> None:
 
     model2, opt2, sched2, plora2 = build()
     train_steps(model2, opt2, 4, seed=40, sched=sched2, plora=plora2)
-    saved = copy.deepcopy((model2.state_dict(), opt2.state_dict(), sched2.state_dict(),
-                           plora2.state_dict()))
+    saved = copy.deepcopy(
+        (model2.state_dict(), opt2.state_dict(), sched2.state_dict(), plora2.state_dict())
+    )
     model3, opt3, sched3, plora3 = build()
     model3.load_state_dict(saved[0])
     opt3.load_state_dict(saved[1])

@@ -42,8 +42,12 @@ def _base_search(**extra: object) -> dict:
         "params": {
             "method": {"distribution": "choice", "values": ["plora", "lora"]},
             "optim.lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-3},
-            "plora.momentum": {"distribution": "uniform", "low": 0.0, "high": 0.5,
-                               "when": {"method": "plora"}},
+            "plora.momentum": {
+                "distribution": "uniform",
+                "low": 0.0,
+                "high": 0.5,
+                "when": {"method": "plora"},
+            },
         },
     }
     s.update(extra)
@@ -70,8 +74,10 @@ def test_every_shipped_search_space_validates_and_opens_with_its_command(path: P
 
 
 def test_valid_block_parses_with_conditions_and_points() -> None:
-    spec = parse_search_block(_space(_base_search(
-        points=[{"method": "plora", "optim.lr": 1e-4, "plora.momentum": 0.1}])), "s.yaml")
+    spec = parse_search_block(
+        _space(_base_search(points=[{"method": "plora", "optim.lr": 1e-4, "plora.momentum": 0.1}])),
+        "s.yaml",
+    )
     assert [p.key for p in spec.params] == ["method", "optim.lr", "plora.momentum"]
     assert spec.params[2].when == {"method": ["plora"]}
     assert spec.points == [{"method": "plora", "optim.lr": 1e-4, "plora.momentum": 0.1}]
@@ -105,10 +111,13 @@ def test_bad_distribution_and_missing_fields() -> None:
     s["params"]["lora.rank"] = {"distribution": "gaussian", "mean": 8}
     s["params"]["lora.alpha"] = {"distribution": "uniform", "low": 8}
     probs = _problems(s)
-    assert any("search.params.lora.rank.distribution: expected one of choice" in p
-               and "'gaussian'" in p for p in probs)
-    assert any("search.params.lora.alpha.high: required for distribution 'uniform'" in p
-               for p in probs)
+    assert any(
+        "search.params.lora.rank.distribution: expected one of choice" in p and "'gaussian'" in p
+        for p in probs
+    )
+    assert any(
+        "search.params.lora.alpha.high: required for distribution 'uniform'" in p for p in probs
+    )
 
 
 def test_integer_key_rejects_float_distribution() -> None:
@@ -143,18 +152,21 @@ def test_bound_outside_run_config_range_uses_the_run_config_message() -> None:
 
 
 def test_point_outside_distribution_or_inactive_param() -> None:
-    s = _base_search(points=[{"method": "lora", "plora.momentum": 0.1},
-                             {"method": "plora", "optim.lr": 0.5}])
+    s = _base_search(
+        points=[{"method": "lora", "plora.momentum": 0.1}, {"method": "plora", "optim.lr": 0.5}]
+    )
     probs = _problems(s)
     assert any("search.points[0].plora.momentum: the parameter is inactive" in p for p in probs)
-    assert any("search.points[1].optim.lr: expected a value of the distribution" in p
-               for p in probs)
+    assert any(
+        "search.points[1].optim.lr: expected a value of the distribution" in p for p in probs
+    )
 
 
 def test_point_numbers_yaml_reads_as_strings_are_numbers() -> None:
     # YAML 1.1 reads 1.0e10 (no exponent sign) as the string '1.0e10'.
-    s = _base_search(points=yaml.safe_load("[{method: plora, optim.lr: 1.0e-4, "
-                                           "plora.momentum: 1e-1}]"))
+    s = _base_search(
+        points=yaml.safe_load("[{method: plora, optim.lr: 1.0e-4, plora.momentum: 1e-1}]")
+    )
     s["params"]["optim.lr"]["high"] = "1.0e10"
     s["points"].append(yaml.safe_load("{method: lora, optim.lr: 1.0e10}"))
     assert s["points"][1]["optim.lr"] == "1.0e10"
@@ -167,15 +179,16 @@ def test_point_numbers_yaml_reads_as_strings_are_numbers() -> None:
 
 
 def test_objective_scheduler_and_algorithm_errors_all_at_once() -> None:
-    s = _base_search(algorithm="nsga2", scheduler={"type": "asha", "metric": "gsm8k",
-                                                   "grace_period": 0})
+    s = _base_search(
+        algorithm="nsga2", scheduler={"type": "asha", "metric": "gsm8k", "grace_period": 0}
+    )
     s["objective"] = {"metric": "gsm8kk", "direction": "maximize"}
     probs = _problems(s)
     assert any("search.objective.metric" in p and "did you mean 'gsm8k'" in p for p in probs)
-    assert any("search.scheduler.metric: expected a metric the trainer reports" in p
-               for p in probs)
-    assert any("search.scheduler.grace_period: expected an integer >= 1, found 0" in p
-               for p in probs)
+    assert any("search.scheduler.metric: expected a metric the trainer reports" in p for p in probs)
+    assert any(
+        "search.scheduler.grace_period: expected an integer >= 1, found 0" in p for p in probs
+    )
     s = _base_search(algorithm="nsga2")
     assert any("nsga2 is multi-objective" in p for p in _problems(s))
 
@@ -189,33 +202,46 @@ def test_trial_executor_auto_picks_actor_for_single_worker_trials_only() -> None
     assert executor(_base_search(), resources={"num_workers": 1}) == "actor"
     assert executor(_base_search(), resources={"num_workers": 4}) == "train"
     searched = _base_search()
-    searched["params"]["resources.cpus_per_worker"] = {"distribution": "choice",
-                                                       "values": [1, 2]}
+    searched["params"]["resources.cpus_per_worker"] = {"distribution": "choice", "values": [1, 2]}
     assert executor(searched) == "train"
     assert executor(_base_search(trial_executor="train")) == "train"
 
 
 def test_trial_executor_actor_needs_one_fixed_worker() -> None:
     probs = _problems(_base_search(trial_executor="actor"), resources={"num_workers": 2})
-    assert any("search.trial_executor: actor" in p and "expected resources.num_workers 1, "
-               "found 2" in p for p in probs), probs
+    assert any(
+        "search.trial_executor: actor" in p and "expected resources.num_workers 1, found 2" in p
+        for p in probs
+    ), probs
     searched = _base_search(trial_executor="actor")
-    searched["params"]["resources.gpus_per_worker"] = {"distribution": "choice",
-                                                       "values": [0, 1]}
-    assert any("search.params.resources.gpus_per_worker: with search.trial_executor actor" in p
-               for p in _problems(searched))
+    searched["params"]["resources.gpus_per_worker"] = {"distribution": "choice", "values": [0, 1]}
+    assert any(
+        "search.params.resources.gpus_per_worker: with search.trial_executor actor" in p
+        for p in _problems(searched)
+    )
     probs = _problems(_base_search(trial_executor="ray"))
-    assert probs == ["space.yaml: search.trial_executor: expected one of auto, train, actor, "
-                     "found 'ray'"]
+    assert probs == [
+        "space.yaml: search.trial_executor: expected one of auto, train, actor, found 'ray'"
+    ]
 
 
 def test_pareto_and_weighted_objectives() -> None:
-    spec = parse_search_block(_space(_base_search(
-        algorithm="nsga2", objective={"pareto": {"gsm8k": "maximize", "mmlu": "maximize"}})))
+    spec = parse_search_block(
+        _space(
+            _base_search(
+                algorithm="nsga2", objective={"pareto": {"gsm8k": "maximize", "mmlu": "maximize"}}
+            )
+        )
+    )
     assert spec.objective.tune_metric == ["gsm8k", "mmlu"]
     assert spec.objective.tune_mode == ["max", "max"]
-    spec = parse_search_block(_space(_base_search(
-        objective={"weighted": {"gsm8k": 0.75, "mmlu": 0.25}, "direction": "maximize"})))
+    spec = parse_search_block(
+        _space(
+            _base_search(
+                objective={"weighted": {"gsm8k": 0.75, "mmlu": 0.25}, "direction": "maximize"}
+            )
+        )
+    )
     assert spec.objective.value({"gsm8k": 0.4, "mmlu": 0.8}) == pytest.approx(0.5)
     assert spec.objective.value({"gsm8k": 0.4}) is None
 
@@ -227,12 +253,15 @@ def test_validate_command_reports_search_problems(tmp_path: Path) -> None:
     f.write_text(yaml.safe_dump(_space(s)))
     probs = validate_file(str(f))
     assert len(probs) == 1 and str(f) in probs[0] and "lora.rnak" in probs[0]
-    out = subprocess.run([sys.executable, "-m", "plora_ray.cli", "validate", str(f)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "plora_ray.cli", "validate", str(f)], capture_output=True, text=True
+    )
     assert out.returncode == 1 and "lora.rnak" in out.stderr
     # validate answers without importing Ray (it must be quick and work before Ray starts).
-    code = ("import sys, plora_ray.validate as v; v.validate_file(sys.argv[1]); "
-            "print('ray' in sys.modules)")
+    code = (
+        "import sys, plora_ray.validate as v; v.validate_file(sys.argv[1]); "
+        "print('ray' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(f)], capture_output=True, text=True)
     assert out.stdout.strip() == "False"
 
@@ -242,8 +271,13 @@ def test_validate_command_reports_search_problems(tmp_path: Path) -> None:
 
 def test_sampling_is_seeded_conditional_and_typed() -> None:
     s = _base_search()
-    s["params"]["plora.unload_every"] = {"distribution": "qloguniform", "low": 24, "high": 480,
-                                         "q": 24, "when": {"method": "plora"}}
+    s["params"]["plora.unload_every"] = {
+        "distribution": "qloguniform",
+        "low": 24,
+        "high": 480,
+        "q": 24,
+        "when": {"method": "plora"},
+    }
     s["params"]["lora.rank"] = {"distribution": "int", "low": 2, "high": 16, "step": 2}
     spec = parse_search_block(_space(s))
 
@@ -271,22 +305,36 @@ def test_sampling_is_seeded_conditional_and_typed() -> None:
 
 
 def test_grid_drops_inactive_params_so_full_runs_once() -> None:
-    s = {"algorithm": "grid", "objective": {"metric": "gsm8k", "direction": "maximize"},
-         "params": {"method": {"distribution": "choice", "values": ["full", "lora", "plora"]},
-                    "lora.rank": {"distribution": "choice", "values": [1, 8],
-                                  "when": {"method": ["lora", "plora"]}}}}
+    s = {
+        "algorithm": "grid",
+        "objective": {"metric": "gsm8k", "direction": "maximize"},
+        "params": {
+            "method": {"distribution": "choice", "values": ["full", "lora", "plora"]},
+            "lora.rank": {
+                "distribution": "choice",
+                "values": [1, 8],
+                "when": {"method": ["lora", "plora"]},
+            },
+        },
+    }
     spec = parse_search_block(_space(s))
     pts = grid_points(spec, {})
-    assert pts == [{"method": "full"}, {"method": "lora", "lora.rank": 1},
-                   {"method": "lora", "lora.rank": 8}, {"method": "plora", "lora.rank": 1},
-                   {"method": "plora", "lora.rank": 8}]
+    assert pts == [
+        {"method": "full"},
+        {"method": "lora", "lora.rank": 1},
+        {"method": "lora", "lora.rank": 8},
+        {"method": "plora", "lora.rank": 1},
+        {"method": "plora", "lora.rank": 8},
+    ]
     assert spec.num_samples == 5
 
 
 def test_set_overrides_reach_dotted_params_and_run_config() -> None:
     data = _space(_base_search(num_samples=8))
-    out = _split_overrides(data, {"search.params.plora.momentum.high": 0.3,
-                                  "search.num_samples": 2, "train.max_steps": 4})
+    out = _split_overrides(
+        data,
+        {"search.params.plora.momentum.high": 0.3, "search.num_samples": 2, "train.max_steps": 4},
+    )
     assert out["search"]["params"]["plora.momentum"]["high"] == 0.3
     assert out["search"]["num_samples"] == 2 and out["train"]["max_steps"] == 4
     assert data["search"]["num_samples"] == 8  # the input is not modified
@@ -314,57 +362,81 @@ def _records(sdir: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["actor", "train"])
-def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(tmp_path: Path,
-                                                                        executor: str) -> None:
+def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(
+    tmp_path: Path, executor: str
+) -> None:
     """A real search (real trainer, tiny model) on a loopback head: a point that diverges is
     recorded as diverged and told to Optuna as FAIL; the driver is SIGKILLed after the first
     finished trial; --resume finishes the search without re-running or losing a finished trial.
     Once with trials in their own reused Tune actors, once with a Ray Train run per trial."""
     import ray_helpers as helpers  # tests/ is on sys.path (rootdir conftest-less layout)
+
     storage = tmp_path / "st"
-    sets = ["search.num_samples=3", "train.max_steps=4", "eval.limit=2", "eval.max_gen_toks=8",
-            "data.max_samples=64", "plora.unload_every=16",
-            # ASHA's first rung beyond these 32-sample trials: whether the LoRA point completes
-            # must not depend on which concurrent trial reaches a rung first (ASHA's stopping has
-            # its own test below).
-            "search.scheduler.grace_period=64",
-            "search.max_concurrent=2", f"search.trial_executor={executor}",
-            # A reliable divergence under the real engine: the tiny model's loss is bounded
-            # (RMSNorm before a frozen head) and DeepSpeed's bf16 step keeps even lr=1e10 finite,
-            # but a decoupled weight decay of 1e30 blows the LoRA weights up to inf in one step,
-            # so step 2's loss is NaN (seeded; checked with build_engine outside Ray).
-            "search.params.optim.weight_decay={distribution: choice, values: [0.0, 1.0e+30]}",
-            "search.points=[{method: plora, optim.lr: 1.0e-3, lora.rank: 8, plora.momentum: 0.1, "
-            "plora.unload_every: 16, optim.weight_decay: 1.0e+30}, "
-            "{method: lora, optim.lr: 0.001, lora.rank: 4, optim.weight_decay: 0.0}]"]
+    sets = [
+        "search.num_samples=3",
+        "train.max_steps=4",
+        "eval.limit=2",
+        "eval.max_gen_toks=8",
+        "data.max_samples=64",
+        "plora.unload_every=16",
+        # ASHA's first rung beyond these 32-sample trials: whether the LoRA point completes
+        # must not depend on which concurrent trial reaches a rung first (ASHA's stopping has
+        # its own test below).
+        "search.scheduler.grace_period=64",
+        "search.max_concurrent=2",
+        f"search.trial_executor={executor}",
+        # A reliable divergence under the real engine: the tiny model's loss is bounded
+        # (RMSNorm before a frozen head) and DeepSpeed's bf16 step keeps even lr=1e10 finite,
+        # but a decoupled weight decay of 1e30 blows the LoRA weights up to inf in one step,
+        # so step 2's loss is NaN (seeded; checked with build_engine outside Ray).
+        "search.params.optim.weight_decay={distribution: choice, values: [0.0, 1.0e+30]}",
+        "search.points=[{method: plora, optim.lr: 1.0e-3, lora.rank: 8, plora.momentum: 0.1, "
+        "plora.unload_every: 16, optim.weight_decay: 1.0e+30}, "
+        "{method: lora, optim.lr: 0.001, lora.rank: 4, optim.weight_decay: 0.0}]",
+    ]
     # A relative --storage, run from tmp_path: what users get by default (runs/search). Tune runs
     # each trial in a working directory of its own, so the search must make it absolute first.
-    cmd = [sys.executable, "-m", "plora_ray.cli", "search", str(SPACES / "smoke.yaml"),
-           "--storage", storage.name, "--name", "r", "--set", *sets]
+    cmd = [
+        sys.executable,
+        "-m",
+        "plora_ray.cli",
+        "search",
+        str(SPACES / "smoke.yaml"),
+        "--storage",
+        storage.name,
+        "--name",
+        "r",
+        "--set",
+        *sets,
+    ]
     sdir = storage / "r"
     with helpers.ray_head(num_cpus=4) as head:
         env = {**os.environ, "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": head["auth_mode"]}
         log1 = tmp_path / "run1.log"
         with open(log1, "w") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                    cwd=tmp_path)
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
             deadline = time.time() + 240
             while time.time() < deadline and proc.poll() is None:
                 if (sdir / "trials").is_dir() and list((sdir / "trials").glob("*.json")):
                     break
                 time.sleep(0.2)
-            assert proc.poll() is None, "the search ended before it could be killed:\n" + \
-                log1.read_text()[-3000:]
+            assert proc.poll() is None, (
+                "the search ended before it could be killed:\n" + log1.read_text()[-3000:]
+            )
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         before = _records(sdir)
         assert before, log1.read_text()[-3000:]
         # What a re-run would rewrite: the trainer's metrics of each finished trial.
-        stamps = {tid: os.stat(Path(r["run_dir"]) / "metrics.jsonl").st_mtime_ns
-                  for tid, r in before.items() if (Path(r["run_dir"]) / "metrics.jsonl").exists()}
+        stamps = {
+            tid: os.stat(Path(r["run_dir"]) / "metrics.jsonl").st_mtime_ns
+            for tid, r in before.items()
+            if (Path(r["run_dir"]) / "metrics.jsonl").exists()
+        }
         time.sleep(2)
-        out = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env,
-                             cwd=tmp_path, timeout=400)
+        out = subprocess.run(
+            cmd + ["--resume"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=400
+        )
         assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     after = _records(sdir)
     # Every trial of the budget finished exactly once; the records of before are untouched.
@@ -381,29 +453,45 @@ def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(tmp_path
         assert os.stat(Path(before[tid]["run_dir"]) / "metrics.jsonl").st_mtime_ns == ns, tid
     # Each record is one Tune trial; a trial the killed driver had launched after its last
     # snapshot leaves a directory without a record (it never finished, so nothing is lost).
-    tune_trials = {p.name[len("trial_"):] for p in sdir.iterdir() if p.name.startswith("trial_")}
+    tune_trials = {p.name[len("trial_") :] for p in sdir.iterdir() if p.name.startswith("trial_")}
     assert set(after) <= tune_trials and len(tune_trials) <= 3 + 2, tune_trials
     statuses = {r["status"] for r in after.values()}
     assert statuses <= {"completed", "early_stopped", "diverged", "failed"}
     # The weight-decay-1e30 point diverges (NaN loss) at step 2: recorded with its step and
     # reason, no objective, and told to Optuna as FAIL.
-    diverged = [r for r in after.values() if r["params"] == {
-        "method": "plora", "optim.lr": 1.0e-3, "lora.rank": 8, "plora.momentum": 0.1,
-        "plora.unload_every": 16, "optim.weight_decay": 1.0e30}]
+    diverged = [
+        r
+        for r in after.values()
+        if r["params"]
+        == {
+            "method": "plora",
+            "optim.lr": 1.0e-3,
+            "lora.rank": 8,
+            "plora.momentum": 0.1,
+            "plora.unload_every": 16,
+            "optim.weight_decay": 1.0e30,
+        }
+    ]
     assert len(diverged) == 1, [r["params"] for r in after.values()]
     div = diverged[0]
     assert div["status"] == "diverged", div
     assert div["diverged_step"] == 2 and "not finite" in div["reason"], div
     assert div["objective_value"] is None and div["objectives"] == {}
-    lora = [r for r in after.values() if r["params"] == {"method": "lora", "optim.lr": 0.001,
-                                                          "lora.rank": 4,
-                                                          "optim.weight_decay": 0.0}]
+    lora = [
+        r
+        for r in after.values()
+        if r["params"]
+        == {"method": "lora", "optim.lr": 0.001, "lora.rank": 4, "optim.weight_decay": 0.0}
+    ]
     assert len(lora) == 1 and lora[0]["status"] == "completed"
     assert lora[0]["objectives"]["gsm8k_nll"] == pytest.approx(lora[0]["objective_value"])
     # The study kept every trial; the diverged one is FAIL, the finished ones COMPLETE/PRUNED.
     study = optuna.load_study(study_name="r", storage=f"sqlite:///{sdir / 'study.db'}")
-    by_tune = {t.user_attrs.get("tune_trial_id"): t for t in study.trials
-               if t.user_attrs.get("status") != "orphaned"}
+    by_tune = {
+        t.user_attrs.get("tune_trial_id"): t
+        for t in study.trials
+        if t.user_attrs.get("status") != "orphaned"
+    }
     assert set(after) <= set(by_tune), (sorted(after), sorted(k for k in by_tune if k))
     assert by_tune[div["trial_id"]].state == optuna.trial.TrialState.FAIL
     assert by_tune[div["trial_id"]].user_attrs["status"] == "diverged"
@@ -411,9 +499,12 @@ def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(tmp_path
     assert by_tune[lora[0]["trial_id"]].value == pytest.approx(lora[0]["objective_value"])
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     # Every record's study trial is in the state its status implies, with its value.
-    state_of = {"completed": optuna.trial.TrialState.COMPLETE,
-                "early_stopped": optuna.trial.TrialState.PRUNED,
-                "diverged": optuna.trial.TrialState.FAIL, "failed": optuna.trial.TrialState.FAIL}
+    state_of = {
+        "completed": optuna.trial.TrialState.COMPLETE,
+        "early_stopped": optuna.trial.TrialState.PRUNED,
+        "diverged": optuna.trial.TrialState.FAIL,
+        "failed": optuna.trial.TrialState.FAIL,
+    }
     for tid, rec in after.items():
         assert by_tune[tid].state == state_of[rec["status"]], (rec["status"], by_tune[tid])
         if rec["status"] == "completed":
@@ -435,14 +526,32 @@ def test_asha_stops_the_trial_behind_its_peer_at_the_first_rung(tmp_path: Path) 
     early_stopped, PRUNED in the study, its run cut at the rung."""
     import ray_helpers as helpers
 
-    sets = ["search.num_samples=2", "search.max_concurrent=1", "train.max_steps=4",
-            "eval.limit=2", "eval.max_gen_toks=8", "data.max_samples=64",
-            "plora.unload_every=16", "search.scheduler.grace_period=16",
-            "search.params.optim.lr={distribution: loguniform, low: 1.0e-8, high: 3.0e-3}",
-            "search.points=[{method: lora, optim.lr: 3.0e-3, lora.rank: 8}, "
-            "{method: lora, optim.lr: 1.0e-7, lora.rank: 8}]"]
-    cmd = [sys.executable, "-m", "plora_ray.cli", "search", str(SPACES / "smoke.yaml"),
-           "--storage", str(tmp_path / "st"), "--name", "asha", "--set", *sets]
+    sets = [
+        "search.num_samples=2",
+        "search.max_concurrent=1",
+        "train.max_steps=4",
+        "eval.limit=2",
+        "eval.max_gen_toks=8",
+        "data.max_samples=64",
+        "plora.unload_every=16",
+        "search.scheduler.grace_period=16",
+        "search.params.optim.lr={distribution: loguniform, low: 1.0e-8, high: 3.0e-3}",
+        "search.points=[{method: lora, optim.lr: 3.0e-3, lora.rank: 8}, "
+        "{method: lora, optim.lr: 1.0e-7, lora.rank: 8}]",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "plora_ray.cli",
+        "search",
+        str(SPACES / "smoke.yaml"),
+        "--storage",
+        str(tmp_path / "st"),
+        "--name",
+        "asha",
+        "--set",
+        *sets,
+    ]
     with helpers.ray_head(num_cpus=2) as head:
         env = {**os.environ, "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": head["auth_mode"]}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
@@ -455,8 +564,11 @@ def test_asha_stops_the_trial_behind_its_peer_at_the_first_rung(tmp_path: Path) 
     assert bad["reason"] == "stopped by ASHA on gsm8k_nll"
     assert bad["objective_value"] is None
     # Stopped at the rung (16 samples = step 2 of 4): no step after it, no final report.
-    steps = [m["step"] for m in read_metrics(Path(bad["run_dir"]) / "metrics.jsonl")
-             if m.get("status") == "running"]
+    steps = [
+        m["step"]
+        for m in read_metrics(Path(bad["run_dir"]) / "metrics.jsonl")
+        if m.get("status") == "running"
+    ]
     assert steps and max(steps) == 2, steps
     assert not (Path(bad["run_dir"]) / "model").exists()
     study = optuna.load_study(study_name="asha", storage=f"sqlite:///{sdir / 'study.db'}")

@@ -30,6 +30,8 @@ def test_shipped_yaml_opens_with_the_command_that_runs_it_and_its_time(path):
             break
         header.append(line)
     text = "\n".join(header)
-    assert f"plora-ray train search_spaces/{path.name}" in text or \
-        f"plora-ray search search_spaces/{path.name}" in text
+    assert (
+        f"plora-ray train search_spaces/{path.name}" in text
+        or f"plora-ray search search_spaces/{path.name}" in text
+    )
     assert "Time:" in text or "time:" in text

@@ -58,8 +58,20 @@ eval: {tasks: [gsm8k], num_fewshot: {gsm8k: 0}, limit: 2, max_gen_toks: 4, batch
 checkpoint: {at_unload: true, every_steps: 2, keep: 2}
 """
 
-RUN_KEYS = {"step", "samples", "tokens", "loss", "lr", "stage", "tokens_per_s",
-            "merge_rel_error", "effective_rank", "unload", "elapsed_s", "status"}
+RUN_KEYS = {
+    "step",
+    "samples",
+    "tokens",
+    "loss",
+    "lr",
+    "stage",
+    "tokens_per_s",
+    "merge_rel_error",
+    "effective_rank",
+    "unload",
+    "elapsed_s",
+    "status",
+}
 
 
 def _shm_names() -> set[str]:
@@ -72,8 +84,13 @@ def ray_head():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
-             logging_level="warning")
+    ray.init(
+        address="local",
+        num_cpus=3,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="warning",
+    )
     session_dir = ray._private.worker._global_node.get_session_dir_path()
     yield
     ray.shutdown()
@@ -167,8 +184,9 @@ def test_run_removes_the_dev_shm_buffers_it_created(reference_run):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_losses_and_weights(reference_run, tiny_yaml,
-                                                            tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_losses_and_weights(
+    reference_run, tiny_yaml, tmp_path, monkeypatch
+):
     from safetensors.torch import load_file
 
     ref_out, rc, _, _ = reference_run
@@ -190,8 +208,11 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(reference_run, tiny_y
 
     ref = read_metrics(ref_out / "metrics.jsonl")
     got = read_metrics(out / "metrics.jsonl")
-    curve = lambda rs: [(r["step"], r["loss"], r["lr"], r["samples"], r["tokens"])  # noqa: E731
-                        for r in rs if r.get("status") == "running"]
+    curve = lambda rs: [
+        (r["step"], r["loss"], r["lr"], r["samples"], r["tokens"])  # noqa: E731
+        for r in rs
+        if r.get("status") == "running"
+    ]
     assert curve(got) == curve(ref)
     assert got[-1]["objectives"] == ref[-1]["objectives"]
     a = load_file(ref_out / "model" / "model.safetensors")
@@ -209,16 +230,27 @@ def one_worker_runs(ray_head, tiny_yaml, tmp_path_factory):
     cfg_path = base / "one.yaml"
     cfg_path.write_text(TINY_YAML.replace("num_workers: 2", "num_workers: 1"))
     ref = run_training(load_config(cfg_path), base / "ray_train")
-    out = subprocess.run([sys.executable, str(Path(__file__).parent / "in_process_runs.py"),
-                          str(cfg_path), str(base / "in_process")],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "in_process_runs.py"),
+            str(cfg_path),
+            str(base / "in_process"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return ref, json.loads((base / "in_process" / "results.json").read_text()), base
 
 
 def _curve(records):
-    return [(r["step"], r["loss"], r["lr"], r["samples"], r["tokens"], r.get("merge_rel_error"))
-            for r in records if r.get("status") == "running"]
+    return [
+        (r["step"], r["loss"], r["lr"], r["samples"], r["tokens"], r.get("merge_rel_error"))
+        for r in records
+        if r.get("status") == "running"
+    ]
 
 
 @pytest.mark.slow
@@ -269,7 +301,9 @@ def test_run_in_process_fails_cleanly_and_resumes_to_the_same_run(one_worker_run
     # Resumed from step 4 (the newest checkpoint before the fault): the reports after it only,
     # and the metrics file reads as the uninterrupted run's.
     assert [r["step"] for r in runs["b_resumed"]["reports"] if r.get("status") == "running"] == [
-        6, 8]
+        6,
+        8,
+    ]
     a_records = read_metrics(runs["a"]["result"]["metrics_path"])
     assert _curve(read_metrics(resumed["metrics_path"])) == _curve(a_records)
     assert resumed["objectives"] == runs["a"]["result"]["objectives"]
@@ -284,17 +318,28 @@ def test_run_in_process_refuses_more_than_one_worker_before_training(tmp_path, t
 @pytest.mark.slow
 def test_divergence_stops_the_run_with_its_status_and_step(ray_head, tmp_path):
     data = {
-        "model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                           "num_attention_heads": 2, "num_key_value_heads": 2},
-                  "dtype": "float32"},
+        "model": {
+            "tiny": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+            },
+            "dtype": "float32",
+        },
         "data": {"max_length": 64, "held_out": 2, "max_samples": 64},
         # Full fine-tuning at a learning rate no model survives: after one step the logits are
         # huge and the loss jumps from ~7.6 (ln 2048) to ~1000.
         "method": "full",
         "optim": {"lr": 10.0, "grad_clip": None},
         "batch": {"global_batch": 4, "micro_batch": 4},
-        "train": {"max_steps": 6, "log_every": 1, "divergence_loss_multiple": 3.0,
-                  "divergence_window": 4},
+        "train": {
+            "max_steps": 6,
+            "log_every": 1,
+            "divergence_loss_multiple": 3.0,
+            "divergence_window": 4,
+        },
         # The plain-torch fallback (one worker, no DeepSpeed) runs the same loop.
         "deepspeed": {"enabled": False},
         "eval": {"at_end": False, "proxy_samples": 0},
@@ -319,9 +364,16 @@ def test_lora_run_reports_the_proxy_at_the_unload_every_points(ray_head, tmp_pat
     # 18, 24 fire at the first step boundary at or after them, i.e. steps 2, 3, 5, 6.
     data = {
         "method": "lora",
-        "model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                           "num_attention_heads": 2, "num_key_value_heads": 2},
-                  "dtype": "float32"},
+        "model": {
+            "tiny": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+            },
+            "dtype": "float32",
+        },
         "data": {"max_length": 64, "held_out": 2, "max_samples": 64},
         "lora": {"rank": 2, "alpha": 4},
         "plora": {"unload_every": 6, "unload_unit": "samples"},
@@ -329,14 +381,20 @@ def test_lora_run_reports_the_proxy_at_the_unload_every_points(ray_head, tmp_pat
         "batch": {"global_batch": 4, "micro_batch": 4},
         "train": {"max_steps": 6, "log_every": 100},
         "deepspeed": {"enabled": False},
-        "eval": {"tasks": ["gsm8k"], "num_fewshot": {"gsm8k": 0}, "at_end": False,
-                 "proxy_samples": 2, "batch_size": 2},
+        "eval": {
+            "tasks": ["gsm8k"],
+            "num_fewshot": {"gsm8k": 0},
+            "at_end": False,
+            "proxy_samples": 2,
+            "batch_size": 2,
+        },
         "checkpoint": {"at_unload": False, "export_model": False},
     }
     res = run_training(config_from_dict(data), tmp_path / "run")
     assert res.status == "completed", res.reason
-    running = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
-               if r["status"] == "running"]
+    running = [
+        r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["status"] == "running"
+    ]
     # log_every 100: only the proxy points (and the last step, one of them) are reported.
     assert [r["step"] for r in running] == [2, 3, 5, 6]
     assert [r["samples"] for r in running] == [8, 12, 20, 24]
@@ -348,8 +406,9 @@ def test_lora_run_reports_the_proxy_at_the_unload_every_points(ray_head, tmp_pat
 
 
 @pytest.mark.slow
-def test_zero3_full_fine_tuning_evaluates_the_whole_model_on_every_rank(ray_head, tmp_path,
-                                                                        monkeypatch):
+def test_zero3_full_fine_tuning_evaluates_the_whole_model_on_every_rank(
+    ray_head, tmp_path, monkeypatch
+):
     # ZeRO-3 as it runs a 7B model: every parameter partitioned, and released right after each
     # submodule's forward, so the next forward all-gathers it again (a collective). DeepSpeed's
     # defaults would keep a tiny model's weights whole (persistence threshold 1e5 elements, reuse
@@ -357,17 +416,34 @@ def test_zero3_full_fine_tuning_evaluates_the_whole_model_on_every_rank(ray_head
     # ranks: rank 0 runs twice as many forward passes as rank 1, which blocks (or pairs the
     # wrong collectives) unless evaluation runs on gathered weights with ZeRO-3's hooks off. Both
     # the proxy (at the unload_every point, step 2) and the final evaluation are checked.
-    monkeypatch.setenv(DEEPSPEED_OVERRIDES_ENV, json.dumps({"zero_optimization": {
-        "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
-        "stage3_max_live_parameters": 0, "stage3_prefetch_bucket_size": 0}}))
+    monkeypatch.setenv(
+        DEEPSPEED_OVERRIDES_ENV,
+        json.dumps(
+            {
+                "zero_optimization": {
+                    "stage3_param_persistence_threshold": 0,
+                    "stage3_max_reuse_distance": 0,
+                    "stage3_max_live_parameters": 0,
+                    "stage3_prefetch_bucket_size": 0,
+                }
+            }
+        ),
+    )
     from plora_ray.evaluate import proxy_nll
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = {
         "method": "full",
-        "model": {"tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                           "num_attention_heads": 2, "num_key_value_heads": 2},
-                  "dtype": "bfloat16"},
+        "model": {
+            "tiny": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+            },
+            "dtype": "bfloat16",
+        },
         "data": {"max_length": 64, "held_out": 2, "max_samples": 32},
         "plora": {"unload_every": 2, "unload_unit": "steps"},
         "optim": {"lr": 1.0e-3},
@@ -376,15 +452,22 @@ def test_zero3_full_fine_tuning_evaluates_the_whole_model_on_every_rank(ray_head
         "deepspeed": {"enabled": True, "zero_stage": 3, "bf16": True},
         "resources": {"num_workers": 2, "cpus_per_worker": 1},
         # Batches of 1: rank 0 runs twice as many forward passes as rank 1.
-        "eval": {"tasks": ["gsm8k"], "num_fewshot": {"gsm8k": 0}, "limit": 3, "max_gen_toks": 4,
-                 "batch_size": 1, "proxy_samples": 3},
+        "eval": {
+            "tasks": ["gsm8k"],
+            "num_fewshot": {"gsm8k": 0},
+            "limit": 3,
+            "max_gen_toks": 4,
+            "batch_size": 1,
+            "proxy_samples": 3,
+        },
         "checkpoint": {"at_unload": False, "export_model": True},
     }
     cfg = config_from_dict(data)
     res = run_training(cfg, tmp_path / "run")
     assert res.status == "completed", res.reason
-    running = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
-               if r["status"] == "running"]
+    running = [
+        r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["status"] == "running"
+    ]
     assert [(r["step"], r["proxy_point"]) for r in running] == [(2, True), (3, False)]
     assert running[0]["gsm8k_nll"] > 0
     objectives = res.objectives
@@ -393,8 +476,9 @@ def test_zero3_full_fine_tuning_evaluates_the_whole_model_on_every_rank(ray_head
     assert evaluated["config"]["sharded"] is True
     # The evaluation saw the trained weights whole: the exported model, loaded in one process,
     # gives the same proxy (up to the order of the 2 ranks' sums).
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model",
-                                                 torch_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "run" / "model", torch_dtype=torch.bfloat16
+    )
     tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
     alone = proxy_nll(model, tok, cfg.eval)
     assert alone["gsm8k_nll"] == pytest.approx(objectives["gsm8k_nll"], rel=1e-5)
@@ -409,9 +493,21 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
     bad.write_text(TINY_YAML.replace("lora: {rank: 4, alpha: 8}", "lora: {rank: 0, alpah: 8}"))
     # A Ray address nobody listens on: reaching Ray at all would fail differently.
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
-    proc = subprocess.run([sys.executable, "-m", "plora_ray.cli", "train", str(bad), "--output",
-                           str(tmp_path / "out")], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "plora_ray.cli",
+            "train",
+            str(bad),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "lora.rank" in proc.stderr and "lora.alpah" in proc.stderr
     assert str(bad) in proc.stderr
@@ -419,8 +515,13 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
 
 
 def test_run_config_the_trainer_cannot_run_is_rejected_before_ray(tmp_path):
-    cfg = config_from_dict({"resources": {"num_workers": 2}, "deepspeed": {"enabled": False},
-                            "batch": {"global_batch": 8, "micro_batch": 4}})
+    cfg = config_from_dict(
+        {
+            "resources": {"num_workers": 2},
+            "deepspeed": {"enabled": False},
+            "batch": {"global_batch": 8, "micro_batch": 4},
+        }
+    )
     with pytest.raises(ConfigError, match="deepspeed.enabled"):
         run_training(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -436,8 +537,9 @@ def test_from_base_needs_safetensors_and_is_refused_with_a_bin_checkpoint_before
     model_dir.mkdir()
     (model_dir / "config.json").write_text('{"model_type": "llama"}')
     (model_dir / "pytorch_model.bin").write_bytes(b"")
-    cfg = config_from_dict({"model": {"path": str(model_dir)},
-                            "plora": {"merge_rounding": "from_base"}})
+    cfg = config_from_dict(
+        {"model": {"path": str(model_dir)}, "plora": {"merge_rounding": "from_base"}}
+    )
     with pytest.raises(ConfigError) as err:
         run_training(cfg, tmp_path / "run")
     msg = str(err.value)
@@ -446,9 +548,15 @@ def test_from_base_needs_safetensors_and_is_refused_with_a_bin_checkpoint_before
     assert not (tmp_path / "run").exists()
     # The same directory is fine for the other roundings and methods.
     for other in ({"plora": {"merge_rounding": "stochastic"}}, {"method": "lora"}):
-        check_run_config(config_from_dict({"model": {"path": str(model_dir)}, **other,
-                                           "plora": {"merge_rounding": "from_base",
-                                                     **other.get("plora", {})}}))
+        check_run_config(
+            config_from_dict(
+                {
+                    "model": {"path": str(model_dir)},
+                    **other,
+                    "plora": {"merge_rounding": "from_base", **other.get("plora", {})},
+                }
+            )
+        )
 
 
 def test_existing_run_directory_needs_resume(tmp_path, tiny_yaml):
@@ -481,7 +589,8 @@ def test_cleanup_after_a_killed_driver_removes_only_that_runs_buffers(tmp_path):
     out = tmp_path / "run"
     (out / PROCESS_GROUP_DIR).mkdir(parents=True)
     (out / PROCESS_GROUP_DIR / "40001.json").write_text(
-        json.dumps({"addr": "10.9.8.7", "port": "40001"}))
+        json.dumps({"addr": "10.9.8.7", "port": "40001"})
+    )
     uid = os.getuid()
     ours = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{uid}_10.9.8.7_40001_{r}") for r in (0, 1)]
     other = Path(f"/dev/shm/deepspeed_allreduce_buffer_{uid}_10.9.8.7_40002_0")
@@ -517,11 +626,13 @@ def test_divergence_guard_flags_nan_inf_and_a_jump_over_the_running_mean():
 
 
 def test_total_steps_follows_epochs_and_max_steps():
-    cfg = config_from_dict({"batch": {"global_batch": 8, "micro_batch": 4},
-                            "train": {"epochs": 2.0}})
+    cfg = config_from_dict(
+        {"batch": {"global_batch": 8, "micro_batch": 4}, "train": {"epochs": 2.0}}
+    )
     assert total_steps(cfg, 100) == 25
-    cfg = config_from_dict({"batch": {"global_batch": 8, "micro_batch": 4},
-                            "train": {"epochs": 2.0, "max_steps": 10}})
+    cfg = config_from_dict(
+        {"batch": {"global_batch": 8, "micro_batch": 4}, "train": {"epochs": 2.0, "max_steps": 10}}
+    )
     assert total_steps(cfg, 100) == 10
     assert total_steps(cfg, 3) == 1  # never zero steps
 

@@ -86,11 +86,14 @@ def check_task_names(names: list[str]) -> None:
     """Raise ValueError naming each unknown task and the known ones."""
     unknown = [n for n in names if n not in TASK_NAMES]
     if unknown:
-        raise ValueError(f"eval.tasks: unknown task {', '.join(map(repr, unknown))}; expected "
-                         f"names from {', '.join(TASK_NAMES)}")
+        raise ValueError(
+            f"eval.tasks: unknown task {', '.join(map(repr, unknown))}; expected "
+            f"names from {', '.join(TASK_NAMES)}"
+        )
     if not names:
-        raise ValueError(f"eval.tasks: expected at least one of {', '.join(TASK_NAMES)}, "
-                         "found none")
+        raise ValueError(
+            f"eval.tasks: expected at least one of {', '.join(TASK_NAMES)}, found none"
+        )
 
 
 # --------------------------------------------------------------------------- datasets
@@ -122,7 +125,8 @@ class LocalDataset:
         import datasets
 
         return datasets.DatasetDict(
-            {k: datasets.Dataset.from_list(v) for k, v in self.splits.items()})
+            {k: datasets.Dataset.from_list(v) for k, v in self.splits.items()}
+        )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LocalDataset:
         return self
@@ -148,7 +152,7 @@ def local_splits(name: str, root: Path) -> dict[str, list[dict[str, Any]]]:
     if name in ("arc_easy", "arc_challenge"):
         return {"test": read_arc(root, name)}
     if name.startswith("mmlu_"):
-        subject = name[len("mmlu_"):]
+        subject = name[len("mmlu_") :]
         return {"test": read_mmlu(root, "test", subject), "dev": read_mmlu(root, "dev", subject)}
     raise ValueError(f"no local data for task {name!r}")
 
@@ -171,8 +175,10 @@ def check_data(names: list[str], data_dir: str | os.PathLike[str] | None) -> Pat
             expected = set(mmlu_subject_categories())
             missing = sorted(expected - set(subjects))
             if missing:
-                raise DataError(f"{root / 'mmlu' / 'test'}: expected a test file for each of the "
-                                f"{len(expected)} MMLU subjects, missing {', '.join(missing)}")
+                raise DataError(
+                    f"{root / 'mmlu' / 'test'}: expected a test file for each of the "
+                    f"{len(expected)} MMLU subjects, missing {', '.join(missing)}"
+                )
             for s in subjects:
                 local_splits(f"mmlu_{s}", root)
         else:
@@ -183,8 +189,9 @@ def check_data(names: list[str], data_dir: str | os.PathLike[str] | None) -> Pat
 # --------------------------------------------------------------------------- tasks
 
 
-def leaf_task_config(name: str, stock: dict[str, Any], root: Path, limit: int | None = None,
-                     limit_seed: int = 0) -> dict[str, Any]:
+def leaf_task_config(
+    name: str, stock: dict[str, Any], root: Path, limit: int | None = None, limit_seed: int = 0
+) -> dict[str, Any]:
     """The stock config of one leaf task with its dataset pointed at the local rows.
 
     Args:
@@ -215,9 +222,11 @@ def leaf_task_config(name: str, stock: dict[str, Any], root: Path, limit: int | 
     for key in ("training_split", "validation_split", "test_split"):
         if cfg.get(key) is not None and cfg[key] not in splits:
             cfg[key] = None
-    cfg["metadata"] = {**(cfg.get("metadata") or {}),
-                       "config_source": str(stock_tasks_dir() / _stock_file_of(name)),
-                       "data_source": str(root)}
+    cfg["metadata"] = {
+        **(cfg.get("metadata") or {}),
+        "config_source": str(stock_tasks_dir() / _stock_file_of(name)),
+        "data_source": str(root),
+    }
     return cfg
 
 
@@ -227,8 +236,13 @@ def _stock_file_of(name: str) -> str:
     return _STOCK_FILES[name]
 
 
-def build_leaf_task(name: str, root: Path, num_fewshot: int | None = None,
-                    limit: int | None = None, limit_seed: int = 0) -> ConfigurableTask:
+def build_leaf_task(
+    name: str,
+    root: Path,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    limit_seed: int = 0,
+) -> ConfigurableTask:
     """One lm-eval ``ConfigurableTask`` from its stock config on local data.
 
     Args:
@@ -250,9 +264,11 @@ def build_leaf_task(name: str, root: Path, num_fewshot: int | None = None,
     elif cfg.get("num_fewshot") is None:
         cfg["num_fewshot"] = 0  # lm-eval's simple_evaluate does the same for tasks without one
     if name.startswith("arc_") and cfg["num_fewshot"] > 0:
-        raise ValueError(f"eval.num_fewshot.{name}: expected 0 (only the ARC test split is "
-                         f"shipped, the stock task draws shots from train), found "
-                         f"{cfg['num_fewshot']}")
+        raise ValueError(
+            f"eval.num_fewshot.{name}: expected 0 (only the ARC test split is "
+            f"shipped, the stock task draws shots from train), found "
+            f"{cfg['num_fewshot']}"
+        )
     # lm-eval warns once per task that custom_dataset kwargs can come from --metadata; that
     # advice is for its CLI and would print 57 times for MMLU.
     task_log = logging.getLogger("lm_eval.api.task")
@@ -291,11 +307,12 @@ def mmlu_subject_categories() -> dict[str, str]:
         for child in g.get("task", []):
             if isinstance(child, str) and child not in groups:
                 tag_to_group[child] = gname
-    return {task[len("mmlu_"):]: tag_to_group[tag] for task, tag in tags.items()}
+    return {task[len("mmlu_") :]: tag_to_group[tag] for task, tag in tags.items()}
 
 
-def build_mmlu(root: Path, num_fewshot: int | None = None, limit: int | None = None,
-               limit_seed: int = 0) -> Group:
+def build_mmlu(
+    root: Path, num_fewshot: int | None = None, limit: int | None = None, limit_seed: int = 0
+) -> Group:
     """The stock ``mmlu`` group tree with every subject task on local data.
 
     Args:

@@ -49,8 +49,10 @@ def data_root(data_dir: str | os.PathLike[str] | None) -> Path:
         return BUNDLED_DATA_DIR
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise DataError(f"eval.data_dir: expected a directory with gsm8k/, mmlu/, arc/, found "
-                        f"{str(root)!r} (no such directory)")
+        raise DataError(
+            f"eval.data_dir: expected a directory with gsm8k/, mmlu/, arc/, found "
+            f"{str(root)!r} (no such directory)"
+        )
     return root
 
 
@@ -74,15 +76,19 @@ def _read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: expected a JSON object, found invalid JSON "
-                                f"({exc.msg})") from exc
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object, found invalid JSON ({exc.msg})"
+                ) from exc
             if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, found "
-                                f"{type(rec).__name__}")
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object, found {type(rec).__name__}"
+                )
             missing = [k for k in keys if k not in rec]
             if missing:
-                raise DataError(f"{path}:{lineno}: missing column {', '.join(map(repr, missing))}; "
-                                f"expected keys {', '.join(keys)}, found {', '.join(rec)}")
+                raise DataError(
+                    f"{path}:{lineno}: missing column {', '.join(map(repr, missing))}; "
+                    f"expected keys {', '.join(keys)}, found {', '.join(rec)}"
+                )
             rec["_line"] = lineno
             rows.append(rec)
     if not rows:
@@ -97,8 +103,10 @@ def _gsm8k_cached(key: tuple[str, int, int]) -> tuple[dict[str, Any], ...]:
     for rec in _read_jsonl(path, GSM8K_KEYS):
         for k in GSM8K_KEYS:
             if not isinstance(rec[k], str) or not rec[k].strip():
-                raise DataError(f"{path}:{rec['_line']}: column {k!r}: expected a non-empty "
-                                f"string, found {rec[k]!r}")
+                raise DataError(
+                    f"{path}:{rec['_line']}: column {k!r}: expected a non-empty "
+                    f"string, found {rec[k]!r}"
+                )
         out.append({"question": rec["question"], "answer": rec["answer"]})
     return tuple(out)
 
@@ -138,13 +146,16 @@ def _mmlu_cached(key: tuple[str, int, int], subject: str) -> tuple[dict[str, Any
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:
-            raise DataError(f"{path}: expected a header row {','.join(MMLU_COLUMNS)}, found an "
-                            "empty file")
+            raise DataError(
+                f"{path}: expected a header row {','.join(MMLU_COLUMNS)}, found an empty file"
+            )
         header = [h.strip() for h in header]
         missing = [c for c in MMLU_COLUMNS if c not in header]
         if missing:
-            raise DataError(f"{path}:1: missing column {', '.join(map(repr, missing))}; expected "
-                            f"header {','.join(MMLU_COLUMNS)}, found {','.join(header)}")
+            raise DataError(
+                f"{path}:1: missing column {', '.join(map(repr, missing))}; expected "
+                f"header {','.join(MMLU_COLUMNS)}, found {','.join(header)}"
+            )
         col = {c: header.index(c) for c in MMLU_COLUMNS}
         out = []
         for row in reader:
@@ -155,14 +166,17 @@ def _mmlu_cached(key: tuple[str, int, int], subject: str) -> tuple[dict[str, Any
                 raise DataError(f"{path}:{line}: expected {len(header)} columns, found {len(row)}")
             answer = row[col["answer"]].strip()
             if answer not in ("0", "1", "2", "3"):
-                raise DataError(f"{path}:{line}: column 'answer': expected an integer 0-3, found "
-                                f"{answer!r}")
-            out.append({
-                "question": row[col["question"]],
-                "subject": subject,
-                "choices": [row[col[f"choice{i}"]] for i in range(4)],
-                "answer": int(answer),
-            })
+                raise DataError(
+                    f"{path}:{line}: column 'answer': expected an integer 0-3, found {answer!r}"
+                )
+            out.append(
+                {
+                    "question": row[col["question"]],
+                    "subject": subject,
+                    "choices": [row[col[f"choice{i}"]] for i in range(4)],
+                    "answer": int(answer),
+                }
+            )
     if not out:
         raise DataError(f"{path}: expected at least one row after the header, found none")
     return tuple(out)
@@ -192,23 +206,34 @@ def _arc_cached(key: tuple[str, int, int], name: str) -> tuple[dict[str, Any], .
         line = rec["_line"]
         query, choices, gold = rec["query"], rec["choices"], rec["gold"]
         if not isinstance(query, str) or not query.startswith("Question: "):
-            raise DataError(f"{path}:{line}: column 'query': expected a string starting with "
-                            f"'Question: ', found {query!r:.60}")
-        if (not isinstance(choices, list) or len(choices) != len(ARC_LABELS)
-                or not all(isinstance(c, str) for c in choices)):
-            raise DataError(f"{path}:{line}: column 'choices': expected a list of "
-                            f"{len(ARC_LABELS)} strings, found {choices!r:.80}")
+            raise DataError(
+                f"{path}:{line}: column 'query': expected a string starting with "
+                f"'Question: ', found {query!r:.60}"
+            )
+        if (
+            not isinstance(choices, list)
+            or len(choices) != len(ARC_LABELS)
+            or not all(isinstance(c, str) for c in choices)
+        ):
+            raise DataError(
+                f"{path}:{line}: column 'choices': expected a list of "
+                f"{len(ARC_LABELS)} strings, found {choices!r:.80}"
+            )
         if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-            raise DataError(f"{path}:{line}: column 'gold': expected an integer 0-"
-                            f"{len(choices) - 1}, found {gold!r}")
+            raise DataError(
+                f"{path}:{line}: column 'gold': expected an integer 0-"
+                f"{len(choices) - 1}, found {gold!r}"
+            )
         # The stock prompt is "Question: {{question}}\nAnswer:"; the local query already carries
         # the "Question: " prefix, so strip it to recover the hub's question text.
-        out.append({
-            "id": f"{name}/{line}",
-            "question": query[len("Question: "):],
-            "choices": {"text": list(choices), "label": list(ARC_LABELS)},
-            "answerKey": ARC_LABELS[gold],
-        })
+        out.append(
+            {
+                "id": f"{name}/{line}",
+                "question": query[len("Question: ") :],
+                "choices": {"text": list(choices), "label": list(ARC_LABELS)},
+                "answerKey": ARC_LABELS[gold],
+            }
+        )
     return tuple(out)
 
 
