@@ -1,7 +1,7 @@
 """Leaderboard: ranking, Pareto fronts, baseline gains, published files, atomic writes, merging,
 the best config round trip, and the board built from a real finished smoke search.
 
-Unit tests build search directories with ``make_search_dir``: the contract's layout
+Unit tests build search directories with ``make_search_dir``: the layout the search writes
 (``search.json`` + ``trials/<id>.json``) and a real Optuna SQLite study holding the same trials,
 so parameter importances are computed the way they are for a real search.
 """
@@ -19,12 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import optuna
+import pyarrow.fs as pafs
 import pytest
 import yaml
+from ray_helpers import finished_smoke_search  # the session's one smoke search (a real job)
 
 from plora_ray import leaderboard as lb
+from plora_ray.cli import main
 from plora_ray.config import RunConfig, config_from_dict, load_config
-from ray_helpers import finished_smoke_search  # the session's one smoke search (a real job)
+from plora_ray.objective import ObjectiveError, ObjectiveSpec
+from plora_ray.store import Store, TrialRecord, atomic_write
 
 T0 = 1_764_000_000.0  # a fixed "search started" time, so records are deterministic
 
@@ -44,7 +49,7 @@ def record(
     objective_value: float | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """One trial record with every contract field, its config a real validated run config."""
+    """One trial record with every field the search writes; its config a validated run config."""
     params = dict(params if params is not None else {"lora.rank": rank, "method": method})
     sections = {f.name for f in dataclasses.fields(RunConfig)} - {"method"}
     overrides = {k: v for k, v in params.items() if k.split(".")[0] in sections}
@@ -86,7 +91,7 @@ def record(
         "model_path": f"/storage/{search}/trials/{trial_id}/model",
         "started_at": started,
         "ended_at": started + 55.0,
-        "loss_curve": [[s, 2.0 - 0.05 * s * (1 + (gsm8k or 0))] for s in range(0, 7)],
+        "loss_curve": [[s, 2.0 - 0.05 * s * (1 + (gsm8k or 0))] for s in range(7)],
     }
     rec.update(extra)
     return rec
@@ -102,8 +107,6 @@ def make_search_dir(
     dirname: str | None = None,
 ) -> Path:
     """A search directory as the search writes it, plus a real Optuna study of the same trials."""
-    import optuna
-
     objective = objective or {
         "metrics": ["gsm8k"],
         "directions": ["max"],
@@ -218,30 +221,32 @@ def small_search(root: Path, name: str = "unit", **kw: Any) -> Path:
 
 def test_pareto_fronts_non_dominated_sorting_respects_directions() -> None:
     pts = [[0.3, 0.4], [0.2, 0.5], [0.2, 0.4], [0.1, 0.1], [0.3, 0.4]]
-    assert lb.pareto_fronts(pts, ["max", "max"]) == [0, 0, 1, 2, 0]
+    assert lb.pareto_fronts(pts, ["maximize", "maximize"]) == [0, 0, 1, 2, 0]
     # Minimising the second metric turns the order of the second column around.
-    assert lb.pareto_fronts(pts, ["max", "min"]) == [0, 2, 1, 0, 0]
+    assert lb.pareto_fronts(pts, ["maximize", "minimize"]) == [0, 2, 1, 0, 0]
 
 
 def test_objective_spec_parsing_accepts_aliases_and_names_bad_values() -> None:
-    s = lb.parse_objective_spec({"objective": {"metric": "gsm8k", "mode": "maximize"}}, "s.json")
-    assert s == lb.ObjectiveSpec(("gsm8k",), ("max",), None, False)
-    s = lb.parse_objective_spec(
+    s = ObjectiveSpec.from_dict({"objective": {"metric": "gsm8k", "mode": "maximize"}}, "s.json")
+    assert s == ObjectiveSpec("single", ("gsm8k",), ("maximize",), None)
+    s = ObjectiveSpec.from_dict(
         {"metrics": ["gsm8k", "mmlu"], "directions": "max", "weights": {"gsm8k": 0.7, "mmlu": 0.3}},
         "s.json",
     )
-    assert s.weights == (0.7, 0.3) and s.directions == ("max", "max")
-    assert s.score({"gsm8k": 0.5, "mmlu": 0.2}, None) == pytest.approx(0.41)
-    with pytest.raises(lb.LeaderboardError, match=r"s\.json: objective\.directions.*'up'"):
-        lb.parse_objective_spec(
+    assert s.weights == (0.7, 0.3) and s.directions == ("maximize", "maximize")
+    # Without the search's own objective_value the board recomputes it from the metrics.
+    no_value = TrialRecord("t", "completed", objectives={"gsm8k": 0.5, "mmlu": 0.2})
+    assert lb.score(s, no_value) == pytest.approx(0.41)
+    with pytest.raises(ObjectiveError, match=r"s\.json: objective\.directions.*'up'"):
+        ObjectiveSpec.from_dict(
             {"objective": {"metrics": ["gsm8k"], "directions": ["up"]}}, "s.json"
         )
-    with pytest.raises(lb.LeaderboardError, match="weights or pareto"):
-        lb.parse_objective_spec({"objective": {"metrics": ["gsm8k", "mmlu"]}}, "s.json")
+    with pytest.raises(ObjectiveError, match="weights or pareto"):
+        ObjectiveSpec.from_dict({"objective": {"metrics": ["gsm8k", "mmlu"]}}, "s.json")
 
 
 def _rows(*recs: dict[str, Any]) -> list[lb.Row]:
-    return [lb.row_from_record(r, "unit", f"{r['trial_id']}.json") for r in recs]
+    return [lb.Row(TrialRecord.from_dict(r, f"{r['trial_id']}.json"), "unit") for r in recs]
 
 
 def test_scalar_ranking_orders_completed_by_objective_then_incomplete_by_status() -> None:
@@ -253,12 +258,12 @@ def test_scalar_ranking_orders_completed_by_objective_then_incomplete_by_status(
         record("e", status="diverged"),
         record("f", gsm8k=0.2),
     )
-    spec = lb.ObjectiveSpec(("gsm8k",), ("max",))
-    assert [r.trial_id for r in lb.rank_rows(rows, spec)] == ["c", "f", "a", "d", "e", "b"]
+    spec = ObjectiveSpec("single", ("gsm8k",), ("maximize",))
+    assert [r.record.trial_id for r in lb.rank_rows(rows, spec)] == ["c", "f", "a", "d", "e", "b"]
     assert [r.rank for r in lb.rank_rows(rows, spec)] == [1, 2, 3, 4, 5, 6]
     # Minimising the same metric reverses the completed part only.
-    spec_min = lb.ObjectiveSpec(("gsm8k",), ("min",))
-    assert [r.trial_id for r in lb.rank_rows(rows, spec_min)][:3] == ["a", "f", "c"]
+    spec_min = ObjectiveSpec("single", ("gsm8k",), ("minimize",))
+    assert [r.record.trial_id for r in lb.rank_rows(rows, spec_min)][:3] == ["a", "f", "c"]
 
 
 def test_pareto_ranking_puts_the_front_first_and_marks_it() -> None:
@@ -270,9 +275,9 @@ def test_pareto_ranking_puts_the_front_first_and_marks_it() -> None:
         record("second", gsm8k=0.25, mmlu=0.3),
         record("x", status="failed"),
     )
-    spec = lb.ObjectiveSpec(("gsm8k", "mmlu"), ("max", "max"), None, True)
+    spec = ObjectiveSpec("pareto", ("gsm8k", "mmlu"), ("maximize", "maximize"))
     ranked = lb.rank_rows(rows, spec)
-    assert [r.trial_id for r in ranked] == [
+    assert [r.record.trial_id for r in ranked] == [
         "gsm_best",
         "mid",
         "mmlu_best",
@@ -294,10 +299,10 @@ def test_baseline_gain_compares_with_best_lora_of_same_rank_or_full() -> None:
         record("full", "full", gsm8k=0.20),
         record("l8bad", "lora", 8, "failed"),
     )
-    spec = lb.ObjectiveSpec(("gsm8k",), ("max",))
+    spec = ObjectiveSpec("single", ("gsm8k",), ("maximize",))
     ranked = lb.rank_rows(rows, spec)
     lb.baseline_gains(ranked, spec)
-    by = {r.trial_id: r for r in ranked}
+    by = {r.record.trial_id: r for r in ranked}
     assert by["p8"].gain["objective"] == pytest.approx(0.05)  # vs lora r8 (0.25 > full 0.20)
     assert by["p8"].gain_baseline["objective"] == "unit/l8"
     assert by["p4"].gain["objective"] == pytest.approx(-0.02)  # vs full (0.20 > lora r4 0.10)
@@ -306,7 +311,7 @@ def test_baseline_gain_compares_with_best_lora_of_same_rank_or_full() -> None:
     assert by["l8"].gain == {} and by["full"].gain == {}  # baselines get no gain
     assert by["l8"].is_baseline and by["full"].is_baseline and not by["p8"].is_baseline
     # A minimised objective: lower is better, so a lower PLoRA value is a positive gain.
-    spec_min = lb.ObjectiveSpec(("gsm8k",), ("min",))
+    spec_min = ObjectiveSpec("single", ("gsm8k",), ("minimize",))
     lb.baseline_gains(lb.rank_rows(rows, spec_min), spec_min)
     assert by["p8"].gain["objective"] == pytest.approx(-0.10)  # 0.30 vs best-min full 0.20
 
@@ -317,10 +322,10 @@ def test_pareto_gain_is_per_metric_against_each_metrics_best_baseline() -> None:
         record("l", "lora", 8, gsm8k=0.2, mmlu=0.45),
         record("f", "full", gsm8k=0.25, mmlu=0.3),
     )
-    spec = lb.ObjectiveSpec(("gsm8k", "mmlu"), ("max", "max"), None, True)
+    spec = ObjectiveSpec("pareto", ("gsm8k", "mmlu"), ("maximize", "maximize"))
     ranked = lb.rank_rows(rows, spec)
     lb.baseline_gains(ranked, spec)
-    p = next(r for r in ranked if r.trial_id == "p")
+    p = next(r for r in ranked if r.record.trial_id == "p")
     assert p.gain == pytest.approx({"gsm8k": 0.05, "mmlu": -0.05})
     assert p.gain_baseline == {"gsm8k": "unit/f", "mmlu": "unit/l"}
 
@@ -355,6 +360,11 @@ def test_bad_search_directories_get_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(lb.LeaderboardError, match=r"search\.json: not valid JSON"):
         lb.build_leaderboard([tmp_path / "s"])
     assert lb.leaderboard_command([str(tmp_path / "s")], None) == 2
+    # An unusable objective is the board's error too, naming the file and the field.
+    bad = {"objective": {"metrics": ["gsm8k"], "directions": ["up"]}}
+    (tmp_path / "s" / "search.json").write_text(json.dumps(bad))
+    with pytest.raises(lb.LeaderboardError, match=r"search\.json: objective\.directions.*'up'"):
+        lb.build_leaderboard([tmp_path / "s"])
 
 
 def test_corrupt_and_invalid_records_are_skipped_and_named(tmp_path: Path) -> None:
@@ -439,8 +449,6 @@ def test_cli_default_output_is_the_search_leaderboard_dir(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     d = small_search(tmp_path / "storage", study=False)
-    from plora_ray.cli import main
-
     # A storage root holding one search expands to it; the board goes into that search.
     assert main(["leaderboard", str(tmp_path / "storage")]) == 0
     assert (d / "leaderboard" / "index.html").is_file()
@@ -486,7 +494,7 @@ def test_importances_from_the_study_and_graceful_with_too_few_trials(tmp_path: P
 
 def test_atomic_write_failure_midway_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
     target = tmp_path / "board" / "index.html"
-    lb.atomic_write(target, [b"old ", b"board"])
+    atomic_write(target, [b"old ", b"board"])
     assert target.read_text() == "old board"
 
     def crashing() -> Any:
@@ -494,7 +502,7 @@ def test_atomic_write_failure_midway_keeps_the_old_file_and_leaves_no_temp(tmp_p
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        lb.atomic_write(target, crashing())
+        atomic_write(target, crashing())
     assert target.read_text() == "old board"
     assert os.listdir(target.parent) == ["index.html"]
     assert oct(target.stat().st_mode & 0o777) != oct(0o600)  # readable like any published file
@@ -589,7 +597,7 @@ def test_merge_of_searches_with_different_objectives_ranks_each_by_its_own(tmp_p
     board = lb.build_leaderboard([a, b])
     assert not board.ranked_globally
     assert [r.search for r in board.rows] == ["by_gsm8k"] * 9 + ["by_pareto"] * 3
-    assert [(r.trial_id, r.rank, r.front) for r in board.rows[9:]] == [
+    assert [(r.record.trial_id, r.rank, r.front) for r in board.rows[9:]] == [
         ("p2", 1, 0),
         ("p1", 2, 0),
         ("p3", 3, 1),
@@ -605,9 +613,7 @@ def test_same_search_name_in_two_storages_is_kept_apart(tmp_path: Path) -> None:
 
 def test_cloud_storage_code_path_via_pyarrow_filesystem(tmp_path: Path) -> None:
     """The object-store branch (one PUT per file) on pyarrow's local filesystem."""
-    import pyarrow.fs as pafs
-
-    store = lb._Store(str(tmp_path / "bucket"), filesystem=pafs.LocalFileSystem())
+    store = Store(str(tmp_path / "bucket"), filesystem=pafs.LocalFileSystem())
     store.write_atomic("leaderboard/index.html", [b"<html>", b"</html>"])
     assert store.read_text("leaderboard", "index.html") == "<html></html>"
     assert store.list_names("leaderboard") == ["index.html"]
@@ -669,13 +675,11 @@ def test_board_from_a_real_finished_smoke_search(smoke_search: Path, tmp_path: P
     assert {r["trial_id"] for r in data["rows"]} == set(records)
     assert [r["rank"] for r in data["rows"]] == list(range(1, len(records) + 1))
     # Rebuilt with the CLI: the same trials in the same order.
-    from plora_ray.cli import main
-
     assert main(["leaderboard", str(d), "--out", str(tmp_path / "board")]) == 0
     again = json.loads((tmp_path / "board" / "leaderboard.json").read_text())
     assert [r["trial_id"] for r in again["rows"]] == [r["trial_id"] for r in data["rows"]]
     # Ranking follows the search's own objective.
-    spec = lb.parse_objective_spec(meta, "search.json")
+    spec = ObjectiveSpec.from_dict(meta, "search.json")
     done = [r for r in data["rows"] if r["status"] == "completed"]
     assert done, "the smoke search should complete at least one trial"
     if spec.pareto:
@@ -684,13 +688,13 @@ def test_board_from_a_real_finished_smoke_search(smoke_search: Path, tmp_path: P
         )
     else:
         vals = [records[r["trial_id"]]["objective_value"] for r in done]
-        assert vals == sorted(vals, reverse=spec.scalar_direction == "max")
+        assert vals == sorted(vals, reverse=spec.scalar_direction == "maximize")
     # The fixed points: a PLoRA r8 trial compared with the LoRA r8 baseline.
     plora8 = [r for r in done if r["method"] == "plora" and r["lora_rank"] == 8]
     lora8 = [r for r in done if r["method"] == "lora" and r["lora_rank"] == 8]
     assert plora8 and lora8, [(r["method"], r["lora_rank"], r["status"]) for r in data["rows"]]
     if not spec.pareto:
-        sign = 1.0 if spec.scalar_direction == "max" else -1.0
+        sign = 1.0 if spec.scalar_direction == "maximize" else -1.0
         best_lora8 = max(lora8, key=lambda r: sign * r["score"])
         assert plora8[0]["gain_over_baseline"]["objective"] == pytest.approx(
             sign * (plora8[0]["score"] - best_lora8["score"])

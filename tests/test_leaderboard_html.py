@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from plora_ray import leaderboard as lb
 from ray_helpers import finished_smoke_search
 from test_leaderboard import make_search_dir, record, small_search
+
+from plora_ray import leaderboard as lb
 
 EVIL = "<script>window.__pwned=1</script>"
 CHROMIUM_FLAGS = [
@@ -203,7 +203,7 @@ class Browser:
     def close(self) -> None:
         try:
             self.call("Browser.close", timeout=5)
-        except Exception:  # noqa: BLE001 - it may already be gone; kill below either way
+        except Exception:
             pass
         try:
             self.proc.wait(timeout=5)

@@ -1,0 +1,55 @@
+"""Leaderboard: a search's finished trials -> JSON, CSV, Markdown, a self-contained HTML page and
+the best configuration as a runnable YAML.
+
+Output goes to ``<search_dir>/leaderboard/``: ``leaderboard.json``, ``leaderboard.csv``,
+``leaderboard.md``, ``index.html``, ``best_config.yaml``.
+
+- ``rank``: a trial's score, Pareto fronts, the board order, the gain over the baselines.
+- ``board``: reading search directories (one or several) into one ranked ``Board``.
+- ``tables``: cell formatting, CSV, Markdown and ``best_config.yaml``.
+- ``plots``: the inline SVG plots.
+- ``html``: the HTML page.
+- ``publish``: writing the files (``publish``, called by the search) and the CLI command.
+"""
+
+from plora_ray.leaderboard.board import (
+    Board,
+    LeaderboardError,
+    SearchInfo,
+    build_leaderboard,
+)
+from plora_ray.leaderboard.html import json_for_script, render_html
+from plora_ray.leaderboard.plots import nice_ticks, param_importances
+from plora_ray.leaderboard.publish import (
+    LEADERBOARD_DIR,
+    OUTPUT_FILES,
+    leaderboard_command,
+    publish,
+    write_board,
+)
+from plora_ray.leaderboard.rank import Row, baseline_gains, pareto_fronts, rank_rows, score
+from plora_ray.leaderboard.tables import render_best_config, render_csv, render_markdown
+
+__all__ = [
+    "LEADERBOARD_DIR",
+    "OUTPUT_FILES",
+    "Board",
+    "LeaderboardError",
+    "Row",
+    "SearchInfo",
+    "baseline_gains",
+    "build_leaderboard",
+    "json_for_script",
+    "leaderboard_command",
+    "nice_ticks",
+    "param_importances",
+    "pareto_fronts",
+    "publish",
+    "rank_rows",
+    "render_best_config",
+    "render_csv",
+    "render_html",
+    "render_markdown",
+    "score",
+    "write_board",
+]

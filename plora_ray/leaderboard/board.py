@@ -1,0 +1,250 @@
+"""Reading search directories into one ranked board.
+
+Input is a search directory as the search writes it (``plora_ray.store``):
+``<storage>/<name>/search.json`` and ``trials/<trial_id>.json``, one record per finished trial,
+each written atomically.
+
+Several searches merge into one board: when all share the same objective they are ranked together
+(baselines from any of them count); otherwise each is ranked by its own objective and the board
+lists them one after another. Every row names its search.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from plora_ray.leaderboard.rank import Row, baseline_gains, rank_rows
+from plora_ray.objective import ObjectiveError, ObjectiveSpec
+from plora_ray.store import RecordError, Store, TrialRecord
+
+__all__ = ["Board", "LeaderboardError", "SearchInfo", "build_leaderboard", "expand", "jsonable"]
+
+
+class LeaderboardError(ValueError):
+    """A search directory that cannot be read (missing, no search.json, bad objective spec)."""
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+@dataclass
+class SearchInfo:
+    """One search directory as read from its ``search.json``."""
+
+    name: str
+    path: str
+    spec: ObjectiveSpec
+    study_name: str | None = None
+    storage_url: str | None = None
+    num_records: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The search as listed in ``leaderboard.json``."""
+        spec = self.spec
+        return {
+            "name": self.name,
+            "path": self.path,
+            "objective": {
+                "metrics": list(spec.metrics),
+                # leaderboard.json has always said max/min; its readers keep working.
+                "directions": ["max" if d == "maximize" else "min" for d in spec.directions],
+                "weights": list(spec.weights) if spec.weights else None,
+                "pareto": spec.pareto,
+                "description": spec.describe(),
+            },
+            "study_name": self.study_name,
+            "storage_url": self.storage_url,
+            "num_trials": self.num_records,
+        }
+
+
+@dataclass
+class Board:
+    """A leaderboard over one or more searches; ``rows`` are in board order."""
+
+    searches: list[SearchInfo]
+    rows: list[Row]
+    ranked_globally: bool
+    warnings: list[str] = field(default_factory=list)
+    generated_at: str = ""
+
+    @property
+    def best(self) -> Row | None:
+        """The top completed trial with an objective (the first search's when ranked per search)."""
+        for r in self.rows:
+            if r.record.status == "completed" and (r.score is not None or r.front is not None):
+                return r
+        return None
+
+    def spec_of(self, row: Row) -> ObjectiveSpec:
+        """The objective ``row`` was ranked by (its search's)."""
+        for s in self.searches:
+            if s.name == row.search:
+                return s.spec
+        return self.searches[0].spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """The board as written to ``leaderboard.json`` and embedded in the HTML page."""
+        best = self.best
+        return {
+            "format": "plora-ray leaderboard",
+            "version": 1,
+            "generated_at": self.generated_at,
+            "ranked_globally": self.ranked_globally,
+            "searches": [s.to_dict() for s in self.searches],
+            "best": {"search": best.search, "trial_id": best.record.trial_id} if best else None,
+            "warnings": self.warnings,
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+
+def jsonable(v: Any) -> Any:
+    """``v`` with NaN and inf (not JSON) turned into null, at any depth."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    return v
+
+
+def _read_search(store: Store, warnings: list[str]) -> tuple[SearchInfo, list[Row]]:
+    """The search's ``search.json`` and its usable trial records; each skipped record is named
+    in ``warnings``.
+
+    Raises:
+        LeaderboardError: no search directory there, or a missing or unusable search.json.
+    """
+    where = store.display("search.json")
+    if not store.is_dir():
+        raise LeaderboardError(
+            f"{store.display()}: expected a search directory, found "
+            f"{'a file' if store.exists() else 'nothing'} there"
+        )
+    if not store.exists("search.json"):
+        raise LeaderboardError(
+            f"{where}: expected search.json (written when the search starts) "
+            "in the search directory, found no such file"
+        )
+    try:
+        meta = json.loads(store.read_text("search.json"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LeaderboardError(f"{where}: not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise LeaderboardError(f"{where}: expected a JSON object, found {type(meta).__name__}")
+    try:
+        spec = ObjectiveSpec.from_dict(meta, where)
+    except ObjectiveError as exc:
+        raise LeaderboardError(str(exc)) from exc
+    name = str(meta.get("name") or os.path.basename(store.base.rstrip("/")))
+    optuna_meta: dict[str, Any] = meta["optuna"] if isinstance(meta.get("optuna"), dict) else {}
+    info = SearchInfo(
+        name=name,
+        path=store.display(),
+        spec=spec,
+        study_name=_opt_str(meta.get("study_name") or optuna_meta.get("study_name")),
+        storage_url=_opt_str(
+            meta.get("storage_url")
+            or meta.get("optuna_storage")
+            or optuna_meta.get("storage_url")
+            or optuna_meta.get("storage")
+        ),
+    )
+    rows = []
+    for fname in store.list_names("trials"):
+        if not fname.endswith(".json"):
+            continue  # temp files of an in-progress atomic write, editor backups
+        src = store.display("trials", fname)
+        try:
+            raw = json.loads(store.read_text("trials", fname))
+            rows.append(Row(TrialRecord.from_dict(raw, src), name))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            warnings.append(f"{src}: skipped, not valid JSON ({exc})")
+        except RecordError as exc:
+            warnings.append(f"{exc} (skipped)")
+    info.num_records = len(rows)
+    return info, rows
+
+
+def expand(paths: Sequence[str]) -> list[str]:
+    """Search directories: each path itself, or its subdirectories holding search.json.
+
+    Raises:
+        LeaderboardError: a directory that is neither a search nor holds any.
+    """
+    out: list[str] = []
+    for p in paths:
+        store = Store(p)
+        if store.exists("search.json") or not store.is_dir():
+            out.append(p)
+            continue
+        subs = [n for n in store.list_names() if store.exists(n, "search.json")]
+        if not subs:
+            raise LeaderboardError(
+                f"{store.display()}: expected a search directory (with "
+                "search.json) or a storage directory holding some, found "
+                "neither"
+            )
+        out.extend(p.rstrip("/") + "/" + n for n in subs)
+    return out
+
+
+def build_leaderboard(search_dirs: Sequence[str | os.PathLike[str]]) -> Board:
+    """Read one or more search directories and rank their trials into one board.
+
+    A record that cannot be read is skipped and named in ``Board.warnings`` (a half-written file
+    from a crashed writer must not take the whole board down).
+
+    Args:
+        search_dirs: search directories (local paths or cloud URIs), or storage directories whose
+            subdirectories are searches.
+
+    Raises:
+        LeaderboardError: a path that is not a search directory, or an unreadable search.json.
+    """
+    if not search_dirs:
+        raise LeaderboardError("expected at least one search directory, found none")
+    warnings: list[str] = []
+    searches: list[SearchInfo] = []
+    groups: list[list[Row]] = []
+    seen_paths: set[str] = set()
+    for d in expand([str(p) for p in search_dirs]):
+        store = Store(d)
+        if store.display() in seen_paths:
+            warnings.append(f"{store.display()}: given more than once; read once")
+            continue
+        seen_paths.add(store.display())
+        info, rows = _read_search(store, warnings)
+        # Two different directories may hold searches of the same name (two storage roots):
+        # keep both, told apart by a suffix, so no entry is lost or merged into another.
+        names = {s.name for s in searches}
+        if info.name in names:
+            k = 2
+            while f"{info.name}#{k}" in names:
+                k += 1
+            info.name = f"{info.name}#{k}"
+            for r in rows:
+                r.search = info.name
+        searches.append(info)
+        groups.append(rows)
+    same_spec = len({s.spec for s in searches}) == 1
+    ordered: list[Row] = []
+    if same_spec:
+        everything = [r for g in groups for r in g]
+        ordered = rank_rows(everything, searches[0].spec)
+        baseline_gains(ordered, searches[0].spec)
+    else:
+        for info, g in zip(searches, groups):
+            part = rank_rows(g, info.spec)
+            baseline_gains(part, info.spec)
+            ordered.extend(part)
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return Board(searches, ordered, same_spec, warnings, now)
