@@ -1,4 +1,4 @@
-"""The benchmark data shipped in plora_ray/data: hashes, counts, and that every row parses."""
+"""The benchmark files in plora_ray/benchmark_data: hashes, counts, and that every row parses."""
 
 from __future__ import annotations
 
