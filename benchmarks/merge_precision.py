@@ -33,8 +33,14 @@ from typing import Any
 import torch
 
 from benchmarks.common import parse_args, print_table, write_result
-from plora_ray.config import LoraConfig, ModelConfig, PLoRAConfig, TinyModelConfig
-from plora_ray.model import BUNDLED_DATA, load_model, load_tokenizer
+from plora_ray.config import (
+    BUNDLED_DATA_DIR,
+    LoraConfig,
+    ModelConfig,
+    PLoRAConfig,
+    TinyModelConfig,
+)
+from plora_ray.model import load_model, load_tokenizer
 from plora_ray.plora import (
     PLoRA,
     TorchParamAccess,
@@ -49,18 +55,18 @@ MODEL_CFG = ModelConfig(tiny=TinyModelConfig(), dtype="bfloat16")
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    return dict(
-        seed=0,
-        rank=8,
-        momentum=0.1,
-        unloads=50,
-        batch=4,
-        length=64,
-        unload_every=4 if quick else 20,
-        lrs=[1e-3, 1e-4],
-        rhos=[1e-3, 1e-2, 3e-2, 1e-1],
-        jitter=0.3,
-    )
+    return {
+        "seed": 0,
+        "rank": 8,
+        "momentum": 0.1,
+        "unloads": 50,
+        "batch": 4,
+        "length": 64,
+        "unload_every": 4 if quick else 20,
+        "lrs": [1e-3, 1e-4],
+        "rhos": [1e-3, 1e-2, 3e-2, 1e-1],
+        "jitter": 0.3,
+    }
 
 
 def floor_error(plora: PLoRA, base_dir: Path) -> float:
@@ -80,7 +86,7 @@ def gsm8k_tokens(s: dict[str, Any]) -> torch.Tensor:
     tok = load_tokenizer(MODEL_CFG)
     need = (s["unloads"] * s["unload_every"]) * s["batch"] * s["length"]
     ids: list[int] = []
-    with open(BUNDLED_DATA / "gsm8k" / "train.jsonl") as fh:
+    with open(BUNDLED_DATA_DIR / "gsm8k" / "train.jsonl") as fh:
         for line in fh:
             rec = json.loads(line)
             ids += tok(rec["question"] + "\n" + rec["answer"] + "\n")["input_ids"]

@@ -7,7 +7,8 @@ The pipeline, top to bottom:
    ``{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}``, and GSM8K
    ``{"question", "answer"}`` (one user turn, one assistant turn). A source is a JSONL file, a
    ``datasets`` dataset (a directory saved with ``save_to_disk``, a local dataset directory, or a
-   hub name), or ``bundled:gsm8k`` (the GSM8K train split shipped in ``plora_ray/data/gsm8k``).
+   hub name), or ``bundled:gsm8k`` (the GSM8K train split shipped in
+   ``plora_ray/benchmark_data/gsm8k``).
    A corrupt line or a record without the expected fields raises ``ValueError`` naming
    ``file:line``, what was expected and what was found; with ``data.skip_invalid`` it is skipped and
    counted in ``DataStats``.
@@ -55,13 +56,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from plora_ray.config import DataConfig, DataSource, RunConfig
+from plora_ray.config import BUNDLED_DATA_DIR, DataConfig, DataSource, RunConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-BUNDLED_DATA = Path(__file__).parent / "data"
-BUNDLED_FILES = {"bundled:gsm8k": (BUNDLED_DATA / "gsm8k" / "train.jsonl", "gsm8k")}
+BUNDLED_FILES = {"bundled:gsm8k": (BUNDLED_DATA_DIR / "gsm8k" / "train.jsonl", "gsm8k")}
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")

@@ -37,12 +37,16 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from plora_ray.config import EvalConfig, ModelConfig
+from plora_ray.model import load_model, load_tokenizer
 from plora_ray.tasks import (
     TASK_NAMES,
     DataError,
@@ -60,7 +64,9 @@ if TYPE_CHECKING:
     from lm_eval.api.model import LM
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# plora_ray.tasks (imported above) sets HF_DATASETS_OFFLINE / HF_HUB_OFFLINE: no hub is tried.
+# plora_ray.tasks (imported above) sets HF_DATASETS_OFFLINE / HF_HUB_OFFLINE before lm-eval is
+# first loaded, so no hub is tried. lm-eval itself is imported inside the functions that use it:
+# the training loop imports proxy_nll from here, which needs no lm-eval.
 
 # Seeds lm-eval's simple_evaluate uses by default (random 0; numpy, torch, few-shot 1234), so a
 # run here samples the same few-shot examples as `lm_eval --tasks ...` would.
@@ -175,8 +181,6 @@ def shard_lm(inner: LM, rank: int, world_size: int) -> LM:
             self.inner = inner
 
         def _run(self, method: str, requests: list[Instance], **kw: Any) -> list[Any]:
-            import torch.distributed as dist
-
             owners = _shard_of(requests, world_size)
             mine = [i for i, o in enumerate(owners) if o == rank]
             outs = getattr(self.inner, method)([requests[i] for i in mine], **kw) if mine else []
@@ -228,8 +232,6 @@ def shard_lm(inner: LM, rank: int, world_size: int) -> LM:
 def _preserved_rng() -> Iterator[None]:
     """lm-eval seeds the global RNGs (and datasets draws from them); give the trainer its
     random, numpy and torch streams back untouched."""
-    import numpy as np
-
     py_state, np_state = random.getstate(), np.random.get_state()
     torch_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -260,8 +262,6 @@ def _check_distributed(rank: int, world_size: int) -> None:
             f"world_size={world_size}"
         )
     if world_size > 1:
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 f"world_size={world_size} needs an initialized torch.distributed "
@@ -275,8 +275,6 @@ def _check_distributed(rank: int, world_size: int) -> None:
 
 
 def _broadcast(obj: Any, rank: int) -> Any:
-    import torch.distributed as dist
-
     box = [obj if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -360,7 +358,6 @@ def _run_one(
     lm: LM, ev: EvalConfig, name: str, obj: Any, results: dict[str, Any], seconds: dict[str, float]
 ) -> None:
     """One top-level task through lm_eval.evaluator.evaluate, merged into ``results``."""
-    import numpy as np
     from lm_eval.evaluator import evaluate
 
     t0 = time.perf_counter()
@@ -495,8 +492,6 @@ def _evaluate_model(
 
 
 def _lm_eval_version() -> str:
-    from importlib.metadata import version
-
     return version("lm_eval")
 
 
@@ -657,8 +652,6 @@ def proxy_nll(
                 model, tokenizer, items[rank::world_size], ev.batch_size, ev.chat_format
             )
     if world_size > 1:
-        import torch.distributed as dist
-
         gathered: list[Any] = [None] * world_size
         dist.all_gather_object(gathered, sums)
         sums = {k: (sum(g[k][0] for g in gathered), sum(g[k][1] for g in gathered)) for k in sums}
@@ -724,8 +717,6 @@ def eval_command(args: Any) -> int:
         0 on success, 2 on bad input (message on stderr, before the model is loaded).
     """
     from lm_eval.utils import handle_non_serializable, make_table
-
-    from plora_ray.model import load_model, load_tokenizer
 
     names = [t.strip() for t in str(args.tasks).split(",") if t.strip()]
     defaults = EvalConfig()

@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from plora_ray.config import ModelConfig, TinyModelConfig
+from plora_ray.config import BUNDLED_DATA_DIR, ModelConfig, TinyModelConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_TOKENIZER_DIR = ASSETS / "tiny_tokenizer"
-BUNDLED_DATA = Path(__file__).parent / "data"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,7 +61,7 @@ def build_tiny_tokenizer(out_dir: Path = TINY_TOKENIZER_DIR, vocab_size: int = 2
     from transformers import PreTrainedTokenizerFast
 
     texts = []
-    with open(BUNDLED_DATA / "gsm8k" / "train.jsonl") as fh:
+    with open(BUNDLED_DATA_DIR / "gsm8k" / "train.jsonl") as fh:
         for line in fh:
             rec = json.loads(line)
             texts.append(rec["question"] + "\n" + rec["answer"])
@@ -90,7 +89,7 @@ def build_tiny_tokenizer(out_dir: Path = TINY_TOKENIZER_DIR, vocab_size: int = 2
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer for a model config: ``model.tokenizer``, else ``model.path``, else the tiny one.
+    """The tokenizer of a model config: ``model.tokenizer``, else ``model.path``, else the tiny one.
 
     A tokenizer without a pad token gets its EOS token as pad (LLaMA ships none).
 
@@ -174,7 +173,8 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
     missing = [t for t in targets if t not in names]
     if missing:
         raise ValueError(
-            f"lora.targets: expected names of the model's linear layers ({', '.join(sorted(names))}), "
+            "lora.targets: expected names of the model's linear layers "
+            f"({', '.join(sorted(names))}), "
             f"found {missing} which the model lacks"
         )
 

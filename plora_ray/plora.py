@@ -22,44 +22,28 @@ Unload semantics (per target layer, with ΔW = scaling * B @ A computed in fp32)
   The adapter then holds m²·ΔW, so each unload drops m(1-m)·ΔW of the learnt update and the
   model's outputs jump. Offered for faithful reproduction only.
 
-Merge precision: the fp32 merge is rounded into the backbone's dtype. ``merge_rounding="nearest"``
-rounds to nearest, which silently drops per-element updates below half a bf16 ulp (~2^-9 relative)
-and so is biased for small, consistent updates. ``"stochastic"`` (the default) rounds up with
-probability equal to the fractional distance to the next representable value: unbiased (the
-expected applied update equals the intended one) and it needs only per-layer temporaries, no
-memory of backbone size. Its error is zero-mean noise that adds up like a random walk over
-unloads: about 0.4 ulp per element per unload against a signal of (#unloads · ρ) for updates of
-relative size ρ = ||ΔW||/||W|| in a consistent direction, i.e. a cumulative relative Frobenius
-error of roughly 3e-4/ρ after 50 unloads (measured: 23% at ρ = 1e-3, 3.6% at 1e-2, 1% at 1e-1;
-nearest: 67%, 8%, 1%). So the 1% goal holds only for large per-unload updates; what stochastic
-rounding guarantees at every size is no bias: the applied update's component along the intended
-one is within 1% of it (nearest keeps ~54% at ρ = 1e-3). No rounding scheme that keeps only a bf16
-backbone can reach 1% Frobenius at small sizes in general: the bf16 grid itself is ~1.6e-3·||W||
-away from an arbitrary target, which exceeds 1% of a cumulative update below ~0.16·||W||.
-``"from_base"`` (``PLoRA(..., base_weights=source)``; the trainer passes the model's safetensors
-or, for the tiny model, a copy of its initial weights) escapes that random walk
-without memory of backbone size on the device: the unload keeps, per layer and unload, the merged
-low-rank factors ((1-m)·scaling·B and A, r·(out+in) fp32 numbers, on CPU) and writes
-W_k = round_nearest(W_0 + Σ_{s<=k} intended_s), with W_0 re-read layer by layer from its source
-(``safetensors_base_weights``: the model's safetensors files, memory-mapped, one layer resident at
-a time). Its error is one rounding of the exact target, ~0.29 ulp rms per element, and does not
-grow with the number of unloads: it sits at the bf16 floor above. Measured (benchmarks/
-merge_precision.py, 50 unloads, bf16 tiny LLaMA, cumulative relative Frobenius error, nearest /
-stochastic / from_base): synthetic ρ = 1e-2: 7.4% / 3.5% / 0.38%; PLoRA training on GSM8K at LR
-1e-3 (updates of ρ ≈ 0.045): 1.9% / 2.7% / 0.30%; at LR 1e-4 (ρ ≈ 0.004): 17% / 19% / 2.0%, where
-2.0% is the floor itself (no bf16 backbone is within 1% of so small a cumulative update).
-Costs: CPU memory for the factors growing with T (T·r·(out+in) fp32 per layer), a
-(out x T·r)·(T·r x in) product per layer per unload, and a read of W_0. The checkpoint replays
-it from the factors it stores anyway (``checkpoint.replay_backbone``).
-Figures: benchmarks/merge_precision.py, keys ``merge_cum_rel_error_*``. Each unload reports
-``merge_rel_error`` = ||applied - intended||_F / ||intended||_F over all layers, where applied =
-W_after - W_before in fp32 and intended = (1-m)·ΔW, and ``cumulative_rel_error`` =
-||(W_now - W_0) - Σ intended||_F / ||Σ intended||_F over the tracked layers (the layers sampled for
-the rank metric, or every layer with ``track_all_layers=True``).
+Merge precision: the fp32 merge is rounded into the backbone's dtype (``plora.merge_rounding``).
+``"nearest"`` silently drops per-element updates below half a bf16 ulp, so it is biased for
+small, consistent updates. ``"stochastic"`` (the default) rounds up with probability equal to the
+fractional distance to the next representable value: unbiased, and it needs only per-layer
+temporaries, but its zero-mean error adds up like a random walk over unloads. ``"from_base"``
+(``PLoRA(..., base_weights=source)``; the trainer passes the model's safetensors or, for the tiny
+model, a copy of its initial weights) escapes that walk without device memory of backbone size:
+the unload keeps each layer's merged low-rank factors ((1-m)·scaling·B and A, fp32, on CPU) and
+writes W_k = round_nearest(W_0 + Σ_{s<=k} intended_s), with W_0 re-read layer by layer from its
+source, so the error is one rounding of the exact target and does not grow with the number of
+unloads. Its costs: CPU memory for the factors growing with T, one (out x T·r)·(T·r x in) product
+per layer per unload, and a read of W_0. The checkpoint replays it from the factors it stores
+anyway (``checkpoint.replay_backbone``). The measured errors of the three modes are in README and
+``benchmarks/merge_precision.py``. Each unload reports ``merge_rel_error`` = ||applied -
+intended||_F / ||intended||_F over all layers (applied = W_after - W_before in fp32, intended =
+(1-m)·ΔW) and ``cumulative_rel_error`` = ||(W_now - W_0) - Σ intended||_F / ||Σ intended||_F over
+the tracked layers (those sampled for the rank metric, or every layer with
+``track_all_layers=True``).
 
 Effective rank: ``effective_rank(M, thr)`` = the number of singular values of M above
-thr · σ_max (``plora.rank_threshold``, default 0.01), the one definition used everywhere; reported
-at each unload for W_now - W_0 of ``plora.rank_sample_layers`` evenly spaced layers.
+thr · σ_max (``plora.rank_threshold``), the one definition used everywhere; reported at each
+unload for W_now - W_0 of ``plora.rank_sample_layers`` evenly spaced layers.
 
 Unload points: every ``unload_every`` optimizer steps or training samples (``unload_unit``).
 The points are the multiples of ``unload_every``; ``due`` is called after each optimizer step and
@@ -71,31 +55,8 @@ Randomness (A re-init, stochastic rounding) comes from torch.Generators seeded f
 (seed, unload index, layer index), so every rank computes identical bits without communication
 and a resumed run continues with the same bits.
 
-The ``ParamAccess`` protocol (how an unload reads and writes parameters; implemented here for
-plain torch by ``TorchParamAccess`` and for DeepSpeed by ``plora_ray.engine.DeepSpeedParamAccess``)::
-
-    class ParamAccess(Protocol):
-        def gathered(self, params: list[nn.Parameter]) -> ContextManager[None]
-            # make these full params visible in the module for reading and writing (ZeRO-3
-            # GatheredParameters with a modifier rank; a no-op elsewhere). The unload calls every
-            # method below only inside gathered([pair.base, pair.A, pair.B]) of that pair.
-        def read_trainable(self, p) -> Tensor      # full fp32 value (the master copy if one exists);
-                                                   # the caller may keep it (return a copy)
-        def write_trainable(self, p, value) -> None  # value fp32, p's full shape: module param AND
-                                                     # master copy
-        def read_frozen(self, p) -> Tensor         # full value of a frozen backbone weight in its
-                                                   # own dtype (ADDED to the lead's contract)
-        def write_frozen(self, p, value) -> None   # value already in p's dtype, identical on every
-                                                   # rank (seeded rounding)
-        def reset_optimizer_state(self, params) -> None  # Adam exp_avg, exp_avg_sq = 0, step = 0
-
-Public API: ``attach_lora``, ``LoraPair``, ``lora_pairs``, ``ParamAccess``, ``TorchParamAccess``,
-``UnloadReport``, ``PLoRA`` (``due``, ``unload``, ``state_dict``, ``load_state_dict``,
-``num_unloads``, ``stage_length_steps``, ``scheduler``), ``unload_due``, ``effective_rank``,
-``round_to_dtype``, ``add_with_rounding``, ``merge_from_base``, ``base_param_name``,
-``safetensors_base_weights``,
-``make_lr_scheduler`` / ``RestartableLR``,
-``lora_init_A``, ``derive_seed``.
+How an unload reads and writes parameters is the ``ParamAccess`` protocol, implemented here for
+plain torch (``TorchParamAccess``) and for DeepSpeed by ``plora_ray.engine.DeepSpeedParamAccess``.
 """
 
 from __future__ import annotations
@@ -107,24 +68,29 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Protocol
+from typing import Any, Protocol, cast, get_args
 
 import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 from torch import nn
 
-from plora_ray.config import LoraConfig, OptimConfig, PLoRAConfig
+from plora_ray.config import (
+    ElementRounding,
+    LoraConfig,
+    Method,
+    OptimConfig,
+    PLoRAConfig,
+    check_section,
+)
 from plora_ray.model import check_lora_targets
 
-if TYPE_CHECKING:
-    from peft.tuners.lora import LoraLayer
-
-METHODS = ("plora", "lora", "full")
-VARIANTS = ("exact", "paper_literal")
-ROUNDINGS = ("nearest", "stochastic")
-# Merge modes PLoRA accepts: the element-wise roundings plus "from_base" (re-round W_0 + Σ intended).
-MERGE_MODES = (*ROUNDINGS, "from_base")
-UNITS = ("samples", "steps")
-SCHEDULES = ("constant", "warmup_restart", "cosine_restart")
+# The choices come from the config's types, so a new one is added in one place.
+METHODS: tuple[str, ...] = get_args(Method)
+# What round_to_dtype does element-wise; from_base is an unload mode built on "nearest".
+ROUNDINGS: tuple[str, ...] = get_args(ElementRounding)
 
 __all__ = [
     "LoraPair",
@@ -141,6 +107,7 @@ __all__ = [
     "lora_init_A",
     "lora_pairs",
     "make_lr_scheduler",
+    "merge_coefficient",
     "merge_from_base",
     "round_to_dtype",
     "safetensors_base_weights",
@@ -169,7 +136,8 @@ def attach_lora(model: nn.Module, lora: LoraConfig, method: str = "plora") -> nn
 
     Raises:
         ValueError: naming ``method``, ``lora.rank``, ``lora.alpha``, ``lora.dropout`` or
-            ``lora.targets`` (with the names the model lacks) and the value found.
+            ``lora.targets`` (with the names the model lacks) and the value found (a
+            ``ConfigError`` for a value the ``lora`` section's own check rejects).
     """
     if method not in METHODS:
         raise _bad("method", "one of " + ", ".join(METHODS), method)
@@ -177,28 +145,18 @@ def attach_lora(model: nn.Module, lora: LoraConfig, method: str = "plora") -> nn
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if isinstance(lora.rank, bool) or not isinstance(lora.rank, int) or lora.rank < 1:
-        raise _bad("lora.rank", "an integer >= 1", lora.rank)
-    if not lora.alpha > 0:
-        raise _bad("lora.alpha", "a number > 0", lora.alpha)
-    if not 0.0 <= lora.dropout < 1.0:
-        raise _bad("lora.dropout", "a number in [0, 1)", lora.dropout)
-    if not lora.targets:
-        raise _bad("lora.targets", "at least one module name", lora.targets)
+    check_section(lora, "lora")
     check_lora_targets(model, list(lora.targets))
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
     peft_cfg = PeftLoraConfig(
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # annotated int; alpha/r works for a float
         lora_dropout=lora.dropout,
         target_modules=list(lora.targets),
         bias="none",
     )
     # peft's default autocast_adapter_dtype=True keeps the adapters in fp32 on a bf16 backbone,
     # which is what makes "the adapter keeps exactly m·ΔW" hold in plain torch.
-    return get_peft_model(model, peft_cfg)  # type: ignore[arg-type]
+    return get_peft_model(model, peft_cfg)
 
 
 @dataclass
@@ -219,8 +177,6 @@ def lora_pairs(model: nn.Module) -> list[LoraPair]:
     Registration order (``named_modules``) is the model's definition order, identical on every
     rank and every run, so layer indices (used to seed generators) are stable.
     """
-    from peft.tuners.lora import LoraLayer
-
     pairs = []
     for name, mod in model.named_modules():
         if not isinstance(mod, LoraLayer) or not isinstance(mod.get_base_layer(), nn.Linear):
@@ -232,9 +188,9 @@ def lora_pairs(model: nn.Module) -> list[LoraPair]:
             LoraPair(
                 name=name,
                 layer=mod,
-                base=mod.get_base_layer().weight,
-                A=mod.lora_A[adapter].weight,
-                B=mod.lora_B[adapter].weight,
+                base=cast(nn.Parameter, mod.get_base_layer().weight),
+                A=cast(nn.Parameter, mod.lora_A[adapter].weight),
+                B=cast(nn.Parameter, mod.lora_B[adapter].weight),
                 scaling=float(mod.scaling[adapter]),
             )
         )
@@ -356,6 +312,20 @@ def add_with_rounding(
         weight.copy_(round_to_dtype(total, weight.dtype, rounding, generator))
 
 
+def merge_coefficient(momentum: float, scaling: float) -> float:
+    """The factor an unload merges a layer's ``B @ A`` with: (1 - m) * scaling.
+
+    The unload, the backbone recorder and the checkpoint replay all take it from here: if two
+    of them computed it differently, every merged element would differ from its replay and be
+    stored as a recorder exception, and checkpoints would silently grow.
+
+    Args:
+        momentum: ``plora.momentum`` (m), the fraction of the update the adapter keeps.
+        scaling: the LoRA layer's ``scaling`` (alpha / rank).
+    """
+    return (1.0 - float(momentum)) * scaling
+
+
 def base_param_name(pair_name: str) -> str:
     """The base model's parameter name of a LoRA layer's frozen weight.
 
@@ -399,8 +369,6 @@ def safetensors_base_weights(model_dir: str | Path) -> Callable[[str], torch.Ten
         FileNotFoundError: the directory has no ``*.safetensors`` file.
         KeyError: (when called) a name no file holds.
     """
-    from safetensors import safe_open
-
     given = Path(model_dir)
     files = [given] if given.is_file() else sorted(given.glob("*.safetensors"))
     if not files:
@@ -410,7 +378,7 @@ def safetensors_base_weights(model_dir: str | Path) -> Callable[[str], torch.Ten
     where: dict[str, Path] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():
+            for key in fh.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 where[key] = f
 
     def read(name: str) -> torch.Tensor:
@@ -425,7 +393,7 @@ def safetensors_base_weights(model_dir: str | Path) -> Callable[[str], torch.Ten
 
 
 def lora_init_A(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
-    """peft's LoRA init of A: kaiming_uniform(a=sqrt(5)) on (rank, in), i.e. U(±1/sqrt(in)), fp32."""
+    """peft's LoRA init of A in fp32: kaiming_uniform(a=sqrt(5)) on (rank, in), U(±1/sqrt(in))."""
     a = torch.empty(rank, in_features, dtype=torch.float32)
     nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
     return a
@@ -435,19 +403,36 @@ def lora_init_A(rank: int, in_features: int, generator: torch.Generator) -> torc
 
 
 class ParamAccess(Protocol):
-    """How an unload reads and writes parameters (plain torch, or DeepSpeed ZeRO 0-3)."""
+    """How an unload reads and writes parameters (plain torch, or DeepSpeed ZeRO 0-3).
 
-    def gathered(self, params: list[nn.Parameter]) -> ContextManager[None]: ...
+    The unload calls every method below only inside ``gathered([pair.base, pair.A, pair.B])`` of
+    the pair it works on.
+    """
 
-    def read_trainable(self, p: nn.Parameter) -> torch.Tensor: ...
+    def gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager[None]:
+        """Make these full params visible in the module for reading and writing (ZeRO-3
+        GatheredParameters with a modifier rank; a no-op elsewhere)."""
+        ...
 
-    def write_trainable(self, p: nn.Parameter, value: torch.Tensor) -> None: ...
+    def read_trainable(self, p: nn.Parameter) -> torch.Tensor:
+        """The full fp32 value (the master copy if one exists); the caller may keep it."""
+        ...
 
-    def read_frozen(self, p: nn.Parameter) -> torch.Tensor: ...
+    def write_trainable(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        """Write an fp32 value of p's full shape into the module param AND the master copy."""
+        ...
 
-    def write_frozen(self, p: nn.Parameter, value: torch.Tensor) -> None: ...
+    def read_frozen(self, p: nn.Parameter) -> torch.Tensor:
+        """The full value of a frozen backbone weight, in its own dtype."""
+        ...
 
-    def reset_optimizer_state(self, params: list[nn.Parameter]) -> None: ...
+    def write_frozen(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        """Write a value already in p's dtype, identical on every rank (seeded rounding)."""
+        ...
+
+    def reset_optimizer_state(self, params: list[nn.Parameter]) -> None:
+        """Reset Adam's state of these params: exp_avg, exp_avg_sq = 0, step = 0."""
+        ...
 
 
 class TorchParamAccess:
@@ -456,7 +441,7 @@ class TorchParamAccess:
     def __init__(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.optimizer = optimizer
 
-    def gathered(self, params: list[nn.Parameter]) -> ContextManager[None]:
+    def gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def read_trainable(self, p: nn.Parameter) -> torch.Tensor:
@@ -535,7 +520,7 @@ class RestartableLR(torch.optim.lr_scheduler.LRScheduler):
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         f = self.factor(self.last_epoch - self.stage_start)
-        return [base * f for base in self.base_lrs]
+        return [float(base) * f for base in self.base_lrs]
 
     def restart(self) -> None:
         """Begin a new stage now: the next optimizer step uses factor(0)."""
@@ -557,14 +542,10 @@ def make_lr_scheduler(
             total steps for LoRA / full fine-tuning); needed by cosine_restart.
 
     Raises:
-        ValueError: naming ``optim.schedule``, ``optim.warmup_steps`` or ``optim.min_lr_ratio``.
+        ValueError: a value the ``optim`` section's own check rejects (a ``ConfigError`` naming
+            e.g. ``optim.schedule``), or ``cosine_restart`` without a stage length.
     """
-    if optim.schedule not in SCHEDULES:
-        raise _bad("optim.schedule", "one of " + ", ".join(SCHEDULES), optim.schedule)
-    if optim.warmup_steps < 0:
-        raise _bad("optim.warmup_steps", "an integer >= 0", optim.warmup_steps)
-    if not 0.0 <= optim.min_lr_ratio <= 1.0:
-        raise _bad("optim.min_lr_ratio", "a number in [0, 1]", optim.min_lr_ratio)
+    check_section(optim, "optim")
     if optim.schedule == "cosine_restart" and (
         stage_length_steps is None or stage_length_steps < 1
     ):
@@ -595,26 +576,6 @@ class UnloadReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _validate_plora_config(cfg: PLoRAConfig, global_batch: int) -> None:
-    e = cfg.unload_every
-    if isinstance(e, bool) or not isinstance(e, int) or e < 1:
-        raise _bad("plora.unload_every", "an integer >= 1", e)
-    if cfg.unload_unit not in UNITS:
-        raise _bad("plora.unload_unit", "one of " + ", ".join(UNITS), cfg.unload_unit)
-    if not 0.0 <= cfg.momentum < 1.0:
-        raise _bad("plora.momentum", "a number in [0, 1)", cfg.momentum)
-    if cfg.variant not in VARIANTS:
-        raise _bad("plora.variant", "one of " + ", ".join(VARIANTS), cfg.variant)
-    if cfg.merge_rounding not in MERGE_MODES:
-        raise _bad("plora.merge_rounding", "one of " + ", ".join(MERGE_MODES), cfg.merge_rounding)
-    if not 0.0 < cfg.rank_threshold < 1.0:
-        raise _bad("plora.rank_threshold", "a number in (0, 1)", cfg.rank_threshold)
-    if cfg.rank_sample_layers < 0:
-        raise _bad("plora.rank_sample_layers", "an integer >= 0", cfg.rank_sample_layers)
-    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
-        raise _bad("batch.global_batch", "an integer >= 1", global_batch)
 
 
 class PLoRA:
@@ -656,7 +617,10 @@ class PLoRA:
         track_all_layers: bool = False,
         base_weights: Callable[[str], torch.Tensor] | None = None,
     ) -> None:
-        _validate_plora_config(cfg, global_batch)
+        # The plora section checks itself, as it does when loaded from YAML.
+        check_section(cfg, "plora")
+        if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+            raise _bad("batch.global_batch", "an integer >= 1", global_batch)
         if cfg.merge_rounding == "from_base" and base_weights is None:
             raise _bad(
                 "plora.merge_rounding",
@@ -743,11 +707,12 @@ class PLoRA:
             with self.access.gathered([p.base, p.A, p.B]):
                 a = self.access.read_trainable(p.A)
                 b = self.access.read_trainable(p.B)
-                intended = (1.0 - m) * p.scaling * (b @ a)
+                coef = merge_coefficient(m, p.scaling)
+                intended = coef * (b @ a)
                 w = self.access.read_frozen(p.base)
                 w32 = w.float()
                 if cfg.merge_rounding == "from_base":
-                    new = self._from_base(p, (1.0 - m) * p.scaling * b, a, w)
+                    new = self._from_base(p, coef * b, a, w)
                 else:
                     gen = _generator(w.device, self.seed, k, i, "merge")
                     new = round_to_dtype(

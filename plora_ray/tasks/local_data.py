@@ -2,8 +2,8 @@
 
 The stock lm-eval task configs render prompts from the columns of the hub datasets
 (``openai/gsm8k``, ``cais/mmlu``, ``allenai/ai2_arc``). The shipped files (see
-``plora_ray/data/SOURCES.md``) use other column names for MMLU and ARC, so each reader here
-validates a file and converts every row into exactly the hub's columns; the stock
+``plora_ray/benchmark_data/SOURCES.md``) use other column names for MMLU and ARC, so each reader
+here validates a file and converts every row into exactly the hub's columns; the stock
 ``doc_to_text`` / ``doc_to_choice`` / ``doc_to_target`` then apply unchanged.
 
 Files are read with the ``csv`` and ``json`` modules, not pandas, so an MMLU choice such as
@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+from plora_ray.config import BUNDLED_DATA_DIR
 
 GSM8K_KEYS = ("question", "answer")
 MMLU_COLUMNS = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
