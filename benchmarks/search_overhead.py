@@ -11,7 +11,7 @@ setting, side by side in one process:
   Tune reuses the actor for the next trial; a trial takes its worker's CPU only;
 - ``train``: ``search.trial_executor: train``, Train inside Tune: each trial drives a Ray Train
   run of its own (a trial takes a driver CPU plus its worker's), with the Ray Train settings
-  ``plora_ray.search`` sets for every trial (``TRIAL_TRAIN_ENV``);
+  ``plora_ray.tune_adapter`` sets for every trial (``TRIAL_TRAIN_ENV``);
 - ``train_ray_defaults``: the same with Ray Train's own settings (2 s controller poll,
   preemption-watcher actor, 60 s worker-group start timeout).
 
@@ -231,8 +231,9 @@ def run_variant(
     )
     wall = time.time() - t0
     rows = _actor_rows()
-    timelines = {r["trial_id"]: r.get("timeline") or {} for r in out.records}
-    trials = [f for f in (_trial_figures(r, rows) for r in out.records) if f is not None]
+    records = [r.to_dict() for r in out.records]
+    timelines = {r["trial_id"]: r.get("timeline") or {} for r in records}
+    trials = [f for f in (_trial_figures(r, rows) for r in records) if f is not None]
     if not trials:
         raise RuntimeError(f"{label}: no trial with a complete timeline in {out.search_dir}")
     # Cold: the first trial its process ran (process start, imports); warm: a reused process.
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from plora_ray.search import TRIAL_TRAIN_ENV
+    from plora_ray.tune_adapter import TRIAL_TRAIN_ENV
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ray.init(

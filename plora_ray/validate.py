@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from plora_ray.config import ConfigError, load_config, load_yaml
+from plora_ray.search_space import validate_search_block
 
 
 def validate_file(path: str, overrides: dict[str, Any] | None = None) -> list[str]:
@@ -16,15 +17,12 @@ def validate_file(path: str, overrides: dict[str, Any] | None = None) -> list[st
     except ConfigError as exc:
         return exc.problems
     if cfg.search is not None:
-        try:
-            from plora_ray.search import validate_search_block
-        except ImportError:  # search module not built yet
-            return problems
         problems.extend(validate_search_block(load_yaml(path), source=path))
     return problems
 
 
 def validate_command(files: list[str], overrides: dict[str, Any] | None = None) -> int:
+    """``plora-ray validate FILE...``: each file's problems on stderr; 1 when any has some."""
     bad = 0
     for f in files:
         problems = validate_file(f, overrides)

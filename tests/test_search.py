@@ -16,16 +16,15 @@ import pytest
 import yaml
 
 from plora_ray.config import load_yaml
-from plora_ray.search import (
-    SearchDir,
-    _split_overrides,
+from plora_ray.search_space import (
+    apply_search_overrides,
     grid_points,
     parse_search_block,
     resolve_trial_executor,
     sample_params,
     validate_search_block,
 )
-from plora_ray.train import read_metrics
+from plora_ray.store import SearchDir, read_metrics
 from plora_ray.validate import validate_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,7 +330,7 @@ def test_grid_drops_inactive_params_so_full_runs_once() -> None:
 
 def test_set_overrides_reach_dotted_params_and_run_config() -> None:
     data = _space(_base_search(num_samples=8))
-    out = _split_overrides(
+    out = apply_search_overrides(
         data,
         {"search.params.plora.momentum.high": 0.3, "search.num_samples": 2, "train.max_steps": 4},
     )
@@ -343,7 +342,8 @@ def test_set_overrides_reach_dotted_params_and_run_config() -> None:
 def test_search_dir_writes_records_atomically(tmp_path: Path) -> None:
     sdir = SearchDir(str(tmp_path), "s")
     sdir.write_json("trials/abc.json", {"trial_id": "abc", "status": "completed"})
-    assert sdir.trial_record("abc") == {"trial_id": "abc", "status": "completed"}
+    rec = sdir.trial_record("abc")
+    assert rec is not None and (rec.trial_id, rec.status) == ("abc", "completed")
     assert [p.name for p in (tmp_path / "s" / "trials").iterdir()] == ["abc.json"]
     sdir.write_json("trials/run.json", {"status": "running"})
     assert sdir.trial_record("run") is None and sdir.trial_record("nope") is None
