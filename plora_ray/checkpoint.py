@@ -18,9 +18,9 @@ into it) holds:
 
 The backbone's change. Under PLoRA the frozen backbone itself changes at every unload, so a
 checkpoint must restore it; a full copy is what a 7B model costs (13 GB in bf16) per checkpoint.
-But an unload adds ``coef * B @ A`` to each target weight (``coef = (1 - m) * scaling``), a rank-r
-matrix. So a checkpoint stores, per unload and target layer, the fp32 factors ``B`` and ``A`` the
-unload merged (``r * (out + in)`` numbers instead of ``out * in``); resume rebuilds the
+But an unload adds ``coef * B @ A`` to each target weight (``coef``: ``plora.merge_coefficient``),
+a rank-r matrix. So a checkpoint stores, per unload and target layer, the fp32 factors ``B`` and
+``A`` the unload merged (``r * (out + in)`` numbers instead of ``out * in``); resume rebuilds the
 deterministic base model and re-applies the unloads in order with the same rounding and the same
 generator seeds the unload used, which gives the same bits. Exactness does not rest on that
 argument alone: while the unload runs, ``BackboneRecorder`` re-applies each layer's factors to the
@@ -29,7 +29,7 @@ weight's old value and compares the result with what the unload wrote; every ele
 value). Replay applies the exceptions after the factors, so the reconstruction equals the trained
 backbone bit for bit by construction, and ``digest.json`` checks it on load.
 
-``merge_rounding="from_base"`` (``plora.merge_from_base``) writes W_k = round_nearest(W_0 + Σ_{s<=k}
+``merge_rounding="from_base"`` (``merge.merge_from_base``) writes W_k = round_nearest(W_0 + Σ_{s<=k}
 coef_s·B_s·A_s) from the original weights instead of adding to the old value, so its replay of
 unload k is that expression over the factors of unloads 0..k -- the factors the records hold
 anyway, no extra storage -- with W_0 from the same source the run used (``base_weights``). The
@@ -54,6 +54,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from plora_ray.merge import merge_from_base
+from plora_ray.plora import base_param_name
+from plora_ray.store import atomic_write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -152,7 +158,7 @@ class UnloadDelta:
 GeneratorFactory = Callable[[int, int, Any], torch.Generator]
 # (weight in place, fp32 delta, rounding, generator): the add the unload performs.
 AddFunction = Callable[[torch.Tensor, torch.Tensor, str, torch.Generator], None]
-# Base parameter name -> the original weight W_0 (``plora.safetensors_base_weights``).
+# Base parameter name -> the original weight W_0 (``merge.safetensors_base_weights``).
 BaseWeights = Callable[[str], torch.Tensor]
 FROM_BASE = "from_base"
 
@@ -177,11 +183,11 @@ def replay_layer(
         delta: that layer's record.
         rounding: the unload's rounding mode (``nearest`` or ``stochastic``).
         generator: a generator in the state the unload's was in for this layer.
-        add: the in-place add with rounding the unload used (``plora.add_with_rounding``).
+        add: the in-place add with rounding the unload used (``merge.add_with_rounding``).
     """
     new = old.detach().clone()
     B, A = delta.B.to(new.device), delta.A.to(new.device)
-    # The same expression, in the same order, as the unload's ``(1 - m) * scaling * (b @ a)``.
+    # The same expression, in the same order, as the unload's ``coef * (b @ a)``.
     add(new, delta.coef * (B @ A), rounding, generator)
     return _apply_exceptions(new, delta)
 
@@ -198,9 +204,7 @@ def replay_layer_from_base(
         dtype: the backbone's dtype.
         device: where the unload computed (the weight's device).
     """
-    from plora_ray.plora import merge_from_base
-
-    # coef * B on CPU, as the unload's ``(1 - m) * scaling * b`` (one fp32 multiply, same bits).
+    # coef * B on CPU, as the unload's ``coef * b`` (one fp32 multiply, same bits).
     factors = [(d.coef * d.B, d.A) for d in deltas]
     new = merge_from_base(w0.to(device=device, dtype=torch.float32), factors, dtype)
     return _apply_exceptions(new, deltas[-1])
@@ -208,8 +212,6 @@ def replay_layer_from_base(
 
 def save_unload_delta(record: UnloadDelta, directory: str | os.PathLike[str]) -> Path:
     """Write one unload's record as ``unload_NNNN.safetensors`` (factors, exceptions, metadata)."""
-    from safetensors.torch import save_file
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -244,8 +246,6 @@ def load_unload_deltas(directory: str | os.PathLike[str]) -> list[UnloadDelta]:
     Raises:
         ValueError: a file without the unload metadata, or a gap in the unload indices.
     """
-    from safetensors import safe_open
-
     out: list[UnloadDelta] = []
     for path in sorted(Path(directory).glob("unload_*.safetensors")):
         with safe_open(str(path), framework="pt") as fh:
@@ -298,7 +298,7 @@ class BackboneRecorder:
         seed: the run seed, passed to ``generator_for``.
         generator_for: ``(unload index, layer index, device) -> torch.Generator`` as the unload
             seeds it.
-        add: the unload's in-place add with rounding (``plora.add_with_rounding``).
+        add: the unload's in-place add with rounding (``merge.add_with_rounding``).
         coef_for: ``pair -> float``, the fraction of ``scaling * B @ A`` an unload merges.
         rounding: the configured merge rounding (``nearest``, ``stochastic`` or ``from_base``).
         base_weights: the source of W_0 the unloads use with ``from_base`` (required then).
@@ -391,8 +391,6 @@ class BackboneRecorder:
         old = p.detach()
         want = value.detach().to(device=old.device, dtype=old.dtype)
         if self.rounding == FROM_BASE:
-            from plora_ray.plora import base_param_name
-
             assert self.base_weights is not None
             delta.base_name = base_param_name(pr.name)
             prior = [ld for rec in self.records for ld in rec.layers if ld.layer_index == i]
@@ -491,7 +489,7 @@ def replay_backbone(
         records: ``load_unload_deltas`` output.
         access: the ParamAccess used to read/write the frozen weights.
         generator_for: ``(unload index, layer index, device) -> generator``, as when recording.
-        add: ``plora.add_with_rounding``.
+        add: ``merge.add_with_rounding``.
         digests: expected sha256 per weight after the last unload (``backbone/digest.json``).
         base_weights: the run's W_0 source, for ``from_base`` records.
 
@@ -602,22 +600,24 @@ def full_backbone_bytes(model: torch.nn.Module) -> int:
 # --------------------------------------------------------------------------- state files
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON atomically (a reader never sees a half-written file)."""
-    p = Path(path)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=_json_default))
-    os.replace(tmp, p)
+def write_state(directory: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Write a checkpoint's ``state.json`` (rank 0), atomically.
+
+    Args:
+        directory: the checkpoint directory.
+        state: step, data position, divergence window, last unload, proxy values (JSON types).
+    """
+    atomic_write_json(Path(directory) / STATE_FILE, state, indent=1)
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+def read_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``write_state`` wrote into the checkpoint ``directory``.
+
+    Raises:
+        FileNotFoundError: the directory holds no ``state.json``.
+    """
+    state: dict[str, Any] = json.loads((Path(directory) / STATE_FILE).read_text())
+    return state
 
 
 # --------------------------------------------------------------------------- export
@@ -657,7 +657,8 @@ def export_model(
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     with _maybe_gathered(access, list(model.parameters())):
-        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        merge = getattr(model, "merge_and_unload", None)  # a peft model merges its adapter
+        merged: Any = merge() if merge is not None else model
         if not write:
             return out
         if tmp.exists():
@@ -681,6 +682,7 @@ __all__ = [
     "full_backbone_bytes",
     "load_backbone",
     "load_unload_deltas",
+    "read_state",
     "replay_backbone",
     "replay_layer",
     "replay_layer_from_base",
@@ -688,5 +690,5 @@ __all__ = [
     "save_backbone",
     "save_unload_delta",
     "tensor_digest",
-    "write_json",
+    "write_state",
 ]

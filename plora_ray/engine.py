@@ -51,7 +51,6 @@ DeepSpeed run to float rounding (``tests/test_engine.py`` checks it).
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import os
 import sys
@@ -85,7 +84,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DeepSpeedParamAccess",
     "build_engine",
-    "cleanup_shm",
     "deepspeed_config",
     "gather_full_state_dict",
     "init_distributed",
@@ -235,7 +233,7 @@ def build_engine(
     """
     import deepspeed
 
-    from plora_ray.plora import make_lr_scheduler
+    from plora_ray.lr_schedule import make_lr_scheduler
 
     ds_config = deepspeed_config(cfg, world_size, overrides)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -362,7 +360,7 @@ class DeepSpeedParamAccess:
         value = safe_get_full_fp32_param(p)
         if value is None:
             raise KeyError(f"parameter of shape {tuple(p.shape)} has no DeepSpeed fp32 master")
-        shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
+        shape = p.ds_shape if hasattr(p, "ds_id") else p.shape  # type: ignore[attr-defined]
         return value.detach().float().clone().reshape(shape)
 
     def write_trainable(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
@@ -394,7 +392,7 @@ class DeepSpeedParamAccess:
         if hasattr(p, "ds_id"):
             from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-            if p.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+            if p.ds_status == ZeroParamStatus.NOT_AVAILABLE:  # type: ignore[attr-defined]
                 with self.gathered([p]):
                     return p.detach().clone()
             return p.detach().clone()
@@ -408,11 +406,10 @@ class DeepSpeedParamAccess:
         if hasattr(p, "ds_id"):
             from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-            if p.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+            if p.ds_status == ZeroParamStatus.NOT_AVAILABLE:  # type: ignore[attr-defined]
                 # Called outside gathered(): gather just this parameter for the write.
-                with self.gathered([p]):
-                    with torch.no_grad():
-                        p.data.copy_(value.to(p.dtype).view(p.ds_shape))
+                with self.gathered([p]), torch.no_grad():
+                    p.data.copy_(value.to(p.dtype).view(p.ds_shape))  # type: ignore[attr-defined]
                 return
         with torch.no_grad():
             p.data.copy_(value.to(p.dtype).view_as(p))
@@ -515,7 +512,7 @@ class DeepSpeedParamAccess:
             ``{"exp_avg": Tensor, "exp_avg_sq": Tensor, "step": float}``; zeros and step 0
             before the first optimizer step.
         """
-        shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
+        shape = p.ds_shape if hasattr(p, "ds_id") else p.shape  # type: ignore[attr-defined]
         zeros = torch.zeros(shape, dtype=torch.float32)
         out: dict[str, Any] = {"exp_avg": zeros.clone(), "exp_avg_sq": zeros.clone(), "step": 0.0}
         if self.stage == 0:
@@ -602,26 +599,6 @@ def gather_full_state_dict(
             with access.gathered([p]):
                 out[name] = p.detach().clone().cpu()
     return out
-
-
-def cleanup_shm(master_addr: str, master_port: int | str) -> list[str]:
-    """Remove DeepSpeed's CPU shared-memory all-reduce buffers of one process group.
-
-    DeepSpeed's CPU backend creates
-    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
-    (``deepspeed/ops/csrc/cpu/comm/shm.cpp``) when ``LOCAL_SIZE`` equals the world size, and
-    never unlinks them. Call after the ranks have exited.
-
-    Returns:
-        The paths removed.
-    """
-    pattern = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_*"
-    removed = []
-    for path in glob.glob(pattern):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-            removed.append(path)
-    return removed
 
 
 @contextlib.contextmanager

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 from plora_ray.config import RunConfig, config_from_dict
+from plora_ray.lr_schedule import make_lr_scheduler
 from plora_ray.model import load_model
-from plora_ray.plora import PLoRA, attach_lora, make_lr_scheduler
+from plora_ray.plora import PLoRA, attach_lora
 
 VOCAB, SEQ, MICRO, GAS = 64, 8, 2, 2
 STEPS, UNLOAD_EVERY = 5, 2  # unloads after steps 2 and 4, then one more step

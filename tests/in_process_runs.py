@@ -26,7 +26,8 @@ def _shm() -> list[str]:
 
 def main(config: str, out_dir: str) -> None:
     from plora_ray.config import load_config
-    from plora_ray.train import FAULT_ENV, run_in_process
+    from plora_ray.executors import run_in_process
+    from plora_ray.preflight import FAULT_ENV
 
     out = Path(out_dir)
     cfg = load_config(config)

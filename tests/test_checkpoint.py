@@ -22,8 +22,9 @@ from plora_ray.checkpoint import (
     tensor_digest,
 )
 from plora_ray.config import LoraConfig, ModelConfig, PLoRAConfig, TinyModelConfig
+from plora_ray.merge import add_with_rounding
 from plora_ray.model import load_model, load_tokenizer
-from plora_ray.plora import PLoRA, TorchParamAccess, add_with_rounding, attach_lora, derive_seed
+from plora_ray.plora import PLoRA, TorchParamAccess, attach_lora, derive_seed
 
 TINY = ModelConfig(
     tiny=TinyModelConfig(
@@ -154,7 +155,8 @@ def _from_base_run(
     With ``model``/``records``/``state`` it continues a run as the trainer's resume does: the
     records loaded, the PLoRA state without its factors, the factors rebuilt from the records.
     """
-    from plora_ray.plora import lora_pairs, safetensors_base_weights
+    from plora_ray.merge import safetensors_base_weights
+    from plora_ray.plora import lora_pairs
 
     model = _base(seed) if model is None else model
     src = safetensors_base_weights(w0_file)
@@ -252,7 +254,7 @@ def test_from_base_records_replay_and_resume_bit_exactly(tmp_path):
 
     # The next unload of both runs writes the same bits, recorded without exceptions.
     g = torch.Generator().manual_seed(99)
-    for m, pl, r in ((model, plora, rec), (fresh, plora2, rec2)):
+    for _m, pl, r in ((model, plora, rec), (fresh, plora2, rec2)):
         g.manual_seed(99)
         for pr in pl.pairs:
             with torch.no_grad():

@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 
 from plora_ray.config import ConfigError, config_from_dict
+from plora_ray.shm import cleanup_shm
 
 WORKER = Path(__file__).with_name("ds_worker.py")
 FP32_TOL = 1e-4
@@ -176,8 +177,6 @@ def _launch(world: int, tmp: Path) -> dict[str, Any]:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-        from plora_ray.engine import cleanup_shm
-
         removed = cleanup_shm("127.0.0.1", port)
     for rank, (proc, out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"rank {rank} failed:\n{out[-6000:]}"

@@ -17,20 +17,12 @@ import torch
 
 from plora_ray import cli
 from plora_ray.config import ConfigError, config_from_dict, load_config
-from plora_ray.train import (
-    DEEPSPEED_OVERRIDES_ENV,
-    FAULT_ENV,
-    PROCESS_GROUP_DIR,
-    check_run_config,
-    cleanup_run_shm,
-    DivergenceGuard,
-    _truncate_metrics,
-    newest_checkpoint,
-    read_metrics,
-    run_in_process,
-    run_training,
-    total_steps,
-)
+from plora_ray.divergence import DivergenceGuard
+from plora_ray.executors import cleanup_run_shm, newest_checkpoint, run_in_process, run_training
+from plora_ray.preflight import DEEPSPEED_OVERRIDES_ENV, FAULT_ENV, check_run_config
+from plora_ray.shm import PROCESS_GROUP_DIR
+from plora_ray.store import read_metrics
+from plora_ray.training_run import total_steps, truncate_metrics
 
 # Two workers, ZeRO-2 in bf16, unload every 3 steps, a checkpoint every 2 steps and at each
 # unload (steps 2, 3, 4, 6, 8), 8 steps, a tiny evaluation at the end.
@@ -134,7 +126,7 @@ def test_train_command_writes_metrics_checkpoints_and_a_loadable_model(reference
     running = [r for r in records if r["status"] == "running"]
     assert [r["step"] for r in running] == [2, 3, 4, 6, 8]
     for r in running:
-        assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
+        assert set(r) >= RUN_KEYS, RUN_KEYS - set(r)
         assert r["loss"] > 0 and r["tokens_per_s"] > 0 and r["tokens"] > 0
     assert [r["step"] for r in running if r["unload"]] == [3, 6]
     assert [r["stage"] for r in running] == [0, 1, 1, 2, 2]
@@ -208,11 +200,14 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(
 
     ref = read_metrics(ref_out / "metrics.jsonl")
     got = read_metrics(out / "metrics.jsonl")
-    curve = lambda rs: [
-        (r["step"], r["loss"], r["lr"], r["samples"], r["tokens"])  # noqa: E731
-        for r in rs
-        if r.get("status") == "running"
-    ]
+
+    def curve(rs):
+        return [
+            (r["step"], r["loss"], r["lr"], r["samples"], r["tokens"])
+            for r in rs
+            if r.get("status") == "running"
+        ]
+
     assert curve(got) == curve(ref)
     assert got[-1]["objectives"] == ref[-1]["objectives"]
     a = load_file(ref_out / "model" / "model.safetensors")
@@ -429,8 +424,9 @@ def test_zero3_full_fine_tuning_evaluates_the_whole_model_on_every_rank(
             }
         ),
     )
-    from plora_ray.evaluate import proxy_nll
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from plora_ray.proxy import proxy_nll
 
     data = {
         "method": "full",
@@ -642,5 +638,5 @@ def test_resume_truncates_metrics_after_the_checkpoint(tmp_path):
     lines = [{"step": s, "status": "running"} for s in (2, 4, 6)]
     lines.append({"status": "failed", "final": True})
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 8, "sta')
-    _truncate_metrics(path, 4)
+    truncate_metrics(path, 4)
     assert [r["step"] for r in read_metrics(path)] == [2, 4]
