@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -107,7 +108,8 @@ def _actor_rows() -> list[dict[str, Any]]:
     accessor = ray._private.state.state._connect_and_get_accessor()
     rows = []
     for raw in accessor.get_actor_table(None, None):
-        d = gcs_pb2.ActorTableData.FromString(raw)
+        # Generated protobuf module: no stubs for its message classes (ray 2.60.0).
+        d = gcs_pb2.ActorTableData.FromString(raw)  # type: ignore[attr-defined]
         rows.append(
             {
                 "cls": d.class_name,
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         address="local",
         num_cpus=args.num_cpus,
         include_dashboard=False,
-        logging_level="ERROR",
+        logging_level=logging.ERROR,
         log_to_driver=False,
     )
     results = []

@@ -289,13 +289,13 @@ def parse_objective_block(raw: Any, problems: list[str]) -> ObjectiveSpec | None
                 f"maximize/minimize, found {p!r}"
             )
             return None
-        ok = all(
-            [
-                _metric_ok(m, f"{where}.pareto.{m}", problems)
-                and _direction_ok(d, f"{where}.pareto.{m}", problems)
-                for m, d in p.items()
-            ]
-        )
+        # Every metric is checked (not only up to the first bad one): all problems are reported.
+        checks = [
+            _metric_ok(m, f"{where}.pareto.{m}", problems)
+            and _direction_ok(d, f"{where}.pareto.{m}", problems)
+            for m, d in p.items()
+        ]
+        ok = all(checks)
         return ObjectiveSpec("pareto", tuple(p), tuple(p.values())) if ok else None
     direction = raw.get("direction")
     if kind == "metric" and not _metric_ok(raw["metric"], f"{where}.metric", problems):

@@ -268,7 +268,7 @@ class MasterCopyAccess:
     def reset_optimizer_state(self, params: list[torch.nn.Parameter]) -> None:
         for p in params:
             state = self.optimizer.state.get(self.masters[id(p)])
-            for key, value in (state or {}).items():
+            for value in (state or {}).values():
                 if torch.is_tensor(value):
                     value.zero_()
 
