@@ -40,12 +40,16 @@ from plora_ray.shm import cleanup_shm
 
 WORKER = Path(__file__).with_name("ds_worker.py")
 FP32_TOL = 1e-4
+# bf16 noise of DeepSpeed's 2-rank reduction against the reference. The maxima depend on the
+# CPU's kernels: Adam's moments reached 0.08 on an AVX-512 host and exp_avg_sq 0.0813 on an AMD
+# EPYC without AVX-512 (z3_bf16_w2_persistent), so they get 0.1. The negative control below
+# (module-only writes) is 10x the LoRA tolerance or more, so the check still tells the two apart.
 BF16_TOL = {
     "backbone_targets": 1e-2,
     "lora_A": 6e-2,
     "lora_B": 6e-2,
-    "exp_avg": 8e-2,
-    "exp_avg_sq": 8e-2,
+    "exp_avg": 1e-1,
+    "exp_avg_sq": 1e-1,
 }
 
 
