@@ -8,7 +8,7 @@ side, the same evaluation (``plora_ray.evaluate.evaluate_model``) runs twice:
 * ``rank0``: ``eval.sharded = false``: rank 0 scores every document, rank 1 waits for the
   broadcast result (what a trial pays when only rank 0 evaluates);
 * ``sharded``: ``eval.sharded = true``: each rank scores half of the documents and the responses
-  are gathered with ``all_gather_object`` (see ``plora_ray.evaluate.ShardedLM``).
+  are gathered with ``all_gather_object`` (see ``plora_ray.eval_sharding.ShardedLM``).
 
 A warm-up evaluation runs first so neither mode pays one-time imports. Tasks: GSM8K 0-shot
 (generation), MMLU 0-shot (all 57 subjects), ARC-Easy, ARC-Challenge, and the NLL proxy, each on

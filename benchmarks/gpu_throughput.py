@@ -43,12 +43,15 @@ import socket
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from benchmarks.common import print_table, write_result
 from plora_ray.config import LLAMA_LINEAR_TARGETS, LoraConfig, TinyModelConfig, config_from_dict
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 # LLaMA-7B (Touvron et al. 2023, table 2) and the quick CPU stand-in.
 LLAMA_7B = TinyModelConfig(
@@ -126,7 +129,7 @@ def _ensure_process_group_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def build_model(shape: TinyModelConfig, vocab: int, device: torch.device) -> torch.nn.Module:
+def build_model(shape: TinyModelConfig, vocab: int, device: torch.device) -> LlamaForCausalLM:
     """Random-weight LLaMA of ``shape`` built in bf16 directly on ``device`` (no fp32 CPU copy)."""
     from transformers import LlamaForCausalLM
 
@@ -222,10 +225,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     t0 = time.perf_counter()
-    model = build_model(shape, vocab, device)
+    llama = build_model(shape, vocab, device)
     if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = attach_lora(model, LoraConfig(rank=8, alpha=16.0, targets=list(LLAMA_LINEAR_TARGETS)))
+        llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = attach_lora(llama, LoraConfig(rank=8, alpha=16.0, targets=list(LLAMA_LINEAR_TARGETS)))
     counts = count_params(model)
     engine, _, scheduler = build_engine(model, cfg, world, stage_length_steps=1)
     access = DeepSpeedParamAccess(engine)
@@ -341,7 +344,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [
             {
                 "figure": "params (total / frozen matmul / lora)",
-                "value": f"{counts['n_total']:,} / {counts['n_frozen_matmul']:,} / {counts['n_lora']:,}",
+                "value": (
+                    f"{counts['n_total']:,} / {counts['n_frozen_matmul']:,} / {counts['n_lora']:,}"
+                ),
             },
             {"figure": "tokens per step", "value": tokens_per_step},
             {"figure": "achieved TFLOP/s", "value": round(achieved_tflops, 3)},

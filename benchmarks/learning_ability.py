@@ -47,14 +47,19 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import parse_args, print_table, write_result
-from plora_ray.config import LLAMA_LINEAR_TARGETS, LoraConfig, ModelConfig, PLoRAConfig
-from plora_ray.config import TinyModelConfig
+from plora_ray.config import (
+    LLAMA_LINEAR_TARGETS,
+    LoraConfig,
+    ModelConfig,
+    PLoRAConfig,
+    TinyModelConfig,
+)
 from plora_ray.model import load_model
 from plora_ray.plora import PLoRA, TorchParamAccess, attach_lora, effective_rank, lora_pairs
 
@@ -64,24 +69,24 @@ LOSS_NAME = "layerwise_normalised_mse"
 
 def settings(quick: bool) -> dict[str, Any]:
     """Benchmark settings; ``quick`` halves the steps per stage (T = 64 unloads either way)."""
-    return dict(
-        seed=0,
-        hidden=64,
-        intermediate=176,
-        layers=1,
-        length=32,
-        train_seqs=48,
-        val_seqs=16,
-        test_seqs=16,
-        batch_tokens=256,
+    return {
+        "seed": 0,
+        "hidden": 64,
+        "intermediate": 176,
+        "layers": 1,
+        "length": 32,
+        "train_seqs": 48,
+        "val_seqs": 16,
+        "test_seqs": 16,
+        "batch_tokens": 256,
         # T = steps / unload_every = 64 unloads: T·r >= 64 = d at rank 1.
-        steps=768 if quick else 1536,
-        unload_every=12 if quick else 24,
-        perturb=0.5,
-        ranks=[1, 8],
+        "steps": 768 if quick else 1536,
+        "unload_every": 12 if quick else 24,
+        "perturb": 0.5,
+        "ranks": [1, 8],
         # One grid for every method, so no method gets a finer search than another.
-        lr_grid={m: [1e-3, 3e-3, 1e-2, 3e-2] for m in ("full", "lora", "plora")},
-    )
+        "lr_grid": {m: [1e-3, 3e-3, 1e-2, 3e-2] for m in ("full", "lora", "plora")},
+    }
 
 
 def target_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
@@ -185,15 +190,17 @@ def run_method(
     torch.manual_seed(s["seed"])  # peft draws the initial A from the global RNG
     model = copy.deepcopy(task.base)
     if method == "full":
-        layers: list[torch.nn.Module] = [m for _, m in target_linears(model)]
-        params = [m.weight for m in layers]  # type: ignore[union-attr]
+        linears = [m for _, m in target_linears(model)]
+        layers: list[torch.nn.Module] = list(linears)
+        params: list[torch.Tensor] = [m.weight for m in linears]
         for p in params:
             p.requires_grad_(True)
         w0 = [p.detach().clone() for p in params]
     else:
         model = attach_lora(model, LoraConfig(rank=rank, alpha=2.0 * rank), "lora")
         pairs = lora_pairs(model)
-        layers = [p.layer for p in pairs]
+        # peft's LoraLayer is typed as a mixin; every LoRA layer here is a module.
+        layers = [cast(torch.nn.Module, p.layer) for p in pairs]
         params = [t for p in pairs for t in (p.A, p.B)]
         w0 = [p.base.detach().clone() for p in pairs]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -234,8 +241,8 @@ def run_method(
             ranks.append(effective_rank(p.detach() - w, thr))
             dims.append(min(p.shape))
     else:
-        for p, w in zip(lora_pairs(model), w0):
-            total = p.base.detach() - w + p.scaling * p.B.detach() @ p.A.detach()
+        for pair, w in zip(lora_pairs(model), w0):
+            total = pair.base.detach() - w + pair.scaling * pair.B.detach() @ pair.A.detach()
             ranks.append(effective_rank(total, thr))
             dims.append(min(total.shape))
     unloads = plora.num_unloads if plora is not None else 0

@@ -28,7 +28,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -36,19 +36,14 @@ from benchmarks.common import parse_args, print_table, write_result
 from plora_ray.config import (
     BUNDLED_DATA_DIR,
     LoraConfig,
+    MergeRounding,
     ModelConfig,
     PLoRAConfig,
     TinyModelConfig,
 )
+from plora_ray.merge import safetensors_base_weights
 from plora_ray.model import load_model, load_tokenizer
-from plora_ray.plora import (
-    PLoRA,
-    TorchParamAccess,
-    attach_lora,
-    base_param_name,
-    lora_pairs,
-    safetensors_base_weights,
-)
+from plora_ray.plora import PLoRA, TorchParamAccess, attach_lora, base_param_name, lora_pairs
 
 ROUNDINGS = ("nearest", "stochastic", "from_base")
 MODEL_CFG = ModelConfig(tiny=TinyModelConfig(), dtype="bfloat16")
@@ -108,7 +103,7 @@ def new_plora(
         unload_every=every,
         unload_unit="steps",
         momentum=s["momentum"],
-        merge_rounding=rounding,
+        merge_rounding=cast(MergeRounding, rounding),
         rank_sample_layers=0,
     )
     return PLoRA(

@@ -37,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -50,21 +50,21 @@ VOCAB = 2048
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    return dict(
-        hidden=64 if quick else 128,
-        intermediate=176 if quick else 352,
-        layers=2 if quick else 4,
-        heads=4,
-        batch=4,
-        length=64 if quick else 128,
-        steps=100 if quick else 300,
-        unload_every_run=20 if quick else 50,
-        memory_steps=20 if quick else 60,
-        realistic_interval=200,
-        warmup=3,
-        rank=8,
-        seed=0,
-    )
+    return {
+        "hidden": 64 if quick else 128,
+        "intermediate": 176 if quick else 352,
+        "layers": 2 if quick else 4,
+        "heads": 4,
+        "batch": 4,
+        "length": 64 if quick else 128,
+        "steps": 100 if quick else 300,
+        "unload_every_run": 20 if quick else 50,
+        "memory_steps": 20 if quick else 60,
+        "realistic_interval": 200,
+        "warmup": 3,
+        "rank": 8,
+        "seed": 0,
+    }
 
 
 def build(s: dict[str, Any], device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -75,8 +75,10 @@ def build(s: dict[str, Any], device: str) -> tuple[torch.nn.Module, torch.optim.
         num_attention_heads=s["heads"],
         num_key_value_heads=s["heads"],
     )
-    dtype = "bfloat16" if device == "cuda" else "float32"
-    model = load_model(ModelConfig(tiny=tiny, dtype=dtype), seed=s["seed"], vocab_size=VOCAB)
+    dtype: Literal["bfloat16", "float32"] = "bfloat16" if device == "cuda" else "float32"
+    model: torch.nn.Module = load_model(
+        ModelConfig(tiny=tiny, dtype=dtype), seed=s["seed"], vocab_size=VOCAB
+    )
     torch.manual_seed(s["seed"])
     model = attach_lora(model, LoraConfig(rank=s["rank"])).to(device)
     opt = torch.optim.AdamW(
@@ -183,7 +185,7 @@ def peak_memory_child(method: str, s: dict[str, Any], device: str) -> dict[str, 
             rss_max = max(rss_max, current_rss())
     sync(device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = {
+    out: dict[str, float] = {
         "rss_before_bytes": before,
         "rss_peak_bytes": peak,
         "rss_start_bytes": rss0,

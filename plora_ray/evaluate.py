@@ -5,10 +5,9 @@ Three entry points:
 - ``evaluate_model(model, tokenizer, ev)``: the in-memory model (inside a trial). The model is
   wrapped in lm-eval's ``HFLM`` and the tasks of ``plora_ray.tasks`` (the stock lm-eval task
   configs on the local data) run through ``lm_eval.evaluator.evaluate``. With ``world_size > 1``
-  and ``ev.sharded`` the documents are split across ranks: see ``ShardedLM``.
-- ``proxy_nll(model, tokenizer, ev)``: mean per-token negative log-likelihood of the reference
-  GSM8K solutions given the question (``gsm8k_nll``) and of the MMLU gold answer letters
-  (``mmlu_nll``); no generation, so it is cheap enough for early-stopping rungs.
+  and ``ev.sharded`` the documents are split across ranks: see ``plora_ray.eval_sharding``.
+  It adds the cheap proxy objective of ``plora_ray.proxy`` (``gsm8k_nll``, ``mmlu_nll``).
+- ``run_tasks(lm, ev)``: the same tasks with any lm-eval LM (where another backend plugs in).
 - ``eval_command(args)``: ``plora-ray eval --model DIR ...`` on an exported checkpoint.
 
 The flat ``objectives`` map holds plain floats: ``gsm8k`` (exact match, strict-match filter),
@@ -29,13 +28,11 @@ the ``vllm`` package in the environment. The tasks are unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -43,10 +40,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+# Sets the hub's offline switches before lm-eval (and through it `datasets` and the hub client)
+# is first imported: no machine of this project reaches a hub.
+import plora_ray.tasks.offline  # noqa: F401
+
+# isort: split
+from lm_eval.api.model import LM
+from lm_eval.evaluator import evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.utils import handle_non_serializable, make_table
 
 from plora_ray.config import EvalConfig, ModelConfig
+from plora_ray.eval_sharding import broadcast_from_rank0, check_distributed, shard_lm
+from plora_ray.eval_state import eval_mode, preserved_rng
 from plora_ray.model import load_model, load_tokenizer
+from plora_ray.proxy import proxy_nll
 from plora_ray.tasks import (
     TASK_NAMES,
     DataError,
@@ -55,18 +64,11 @@ from plora_ray.tasks import (
     check_data,
     check_task_names,
     fixed_subsample,
-    stock_config,
 )
-from plora_ray.tasks.local_data import data_root, mmlu_subjects, read_gsm8k, read_mmlu
+from plora_ray.tasks.local_data import data_root
 
 if TYPE_CHECKING:
-    from lm_eval.api.instance import Instance
-    from lm_eval.api.model import LM
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-# plora_ray.tasks (imported above) sets HF_DATASETS_OFFLINE / HF_HUB_OFFLINE before lm-eval is
-# first loaded, so no hub is tried. lm-eval itself is imported inside the functions that use it:
-# the training loop imports proxy_nll from here, which needs no lm-eval.
 
 # Seeds lm-eval's simple_evaluate uses by default (random 0; numpy, torch, few-shot 1234), so a
 # run here samples the same few-shot examples as `lm_eval --tasks ...` would.
@@ -118,166 +120,35 @@ class EvalResult:
 # --------------------------------------------------------------------------- lm-eval models
 
 
-def _local_hflm(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int, max_gen_toks: int
-) -> LM:
-    """lm-eval's HFLM around an in-memory model, with our default generation cap."""
-    from lm_eval.models.huggingface import HFLM
+class LocalHFLM(HFLM):
+    """lm-eval's HFLM around an in-memory model, with our default cap on generated tokens.
 
-    class LocalHFLM(HFLM):
-        # HFLM's default cap on generated tokens is a fixed 256; a task's own max_gen_toks in
-        # its generation_kwargs still wins over this, as in lm-eval.
-        @property
-        def max_gen_toks(self) -> int:
-            return max_gen_toks
-
-    return LocalHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-
-
-def _shard_of(requests: list[Instance], world_size: int) -> list[int]:
-    """Rank of each request: documents (task, doc_id) dealt round-robin in first-seen order.
-
-    Whole documents, not single requests, go to a rank, because HFLM scores the choices of a
-    multiple-choice document that share a context in one forward pass.
-    """
-    owner: dict[tuple[str | None, int | None], int] = {}
-    out = []
-    for r in requests:
-        key = (r.task_name, r.doc_id)
-        if key not in owner:
-            owner[key] = len(owner) % world_size
-        out.append(owner[key])
-    return out
-
-
-def shard_lm(inner: LM, rank: int, world_size: int) -> LM:
-    """Wrap an lm-eval LM so this rank scores only its share of documents (see ShardedLM).
-
-    Call the wrapped LM's methods on every rank of the default process group with the same
-    requests (lm-eval builds them deterministically); each rank returns all responses.
+    HFLM's default cap on generated tokens is a fixed 256; a task's own max_gen_toks in its
+    generation_kwargs still wins over this, as in lm-eval.
 
     Args:
-        inner: the model (e.g. HFLM) that scores this rank's requests.
-        rank: this process's rank.
-        world_size: the number of ranks.
+        model: the causal LM.
+        tokenizer: its tokenizer.
+        batch_size: requests per forward pass.
+        max_gen_toks: the cap on generated tokens where a task sets none (``eval.max_gen_toks``).
     """
-    from lm_eval.api.model import LM
 
-    class ShardedLM(LM):
-        """Scores this rank's share of the documents with ``inner`` and gathers all answers.
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int,
+        max_gen_toks: int,
+    ) -> None:
+        self._default_max_gen_toks = max_gen_toks
+        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
-        lm-eval builds every request on every rank (this LM reports rank 0 of 1), so the
-        few-shot contexts are exactly those of a single-process run; each rank runs only the
-        requests of its documents through the model, the responses are exchanged with
-        ``torch.distributed.all_gather_object``, and every rank applies lm-eval's filters and
-        metrics to the full set. lm-eval 0.4.13's own data parallelism is not used: HFLM drops it
-        for a model passed as an instance (rank 0 of 1), it needs ``accelerate launch``, and it
-        builds few-shot contexts per rank, so 5-shot GSM8K prompts would change with the number
-        of ranks.
-        """
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def _run(self, method: str, requests: list[Instance], **kw: Any) -> list[Any]:
-            owners = _shard_of(requests, world_size)
-            mine = [i for i, o in enumerate(owners) if o == rank]
-            outs = getattr(self.inner, method)([requests[i] for i in mine], **kw) if mine else []
-            gathered: list[Any] = [None] * world_size
-            dist.all_gather_object(gathered, list(zip(mine, outs, strict=True)))
-            result: list[Any] = [None] * len(requests)
-            seen = 0
-            for part in gathered:
-                for i, out in part:
-                    result[i] = out
-                    seen += 1
-            if seen != len(requests):
-                raise RuntimeError(
-                    f"sharded evaluation: gathered {seen} responses for "
-                    f"{len(requests)} requests (ranks built different requests)"
-                )
-            return result
-
-        def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Any]:
-            return self._run("loglikelihood", requests, disable_tqdm=disable_tqdm)
-
-        def loglikelihood_rolling(
-            self, requests: list[Instance], disable_tqdm: bool = False
-        ) -> list[Any]:
-            return self._run("loglikelihood_rolling", requests, disable_tqdm=disable_tqdm)
-
-        def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[Any]:
-            return self._run("generate_until", requests, disable_tqdm=disable_tqdm)
-
-        def apply_chat_template(
-            self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
-        ) -> str:
-            return self.inner.apply_chat_template(chat_history, add_generation_prompt)
-
-        @property
-        def tokenizer_name(self) -> str:
-            return self.inner.tokenizer_name
-
-        def chat_template(self, chat_template: bool | str = False) -> str | None:
-            return self.inner.chat_template(chat_template)
-
-    return ShardedLM()
+    @property
+    def max_gen_toks(self) -> int:
+        return self._default_max_gen_toks
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def _preserved_rng() -> Iterator[None]:
-    """lm-eval seeds the global RNGs (and datasets draws from them); give the trainer its
-    random, numpy and torch streams back untouched."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _check_distributed(rank: int, world_size: int) -> None:
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(
-            f"rank/world_size: expected 0 <= rank < world_size, found rank={rank}, "
-            f"world_size={world_size}"
-        )
-    if world_size > 1:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                f"world_size={world_size} needs an initialized torch.distributed "
-                "process group (Ray Train workers have one)"
-            )
-        if dist.get_world_size() != world_size or dist.get_rank() != rank:
-            raise ValueError(
-                f"rank/world_size ({rank}/{world_size}) differ from the process "
-                f"group's ({dist.get_rank()}/{dist.get_world_size()})"
-            )
-
-
-def _broadcast(obj: Any, rank: int) -> Any:
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def objectives_from_results(results: dict[str, Any]) -> dict[str, float]:
@@ -348,7 +219,7 @@ def run_tasks(
         )
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
-    with _preserved_rng():
+    with preserved_rng():
         for name, obj in tasks.items():
             _run_one(lm, ev, name, obj, results, seconds)
     return results, seconds
@@ -358,8 +229,6 @@ def _run_one(
     lm: LM, ev: EvalConfig, name: str, obj: Any, results: dict[str, Any], seconds: dict[str, float]
 ) -> None:
     """One top-level task through lm_eval.evaluator.evaluate, merged into ``results``."""
-    from lm_eval.evaluator import evaluate
-
     t0 = time.perf_counter()
     task_dict = as_task_dict(obj)
     samples = {}
@@ -425,8 +294,8 @@ def evaluate_model(
         RuntimeError: world_size > 1 without an initialized process group.
     """
     _validate(ev)
-    _check_distributed(rank, world_size)
-    with _preserved_rng():
+    check_distributed(rank, world_size)
+    with preserved_rng():
         return _evaluate_model(model, tokenizer, ev, rank, world_size)
 
 
@@ -447,8 +316,8 @@ def _evaluate_model(
 
     payload: tuple[dict[str, Any], dict[str, float], dict[str, float]] | None = None
     if runs_here:
-        with _eval_mode(model):
-            lm = _local_hflm(model, tokenizer, ev.batch_size, ev.max_gen_toks)
+        with eval_mode(model):
+            lm: LM = LocalHFLM(model, tokenizer, ev.batch_size, ev.max_gen_toks)
             if sharded:
                 lm = shard_lm(lm, rank, world_size)
             results, seconds = run_tasks(lm, ev, tasks)
@@ -480,7 +349,7 @@ def _evaluate_model(
         objectives.update(proxy)
         payload = (results, objectives, seconds)
     if world_size > 1 and not sharded:
-        payload = _broadcast(payload, rank)
+        payload = broadcast_from_rank0(payload, rank)
     assert payload is not None
     results, objectives, seconds = payload
     return EvalResult(
@@ -493,169 +362,6 @@ def _evaluate_model(
 
 def _lm_eval_version() -> str:
     return version("lm_eval")
-
-
-# --------------------------------------------------------------------------- proxy objective
-
-
-def _proxy_pairs(
-    ev: EvalConfig, tokenizer: PreTrainedTokenizerBase
-) -> dict[str, list[tuple[str, str]]]:
-    """(context, continuation) text pairs per proxy, prompts rendered from the stock configs."""
-    from lm_eval.utils import apply_template
-
-    root = data_root(ev.data_dir)
-    docs: dict[str, list[tuple[str, str, str]]] = {}  # key -> (context, delimiter, answer)
-    if "gsm8k" in ev.tasks:
-        cfg = stock_config("gsm8k/gsm8k.yaml")
-        rows = read_gsm8k(root, "test")
-        idx = fixed_subsample("gsm8k_nll", len(rows), ev.proxy_samples, ev.limit_seed)
-        picked = rows if idx is None else [rows[i] for i in idx]
-        docs["gsm8k_nll"] = [
-            (apply_template(cfg["doc_to_text"], d), " ", apply_template(cfg["doc_to_target"], d))
-            for d in picked
-        ]
-    if "mmlu" in ev.tasks:
-        cfg = stock_config("mmlu/default/_default_template_yaml")
-        letters = cfg["doc_to_choice"]
-        pool: list[tuple[str, dict[str, Any]]] = []
-        for subject in mmlu_subjects(root):
-            pool.extend((subject, d) for d in read_mmlu(root, "test", subject))
-        idx = fixed_subsample("mmlu_nll", len(pool), ev.proxy_samples, ev.limit_seed)
-        picked_m = pool if idx is None else [pool[i] for i in idx]
-        out = []
-        for subject, d in picked_m:
-            description = stock_config(f"mmlu/default/mmlu_{subject}.yaml").get("description", "")
-            out.append(
-                (description + apply_template(cfg["doc_to_text"], d), " ", letters[d["answer"]])
-            )
-        docs["mmlu_nll"] = out
-    pairs: dict[str, list[tuple[str, str]]] = {}
-    for key, items in docs.items():
-        if ev.chat_format:
-            # The training chat format: the prompt as the user turn, the answer as the
-            # assistant turn, scored on everything the template puts after the generation prompt.
-            pairs[key] = []
-            for ctx, _, answer in items:
-                user = [{"role": "user", "content": ctx}]
-                prefix = tokenizer.apply_chat_template(
-                    user, add_generation_prompt=True, tokenize=False
-                )
-                full = tokenizer.apply_chat_template(
-                    user + [{"role": "assistant", "content": answer}], tokenize=False
-                )
-                if not full.startswith(prefix):
-                    raise ValueError(
-                        "eval.chat_format: the tokenizer's chat template does not "
-                        "extend the generation prompt with the assistant turn"
-                    )
-                pairs[key].append((prefix, full[len(prefix) :]))
-        else:
-            pairs[key] = [(ctx, delim + answer) for ctx, delim, answer in items]
-    return pairs
-
-
-def _sum_nll(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: list[tuple[str, str]],
-    batch_size: int,
-    chat: bool,
-) -> tuple[float, int]:
-    """Summed NLL of the continuation tokens and their count, batched with left padding."""
-    device = next(model.parameters()).device
-    max_len = int(getattr(getattr(model, "config", None), "max_position_embeddings", 4096))
-    encoded = []
-    for ctx, cont in pairs:
-        # As HFLM does: the context with the tokenizer's special tokens (unless the chat
-        # template already wrote them), the continuation without.
-        c_ids = tokenizer(ctx, add_special_tokens=not chat)["input_ids"]
-        a_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
-        ids = (c_ids + a_ids)[-max_len:]
-        encoded.append((ids, min(len(a_ids), len(ids) - 1)))
-    encoded.sort(key=lambda x: len(x[0]))
-    total, count = 0.0, 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with torch.no_grad():
-        for b in range(0, len(encoded), batch_size):
-            batch = encoded[b : b + batch_size]
-            width = max(len(ids) for ids, _ in batch)
-            keep = max(n for _, n in batch) + 1
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, (ids, _) in enumerate(batch):
-                input_ids[i, width - len(ids) :] = torch.tensor(ids)
-                mask[i, width - len(ids) :] = 1
-            # Left padding puts every continuation at the end, so only the last `keep` positions
-            # need logits (a vocabulary-sized row per position is most of the memory).
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=position_ids.to(device),
-                logits_to_keep=keep,
-            )
-            logp = torch.log_softmax(out.logits.float(), dim=-1)
-            for i, (ids, n) in enumerate(batch):
-                if n <= 0:
-                    continue
-                # logits at position t predict token t+1; the last n tokens are the continuation.
-                targets = torch.tensor(ids[-n:], device=logp.device)
-                rows = logp[i, keep - 1 - n : keep - 1]
-                total -= float(rows.gather(-1, targets[:, None]).sum())
-                count += n
-    return total, count
-
-
-def proxy_nll(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    ev: EvalConfig,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-) -> dict[str, float]:
-    """Mean per-token NLL of reference answers: ``gsm8k_nll`` and ``mmlu_nll``; no generation.
-
-    ``gsm8k_nll``: the reference solutions of a fixed-seed subsample of ``ev.proxy_samples``
-    GSM8K test problems, given the 0-shot stock prompt (``Question: ...\\nAnswer:``).
-    ``mmlu_nll``: the gold answer letter of ``ev.proxy_samples`` MMLU test questions (over all
-    subjects), given the 0-shot stock prompt. Each is computed for the task present in
-    ``ev.tasks``; token-weighted over the subsample. With ``ev.chat_format`` the prompt is the
-    user turn of the tokenizer's chat template and the answer the assistant turn.
-    With ``world_size > 1`` (call on every rank) each rank scores every world_size-th document and
-    the sums are gathered with ``all_gather_object``; every rank returns the same numbers.
-
-    Args:
-        model: the causal LM.
-        tokenizer: its tokenizer.
-        ev: eval settings (tasks, proxy_samples, limit_seed, chat_format, batch_size, data_dir).
-        rank: this process's rank.
-        world_size: number of ranks.
-
-    Returns:
-        ``{"gsm8k_nll": float, "mmlu_nll": float}`` for the tasks present; ``{}`` when
-        ``ev.proxy_samples`` is 0.
-
-    Raises:
-        DataError: a missing data file or column.
-        ValueError: a chat template that cannot separate prompt and answer.
-    """
-    _check_distributed(rank, world_size)
-    if ev.proxy_samples == 0:
-        return {}
-    pairs = _proxy_pairs(ev, tokenizer)
-    sums: dict[str, tuple[float, int]] = {}
-    with _preserved_rng(), _eval_mode(model):
-        for key, items in pairs.items():
-            sums[key] = _sum_nll(
-                model, tokenizer, items[rank::world_size], ev.batch_size, ev.chat_format
-            )
-    if world_size > 1:
-        gathered: list[Any] = [None] * world_size
-        dist.all_gather_object(gathered, sums)
-        sums = {k: (sum(g[k][0] for g in gathered), sum(g[k][1] for g in gathered)) for k in sums}
-    return {k: total / count for k, (total, count) in sums.items() if count > 0}
 
 
 # --------------------------------------------------------------------------- command line
@@ -716,8 +422,6 @@ def eval_command(args: Any) -> int:
     Returns:
         0 on success, 2 on bad input (message on stderr, before the model is loaded).
     """
-    from lm_eval.utils import handle_non_serializable, make_table
-
     names = [t.strip() for t in str(args.tasks).split(",") if t.strip()]
     defaults = EvalConfig()
     if args.num_fewshot is not None:
@@ -749,7 +453,8 @@ def eval_command(args: Any) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if torch.cuda.is_available():
-        model = model.to("cuda")
+        # transformers wraps Module.to with functools.wraps, so mypy sees the unbound signature.
+        model = model.to("cuda")  # type: ignore[arg-type]
     result = evaluate_model(model, tokenizer, ev)
     print(make_table(result.results))
     if "groups" in result.results:
@@ -777,9 +482,7 @@ __all__ = [
     "check_model_dir",
     "eval_command",
     "evaluate_model",
-    "fixed_subsample",
+    "LocalHFLM",
     "objectives_from_results",
-    "proxy_nll",
     "run_tasks",
-    "shard_lm",
 ]

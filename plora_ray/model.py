@@ -8,16 +8,24 @@ BPE, 2,048 tokens) trained offline on the bundled GSM8K train split and shipped 
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as tokenizer_models
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 from plora_ray.config import BUNDLED_DATA_DIR, ModelConfig, TinyModelConfig
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_TOKENIZER_DIR = ASSETS / "tiny_tokenizer"
@@ -57,15 +65,12 @@ def build_tiny_tokenizer(out_dir: Path = TINY_TOKENIZER_DIR, vocab_size: int = 2
 
     Deterministic for a given tokenizers version; the result is shipped, so users never run this.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     texts = []
     with open(BUNDLED_DATA_DIR / "gsm8k" / "train.jsonl") as fh:
         for line in fh:
             rec = json.loads(line)
             texts.append(rec["question"] + "\n" + rec["answer"])
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(tokenizer_models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -96,8 +101,6 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     Raises:
         FileNotFoundError: a local directory without tokenizer files.
     """
-    from transformers import AutoTokenizer
-
     source = cfg.tokenizer or cfg.path or str(TINY_TOKENIZER_DIR)
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
@@ -111,9 +114,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def tiny_llama_config(tiny: TinyModelConfig, vocab_size: int) -> Any:
-    from transformers import LlamaConfig
-
+def tiny_llama_config(tiny: TinyModelConfig, vocab_size: int) -> LlamaConfig:
+    """The tiny LLaMA's transformers config (``model.tiny``) for a vocabulary of ``vocab_size``."""
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=tiny.hidden_size,
@@ -122,7 +124,7 @@ def tiny_llama_config(tiny: TinyModelConfig, vocab_size: int) -> Any:
         num_attention_heads=tiny.num_attention_heads,
         num_key_value_heads=tiny.num_key_value_heads,
         max_position_embeddings=tiny.max_position_embeddings,
-        rope_theta=tiny.rope_theta,
+        rope_parameters={"rope_theta": tiny.rope_theta, "rope_type": "default"},
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
@@ -141,8 +143,6 @@ def load_model(cfg: ModelConfig, seed: int = 0, vocab_size: int | None = None) -
     Raises:
         FileNotFoundError: ``model.path`` is a directory without weights or config.
     """
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
-
     dtype = DTYPES[cfg.dtype]
     if cfg.tiny is not None:
         if vocab_size is None:
@@ -153,7 +153,10 @@ def load_model(cfg: ModelConfig, seed: int = 0, vocab_size: int | None = None) -
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config)
-        return model.to(dtype)
+        # transformers wraps Module.to with functools.wraps, so mypy sees the unbound signature.
+        return model.to(dtype)  # type: ignore[arg-type]
+    # ModelConfig's own check: exactly one of model.path and model.tiny is set.
+    assert cfg.path is not None
     try:
         return AutoModelForCausalLM.from_pretrained(
             cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
@@ -180,8 +183,6 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - maintenance entry point
-    import argparse
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--build-tokenizer", action="store_true")
     if ap.parse_args().build_tokenizer:

@@ -22,24 +22,12 @@ Unload semantics (per target layer, with ΔW = scaling * B @ A computed in fp32)
   The adapter then holds m²·ΔW, so each unload drops m(1-m)·ΔW of the learnt update and the
   model's outputs jump. Offered for faithful reproduction only.
 
-Merge precision: the fp32 merge is rounded into the backbone's dtype (``plora.merge_rounding``).
-``"nearest"`` silently drops per-element updates below half a bf16 ulp, so it is biased for
-small, consistent updates. ``"stochastic"`` (the default) rounds up with probability equal to the
-fractional distance to the next representable value: unbiased, and it needs only per-layer
-temporaries, but its zero-mean error adds up like a random walk over unloads. ``"from_base"``
-(``PLoRA(..., base_weights=source)``; the trainer passes the model's safetensors or, for the tiny
-model, a copy of its initial weights) escapes that walk without device memory of backbone size:
-the unload keeps each layer's merged low-rank factors ((1-m)·scaling·B and A, fp32, on CPU) and
-writes W_k = round_nearest(W_0 + Σ_{s<=k} intended_s), with W_0 re-read layer by layer from its
-source, so the error is one rounding of the exact target and does not grow with the number of
-unloads. Its costs: CPU memory for the factors growing with T, one (out x T·r)·(T·r x in) product
-per layer per unload, and a read of W_0. The checkpoint replays it from the factors it stores
-anyway (``checkpoint.replay_backbone``). The measured errors of the three modes are in README and
-``benchmarks/merge_precision.py``. Each unload reports ``merge_rel_error`` = ||applied -
-intended||_F / ||intended||_F over all layers (applied = W_after - W_before in fp32, intended =
-(1-m)·ΔW) and ``cumulative_rel_error`` = ||(W_now - W_0) - Σ intended||_F / ||Σ intended||_F over
-the tracked layers (those sampled for the rank metric, or every layer with
-``track_all_layers=True``).
+Merge precision: the fp32 merge is rounded into the backbone's dtype (``plora.merge_rounding``:
+nearest, stochastic or from_base; what each costs and guarantees is in ``plora_ray.merge``).
+Each unload reports ``merge_rel_error`` = ||applied - intended||_F / ||intended||_F over all
+layers (applied = W_after - W_before in fp32, intended = (1-m)·ΔW) and ``cumulative_rel_error`` =
+||(W_now - W_0) - Σ intended||_F / ||Σ intended||_F over the tracked layers (those sampled for the
+rank metric, or every layer with ``track_all_layers=True``).
 
 Effective rank: ``effective_rank(M, thr)`` = the number of singular values of M above
 thr · σ_max (``plora.rank_threshold``), the one definition used everywhere; reported at each
@@ -67,50 +55,35 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, cast, get_args
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
 from torch import nn
 
-from plora_ray.config import (
-    ElementRounding,
-    LoraConfig,
-    Method,
-    OptimConfig,
-    PLoRAConfig,
-    check_section,
-)
+from plora_ray.config import LoraConfig, Method, PLoRAConfig, check_section
+from plora_ray.lr_schedule import RestartableLR
+from plora_ray.merge import merge_from_base, round_to_dtype
 from plora_ray.model import check_lora_targets
 
 # The choices come from the config's types, so a new one is added in one place.
 METHODS: tuple[str, ...] = get_args(Method)
-# What round_to_dtype does element-wise; from_base is an unload mode built on "nearest".
-ROUNDINGS: tuple[str, ...] = get_args(ElementRounding)
 
 __all__ = [
     "LoraPair",
     "PLoRA",
     "ParamAccess",
-    "RestartableLR",
     "TorchParamAccess",
     "UnloadReport",
-    "add_with_rounding",
     "attach_lora",
     "base_param_name",
     "derive_seed",
     "effective_rank",
     "lora_init_A",
     "lora_pairs",
-    "make_lr_scheduler",
     "merge_coefficient",
-    "merge_from_base",
-    "round_to_dtype",
-    "safetensors_base_weights",
     "unload_due",
 ]
 
@@ -197,7 +170,7 @@ def lora_pairs(model: nn.Module) -> list[LoraPair]:
     return pairs
 
 
-# --------------------------------------------------------------------------- pure helpers
+# --------------------------------------------------------------------------- seeds, points, rank
 
 
 def derive_seed(*parts: object) -> int:
@@ -253,65 +226,6 @@ def effective_rank(matrix: torch.Tensor, rel_threshold: float) -> int:
     return int((s > rel_threshold * s[0]).sum())
 
 
-def round_to_dtype(
-    x: torch.Tensor, dtype: torch.dtype, rounding: str, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Round an fp32 tensor to ``dtype`` by round-to-nearest or stochastic rounding.
-
-    Stochastic rounding picks the next representable value away from the nearest one with
-    probability equal to the distance to it over the spacing, so E[result] = x. For bf16 it adds
-    16 random low bits to the fp32 bit pattern and truncates (sign-magnitude truncation rounds the
-    magnitude, which is unbiased for both signs); for fp16 it compares against ``nextafter``.
-    fp32 targets are returned as they are.
-
-    Raises:
-        ValueError: unknown ``rounding``, or a non-fp32 input.
-    """
-    if rounding not in ROUNDINGS:
-        raise _bad("plora.merge_rounding", "one of " + ", ".join(ROUNDINGS), rounding)
-    if x.dtype != torch.float32:
-        raise _bad("x.dtype", "torch.float32", x.dtype)
-    if dtype == torch.float32:
-        return x
-    if rounding == "nearest" or dtype not in (torch.bfloat16, torch.float16):
-        return x.to(dtype)
-    if dtype == torch.bfloat16:
-        bits = x.contiguous().view(torch.int32)
-        noise = torch.randint(
-            0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=x.device
-        )
-        # -65536 == ~0xFFFF: clear the 16 bits bf16 drops; the bf16 cast is then exact.
-        return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
-    near = x.to(dtype)
-    err = x - near.float()
-    toward = torch.where(
-        err > 0,
-        torch.tensor(math.inf, dtype=dtype, device=x.device),
-        torch.tensor(-math.inf, dtype=dtype, device=x.device),
-    )
-    other = torch.nextafter(near, toward)
-    spacing = (other.float() - near.float()).abs()
-    prob = torch.where(spacing > 0, err.abs() / spacing, torch.zeros_like(err))
-    u = torch.rand(x.shape, generator=generator, device=x.device)
-    return torch.where(u < prob, other, near)
-
-
-def add_with_rounding(
-    weight: torch.Tensor,
-    delta_fp32: torch.Tensor,
-    rounding: str,
-    generator: torch.Generator | None,
-) -> None:
-    """In place: weight <- round(weight + delta) in weight's dtype (the sum is formed in fp32).
-
-    Memory: one fp32 copy of this one tensor (plus random bits for stochastic rounding), never
-    of the whole backbone.
-    """
-    with torch.no_grad():
-        total = weight.float() + delta_fp32.to(device=weight.device, dtype=torch.float32)
-        weight.copy_(round_to_dtype(total, weight.dtype, rounding, generator))
-
-
 def merge_coefficient(momentum: float, scaling: float) -> float:
     """The factor an unload merges a layer's ``B @ A`` with: (1 - m) * scaling.
 
@@ -335,61 +249,6 @@ def base_param_name(pair_name: str) -> str:
     prefix = "base_model.model."
     name = pair_name[len(prefix) :] if pair_name.startswith(prefix) else pair_name
     return name + ".weight"
-
-
-def merge_from_base(
-    w0: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
-) -> torch.Tensor:
-    """``from_base``'s new weight: round_nearest(W_0 + Σ_s B_s A_s) in ``dtype``, on W_0's device.
-
-    One product of the stacked factors, Σ_s B_s A_s = [B_1 .. B_k] [A_1; ..; A_k], in fp32. The
-    unload and the checkpoint replay both call this, so they compute the same bits.
-
-    Args:
-        w0: the original weight (any float dtype; the sum is formed in fp32).
-        factors: ``(coef_s * B_s, A_s)`` of every unload so far, fp32, in unload order.
-        dtype: the backbone's dtype.
-    """
-    dev = w0.device
-    bs = torch.cat([b for b, _ in factors], dim=1).to(dev)
-    as_ = torch.cat([a for _, a in factors], dim=0).to(dev)
-    return round_to_dtype(w0.to(torch.float32) + bs @ as_, dtype, "nearest", None)
-
-
-def safetensors_base_weights(model_dir: str | Path) -> Callable[[str], torch.Tensor]:
-    """A ``base_weights`` source reading W_0 from a model directory's ``*.safetensors`` files.
-
-    The files are memory-mapped (``safe_open``); each call loads one tensor, so at most one layer
-    of the original weights is resident at a time.
-
-    Args:
-        model_dir: a directory (every ``*.safetensors`` file in it) or one ``.safetensors`` file.
-
-    Raises:
-        FileNotFoundError: the directory has no ``*.safetensors`` file.
-        KeyError: (when called) a name no file holds.
-    """
-    given = Path(model_dir)
-    files = [given] if given.is_file() else sorted(given.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(
-            f"base weights: expected *.safetensors files in {model_dir}, found none"
-        )
-    where: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                where[key] = f
-
-    def read(name: str) -> torch.Tensor:
-        if name not in where:
-            raise KeyError(
-                f"base weights in {model_dir}: expected a tensor named {name!r}, found none"
-            )
-        with safe_open(str(where[name]), framework="pt") as fh:
-            return fh.get_tensor(name)
-
-    return read
 
 
 def lora_init_A(rank: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
@@ -475,88 +334,6 @@ class TorchParamAccess:
                     value.zero_()
                 elif key == "step":
                     state[key] = 0
-
-
-# --------------------------------------------------------------------------- LR schedule
-
-
-class RestartableLR(torch.optim.lr_scheduler.LRScheduler):
-    """LR = base_lr · factor(t), t = steps since the stage began; ``restart()`` starts a stage.
-
-    factor: constant 1; warmup_restart min(1, (t+1)/warmup); cosine_restart the same warmup then
-    cosine from 1 down to ``min_lr_ratio`` at t = stage_length - 1 (held there after).
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        schedule: str,
-        warmup_steps: int,
-        min_lr_ratio: float,
-        stage_length_steps: int | None,
-    ) -> None:
-        self.schedule = schedule
-        self.warmup_steps = warmup_steps
-        self.min_lr_ratio = min_lr_ratio
-        self.stage_length_steps = stage_length_steps
-        self.stage_start = 0
-        super().__init__(optimizer)
-
-    def factor(self, t: int) -> float:
-        """The LR multiplier t steps into a stage (t = 0 for the stage's first step)."""
-        if self.schedule == "constant":
-            return 1.0
-        warm = self.warmup_steps
-        if t < warm:
-            return (t + 1) / warm
-        if self.schedule == "warmup_restart":
-            return 1.0
-        length = self.stage_length_steps or 1
-        span = max(1, length - 1 - warm)
-        progress = min(1.0, (t - warm) / span)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
-            1 + math.cos(math.pi * progress)
-        )
-
-    def get_lr(self) -> list[float]:  # type: ignore[override]
-        f = self.factor(self.last_epoch - self.stage_start)
-        return [float(base) * f for base in self.base_lrs]
-
-    def restart(self) -> None:
-        """Begin a new stage now: the next optimizer step uses factor(0)."""
-        self.stage_start = self.last_epoch
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
-            group["lr"] = lr
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-
-def make_lr_scheduler(
-    optimizer: torch.optim.Optimizer, optim: OptimConfig, stage_length_steps: int | None
-) -> RestartableLR:
-    """The run's LR schedule; PLoRA calls ``restart()`` at each unload.
-
-    Args:
-        optimizer: the optimizer whose param groups' ``lr`` is the base LR.
-        optim: schedule (constant | warmup_restart | cosine_restart), warmup_steps, min_lr_ratio.
-        stage_length_steps: optimizer steps per stage (``PLoRA.stage_length_steps``, or the run's
-            total steps for LoRA / full fine-tuning); needed by cosine_restart.
-
-    Raises:
-        ValueError: a value the ``optim`` section's own check rejects (a ``ConfigError`` naming
-            e.g. ``optim.schedule``), or ``cosine_restart`` without a stage length.
-    """
-    check_section(optim, "optim")
-    if optim.schedule == "cosine_restart" and (
-        stage_length_steps is None or stage_length_steps < 1
-    ):
-        raise _bad(
-            "stage_length_steps",
-            "an integer >= 1 for optim.schedule cosine_restart",
-            stage_length_steps,
-        )
-    return RestartableLR(
-        optimizer, optim.schedule, optim.warmup_steps, optim.min_lr_ratio, stage_length_steps
-    )
 
 
 # --------------------------------------------------------------------------- the method

@@ -130,8 +130,8 @@ def test_corrupt_json_line_error_names_file_line_and_what_was_found(tmp_path):
     [
         (
             {"prompt": "x", "completion": "y"},
-            "expected a record with 'messages', 'conversations', or 'question' and 'answer', found keys "
-            "['completion', 'prompt']",
+            "expected a record with 'messages', 'conversations', or 'question' and 'answer', "
+            "found keys ['completion', 'prompt']",
         ),
         (
             {"messages": [{"role": "user", "content": "hi"}]},

@@ -21,18 +21,14 @@ import torch
 import yaml
 
 from plora_ray.config import EvalConfig, ModelConfig, TinyModelConfig
-from plora_ray.evaluate import (
-    evaluate_model,
-    fixed_subsample,
-    objectives_from_results,
-    proxy_nll,
-    run_tasks,
-    shard_lm,
-)
+from plora_ray.eval_sharding import shard_lm
+from plora_ray.evaluate import evaluate_model, objectives_from_results, run_tasks
+from plora_ray.proxy import proxy_nll
 from plora_ray.tasks import (
     DataError,
     build_leaf_task,
     build_tasks,
+    fixed_subsample,
     mmlu_subject_categories,
     stock_tasks_dir,
 )
@@ -65,7 +61,7 @@ class _Rules:
         """generate_until returns answers[question] for the question the context ends with."""
 
         class ScriptedLM(_lm_base()):  # type: ignore[misc]
-            def generate_until(self, requests, disable_tqdm=False):  # noqa: ANN001
+            def generate_until(self, requests, disable_tqdm=False):
                 out = []
                 for r in requests:
                     ctx = r.args[0]
@@ -73,10 +69,10 @@ class _Rules:
                     out.append(answers[q])
                 return out
 
-            def loglikelihood(self, requests, disable_tqdm=False):  # noqa: ANN001
+            def loglikelihood(self, requests, disable_tqdm=False):
                 raise NotImplementedError
 
-            def loglikelihood_rolling(self, requests, disable_tqdm=False):  # noqa: ANN001
+            def loglikelihood_rolling(self, requests, disable_tqdm=False):
                 raise NotImplementedError
 
         return ScriptedLM()
@@ -86,15 +82,15 @@ class _Rules:
         """Every multiple-choice request: the continuation ' <letter>' is the most likely."""
 
         class ConstantLetterLM(_lm_base()):  # type: ignore[misc]
-            def loglikelihood(self, requests, disable_tqdm=False):  # noqa: ANN001
+            def loglikelihood(self, requests, disable_tqdm=False):
                 return [
                     (0.0, True) if r.args[1] == f" {letter}" else (-5.0, False) for r in requests
                 ]
 
-            def generate_until(self, requests, disable_tqdm=False):  # noqa: ANN001
+            def generate_until(self, requests, disable_tqdm=False):
                 raise NotImplementedError
 
-            def loglikelihood_rolling(self, requests, disable_tqdm=False):  # noqa: ANN001
+            def loglikelihood_rolling(self, requests, disable_tqdm=False):
                 raise NotImplementedError
 
         return ConstantLetterLM()
@@ -107,17 +103,17 @@ class _Rules:
             return int(hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:8], 16)
 
         class HashLM(_lm_base()):  # type: ignore[misc]
-            def loglikelihood(self, requests, disable_tqdm=False):  # noqa: ANN001
+            def loglikelihood(self, requests, disable_tqdm=False):
                 if seen is not None:
                     seen.append(len(requests))
                 return [(-(h(*r.args) % 1000) / 100.0, False) for r in requests]
 
-            def generate_until(self, requests, disable_tqdm=False):  # noqa: ANN001
+            def generate_until(self, requests, disable_tqdm=False):
                 if seen is not None:
                     seen.append(len(requests))
                 return [f"#### {h(r.args[0]) % 7}" for r in requests]
 
-            def loglikelihood_rolling(self, requests, disable_tqdm=False):  # noqa: ANN001
+            def loglikelihood_rolling(self, requests, disable_tqdm=False):
                 raise NotImplementedError
 
         return HashLM()
@@ -188,7 +184,10 @@ def test_local_tasks_build_the_same_requests_as_the_stock_tasks(tmp_path: Path) 
     hub = tmp_path / "hub"
     # GSM8K: the local files already are the hub schema; a 30-problem few-shot pool.
     gsm = {
-        s: [json.loads(x) for x in open(BUNDLED_DATA_DIR / "gsm8k" / f"{s}.jsonl")][:n]
+        s: [
+            json.loads(x)
+            for x in (BUNDLED_DATA_DIR / "gsm8k" / f"{s}.jsonl").read_text().splitlines()
+        ][:n]
         for s, n in (("train", 30), ("test", 4))
     }
     for split, rows in gsm.items():
@@ -328,7 +327,9 @@ def test_mmlu_group_tree_matches_the_stock_group_configs() -> None:
 
 
 def test_gsm8k_strict_match_scores_outputs_with_the_right_final_number(tmp_path: Path) -> None:
-    rows = [json.loads(x) for x in open(BUNDLED_DATA_DIR / "gsm8k" / "test.jsonl")][:4]
+    rows = [
+        json.loads(x) for x in (BUNDLED_DATA_DIR / "gsm8k" / "test.jsonl").read_text().splitlines()
+    ][:4]
     gold = [r["answer"].split("#### ")[-1].strip() for r in rows]
     answers = {
         rows[0]["question"]: f"Some steps.\n#### {gold[0]}",  # strict 1, flexible 1
@@ -408,7 +409,7 @@ def test_fixed_subsample_is_seeded_sorted_and_not_the_first_documents() -> None:
 def test_shard_assignment_keeps_documents_whole_and_alternates_ranks() -> None:
     from lm_eval.api.instance import Instance
 
-    from plora_ray.evaluate import _shard_of
+    from plora_ray.eval_sharding import _shard_of
 
     reqs = [
         Instance("loglikelihood", {}, ("c", f" {k}"), k, ("t", doc, 1))
@@ -472,7 +473,9 @@ def test_proxy_nll_matches_a_direct_computation(tiny: tuple[Any, Any]) -> None:
     model, tok = tiny
     ev = EvalConfig(tasks=["gsm8k"], proxy_samples=3, limit_seed=5, batch_size=2)
     got = proxy_nll(model, tok, ev)
-    rows = [json.loads(x) for x in open(BUNDLED_DATA_DIR / "gsm8k" / "test.jsonl")]
+    rows = [
+        json.loads(x) for x in (BUNDLED_DATA_DIR / "gsm8k" / "test.jsonl").read_text().splitlines()
+    ]
     idx = fixed_subsample("gsm8k_nll", len(rows), 3, 5)
     assert idx is not None
     total, count = 0.0, 0
@@ -671,7 +674,7 @@ def test_sharded_evaluation_on_two_ranks_equals_the_single_process_result(
     # contexts included), while each rank scored half of the requests.
     assert ranks[0]["results"] == expected and ranks[1]["results"] == expected
     assert [a + b for a, b in zip(ranks[0]["seen"], ranks[1]["seen"], strict=True)] == seen
-    assert all(0 < s for s in ranks[0]["seen"] + ranks[1]["seen"])
+    assert all(s > 0 for s in ranks[0]["seen"] + ranks[1]["seen"])
     # The real HFLM path: the same objectives on both ranks and as a single process.
     model, tok = tiny
     alone = evaluate_model(

@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from plora_ray.config import LLAMA_LINEAR_TARGETS, LoraConfig, ModelConfig, OptimConfig, PLoRAConfig
-from plora_ray.config import TinyModelConfig
+from plora_ray.config import (
+    LLAMA_LINEAR_TARGETS,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    PLoRAConfig,
+    TinyModelConfig,
+)
+from plora_ray.lr_schedule import make_lr_scheduler
+from plora_ray.merge import round_to_dtype, safetensors_base_weights
 from plora_ray.model import load_model
 from plora_ray.plora import (
     PLoRA,
@@ -18,9 +26,6 @@ from plora_ray.plora import (
     attach_lora,
     effective_rank,
     lora_pairs,
-    make_lr_scheduler,
-    round_to_dtype,
-    safetensors_base_weights,
     unload_due,
 )
 
