@@ -51,11 +51,12 @@ DeepSpeed run to float rounding (``tests/test_engine.py`` checks it).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -78,13 +79,22 @@ os.environ.setdefault(
     ),
 )
 
-if TYPE_CHECKING:
-    from deepspeed import DeepSpeedEngine
+# After TORCH_EXTENSIONS_DIR: DeepSpeed reads it when it first builds an op.
+import deepspeed
+from deepspeed import DeepSpeedEngine
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+)
+
+from plora_ray.ds_config import deepspeed_config
+from plora_ray.lr_schedule import make_lr_scheduler
 
 __all__ = [
     "DeepSpeedParamAccess",
     "build_engine",
-    "deepspeed_config",
     "gather_full_state_dict",
     "init_distributed",
     "zero3_whole_model",
@@ -94,109 +104,12 @@ __all__ = [
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def deepspeed_config(
-    cfg: RunConfig, world_size: int, overrides: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The DeepSpeed config dict for a run config on ``world_size`` data-parallel ranks.
-
-    Args:
-        cfg: the run config; reads ``batch``, ``optim``, ``deepspeed`` and ``model.dtype``.
-        world_size: number of data-parallel ranks (``resources.num_workers`` in a Ray run).
-        overrides: extra DeepSpeed keys merged in last (nested dicts are merged key by key), for
-            settings the run-config schema does not expose (e.g. a test forcing ZeRO-3 to
-            partition even tiny parameters with ``stage3_param_persistence_threshold: 0``).
-
-    Raises:
-        ValueError: the global batch is not a whole number of micro batches per rank, an offload
-            setting does not fit the ZeRO stage, or the model dtype does not fit ``deepspeed.bf16``.
-    """
-    ds = cfg.deepspeed
-    b = cfg.batch
-    if world_size < 1:
-        raise ValueError(f"world_size: expected an integer >= 1, found {world_size!r}")
-    per_step = b.micro_batch * world_size
-    if b.global_batch % per_step != 0:
-        raise ValueError(
-            f"batch.global_batch: expected a multiple of batch.micro_batch x world size = "
-            f"{b.micro_batch} x {world_size} = {per_step}, found {b.global_batch}"
-        )
-    if ds.offload_optimizer and ds.zero_stage == 0:
-        raise ValueError(
-            "deepspeed.offload_optimizer: expected deepspeed.zero_stage >= 1 (ZeRO-Offload "
-            f"partitions the optimizer), found zero_stage={ds.zero_stage}"
-        )
-    if ds.offload_param and ds.zero_stage != 3:
-        raise ValueError(
-            "deepspeed.offload_param: expected deepspeed.zero_stage = 3 (only ZeRO-3 partitions "
-            f"parameters), found zero_stage={ds.zero_stage}"
-        )
-    if cfg.model.dtype == "float16":
-        # fp16 needs dynamic loss scaling, which skips optimizer steps on overflow; PLoRA counts
-        # steps and samples for its unload points, so a skipped step would shift them silently.
-        raise ValueError(
-            "model.dtype: expected 'bfloat16' or 'float32' under DeepSpeed (fp16 loss scaling "
-            "skips steps), found 'float16'"
-        )
-    if cfg.model.dtype == "bfloat16" and not ds.bf16:
-        # Without the bf16 section DeepSpeed would run AdamW directly on bf16 weights (no fp32
-        # master copy), where updates of size lr x 1 round away against weights of size ~1.
-        raise ValueError(
-            "deepspeed.bf16: expected true when model.dtype is 'bfloat16' (DeepSpeed keeps fp32 "
-            "master weights only in bf16 mode), found false; set deepspeed.bf16=true or "
-            "model.dtype=float32"
-        )
-    cuda = torch.cuda.is_available()
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
-    if ds.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
-    o = cfg.optim
-    config: dict[str, Any] = {
-        "train_batch_size": b.global_batch,
-        "train_micro_batch_size_per_gpu": b.micro_batch,
-        "gradient_accumulation_steps": b.global_batch // per_step,
-        "gradient_clipping": float(o.grad_clip) if o.grad_clip is not None else 0.0,
-        "bf16": {"enabled": bool(ds.bf16)},
-        "zero_optimization": zero,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": o.lr,
-                "betas": list(o.betas),
-                "eps": o.eps,
-                "weight_decay": o.weight_decay,
-                # torch.optim.AdamW instead of FusedAdam / DeepSpeedCPUAdam: see module docstring.
-                "torch_adam": True,
-            },
-        },
-        # The training loop logs; DeepSpeed's own periodic prints would only add noise.
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    if overrides:
-        _merge_into(config, overrides)
-    return config
-
-
-def _merge_into(base: dict[str, Any], extra: dict[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge_into(base[key], value)
-        else:
-            base[key] = value
-
-
 def init_distributed(timeout_s: float = 600.0) -> None:
     """Initialise ``deepspeed.comm`` from the usual env vars (RANK, WORLD_SIZE, MASTER_ADDR/PORT).
 
     A no-op when torch.distributed is already initialised (e.g. by Ray Train's TorchTrainer).
     gloo on CPU, nccl on CUDA (DeepSpeed's accelerator picks).
     """
-    import datetime
-
-    import deepspeed
-
     deepspeed.init_distributed(
         auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s)
     )
@@ -231,10 +144,6 @@ def build_engine(
     Raises:
         ValueError: from ``deepspeed_config``, or when the model has no trainable parameter.
     """
-    import deepspeed
-
-    from plora_ray.lr_schedule import make_lr_scheduler
-
     ds_config = deepspeed_config(cfg, world_size, overrides)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -342,8 +251,6 @@ class DeepSpeedParamAccess:
         if self.stage != 3:
             yield
             return
-        import deepspeed
-
         with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0):
             yield
 
@@ -355,8 +262,6 @@ class DeepSpeedParamAccess:
         """
         if self.stage == 0:
             return self._master_of(p).detach().float().clone()
-        from deepspeed.utils import safe_get_full_fp32_param
-
         value = safe_get_full_fp32_param(p)
         if value is None:
             raise KeyError(f"parameter of shape {tuple(p.shape)} has no DeepSpeed fp32 master")
@@ -377,8 +282,6 @@ class DeepSpeedParamAccess:
                 if master is not p:
                     p.data.copy_(value.to(p.dtype).view_as(p))
             return
-        from deepspeed.utils import safe_set_full_fp32_param
-
         # Each rank copies its own fragment of the full value into its fp32 partition.
         safe_set_full_fp32_param(p, value.float())
         self._write_module(p, value)
@@ -390,8 +293,6 @@ class DeepSpeedParamAccess:
         here if the caller has not.
         """
         if hasattr(p, "ds_id"):
-            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
             if p.ds_status == ZeroParamStatus.NOT_AVAILABLE:  # type: ignore[attr-defined]
                 with self.gathered([p]):
                     return p.detach().clone()
@@ -403,14 +304,11 @@ class DeepSpeedParamAccess:
         self._write_module(p, value.detach())
 
     def _write_module(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
-        if hasattr(p, "ds_id"):
-            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-            if p.ds_status == ZeroParamStatus.NOT_AVAILABLE:  # type: ignore[attr-defined]
-                # Called outside gathered(): gather just this parameter for the write.
-                with self.gathered([p]), torch.no_grad():
-                    p.data.copy_(value.to(p.dtype).view(p.ds_shape))  # type: ignore[attr-defined]
-                return
+        # ZeRO-3, called outside gathered(): gather just this parameter for the write.
+        if hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.NOT_AVAILABLE:  # type: ignore[attr-defined]
+            with self.gathered([p]), torch.no_grad():
+                p.data.copy_(value.to(p.dtype).view(p.ds_shape))  # type: ignore[attr-defined]
+            return
         with torch.no_grad():
             p.data.copy_(value.to(p.dtype).view_as(p))
 
@@ -522,8 +420,6 @@ class DeepSpeedParamAccess:
                     out[key] = state[key].detach().float().clone().view(shape)
             out["step"] = _step_value(state)
             return out
-        from deepspeed.utils import safe_get_full_optimizer_state
-
         if self.stage in (1, 2):
             step_state = self._stage12_state_of(p)
         else:
@@ -617,8 +513,6 @@ def zero3_whole_model(engine: Any) -> Iterator[None]:
     re-registration invalidates ZeRO-3's prefetch trace; the next training step records it again.
     Memory: the whole model in the module's dtype on every rank while inside.
     """
-    import deepspeed
-
     offload = engine.optimizer.parameter_offload
     module = offload.module
     params = list(module.parameters())

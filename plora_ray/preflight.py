@@ -19,7 +19,7 @@ from typing import Any
 
 from plora_ray.base_weights import from_base_source_problem
 from plora_ray.config import ConfigError, RunConfig
-from plora_ray.engine import deepspeed_config
+from plora_ray.ds_config import deepspeed_config
 
 __all__ = [
     "DEEPSPEED_OVERRIDES_ENV",

@@ -286,7 +286,7 @@ def _cfg(**sections: Any):
 
 
 def test_deepspeed_config_carries_run_config_settings():
-    from plora_ray.engine import deepspeed_config
+    from plora_ray.ds_config import deepspeed_config
 
     cfg = _cfg(
         batch={"global_batch": 24, "micro_batch": 4},
@@ -352,7 +352,7 @@ def test_deepspeed_config_carries_run_config_settings():
     ],
 )
 def test_deepspeed_config_rejects_bad_combinations_naming_the_key(sections, world, needle):
-    from plora_ray.engine import deepspeed_config
+    from plora_ray.ds_config import deepspeed_config
 
     try:
         cfg = _cfg(**sections)

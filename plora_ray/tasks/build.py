@@ -20,7 +20,13 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import datasets
+from lm_eval.api.group import Group
+from lm_eval.api.task import ConfigurableTask, Task
+from lm_eval.config.group import GroupConfig
+from lm_eval.tasks import TaskManager
 
 from plora_ray.config import EVAL_TASKS
 from plora_ray.tasks.local_data import (
@@ -38,11 +44,6 @@ from plora_ray.tasks.stock import (
     stock_file_of,
     stock_tasks_dir,
 )
-
-if TYPE_CHECKING:
-    import datasets
-    from lm_eval.api.group import Group
-    from lm_eval.api.task import ConfigurableTask, Task
 
 # The task names ``build_tasks`` accepts: the config's list, so the two cannot disagree.
 TASK_NAMES = EVAL_TASKS
@@ -85,8 +86,6 @@ class LocalDataset:
         self.name, self.root, self.splits = name, root, splits
 
     def __call__(self, **_: Any) -> datasets.DatasetDict:
-        import datasets
-
         return datasets.DatasetDict(
             {k: datasets.Dataset.from_list(v) for k, v in self.splits.items()}
         )
@@ -210,8 +209,6 @@ def build_leaf_task(
         ValueError: few-shot requested for ARC (no train split is shipped).
         DataError: a missing or malformed data file.
     """
-    from lm_eval.api.task import ConfigurableTask
-
     cfg = leaf_task_config(name, stock_config(stock_file_of(name)), root, limit, limit_seed)
     if num_fewshot is not None:
         cfg["num_fewshot"] = num_fewshot
@@ -249,9 +246,6 @@ def build_mmlu(
     Raises:
         DataError: a missing or malformed MMLU file.
     """
-    from lm_eval.api.group import Group
-    from lm_eval.config.group import GroupConfig
-
     groups, tags = mmlu_index()
 
     def build(gname: str) -> Group:
@@ -303,8 +297,6 @@ def build_tasks(
 
 def as_task_dict(obj: Task | Group) -> dict[str, Any]:
     """``{"tasks", "groups", "group_map"}`` as lm-eval's ``TaskManager.load`` returns it."""
-    from lm_eval.tasks import TaskManager
-
     # An empty index (no default task folders scanned): load() only flattens our objects.
     return dict(TaskManager(include_defaults=False).load([obj]))
 

@@ -17,6 +17,12 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import lm_eval
+import lm_eval.tasks
+
+# Private in lm-eval 0.4.13: the loader that resolves !function tags and includes as lm-eval does.
+from lm_eval.tasks._yaml_loader import load_yaml
+
 # The stock config files, relative to lm_eval/tasks/.
 STOCK_FILES = {
     "gsm8k": "gsm8k/gsm8k.yaml",
@@ -28,8 +34,6 @@ MMLU_DIR = "mmlu/default"
 
 def stock_tasks_dir() -> Path:
     """The ``lm_eval/tasks`` folder of the installed lm-eval."""
-    import lm_eval.tasks
-
     return Path(lm_eval.tasks.__file__).resolve().parent
 
 
@@ -42,12 +46,8 @@ def stock_config(relpath: str) -> dict[str, Any]:
     Raises:
         FileNotFoundError: the installed lm-eval has no such config (a different version).
     """
-    from lm_eval.tasks._yaml_loader import load_yaml
-
     path = stock_tasks_dir() / relpath
     if not path.is_file():
-        import lm_eval
-
         raise FileNotFoundError(
             f"lm-eval {getattr(lm_eval, '__version__', '?')} has no task config {relpath!r} "
             f"(looked in {path.parent}); plora-ray derives its tasks from lm-eval 0.4.x configs"
@@ -65,8 +65,6 @@ def stock_file_of(name: str) -> str:
 @functools.lru_cache(maxsize=1)
 def mmlu_index() -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """The stock MMLU configs (cached): groups by name, and each subject task's tag (category)."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
     groups: dict[str, dict[str, Any]] = {}
     tags: dict[str, str] = {}
     for path in sorted((stock_tasks_dir() / MMLU_DIR).glob("*.yaml")):
