@@ -5,6 +5,8 @@
 #   jobs/llama7b_plora.sh [more plora-ray search options, e.g. --resume, --name NAME, --set k=v ...]
 #
 # RAY_ADDRESS    the cluster's job server (default http://127.0.0.1:8265: a local head).
+# RAY_AUTH_TOKEN the cluster's token when it uses token auth and ~/.ray/auth_token is not it
+#                (see jobs/README.md); RAY_AUTH_MODE=token is set for you when a token is found.
 # PLORA_STORAGE  where the search directory goes; every node must reach it: a shared file
 #                system path or s3:// / gs:// (default: $PWD/runs/search, right for a local head).
 # PLORA_MODEL    the model directory as the cluster's nodes see it (required).
@@ -14,10 +16,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
 PLORA_STORAGE="${PLORA_STORAGE:-$PWD/runs/search}"
+# `ray` from .venv when not activated, the auth token, the interpreter for the entrypoint.
+source jobs/submit_env.sh
 # The entrypoint is the search driver (Tune + Optuna): light, but it must be scheduled somewhere;
 # trials request their own driver CPU and worker CPUs/GPUs from the search space.
 # shellcheck disable=SC2086
 exec ray job submit --address "$RAY_ADDRESS" \
   --runtime-env jobs/runtime_env.yaml --working-dir . \
   --entrypoint-num-cpus 1 ${RAY_JOB_ARGS:-} \
-  -- python -m plora_ray.cli search search_spaces/llama7b_plora.yaml --storage "$PLORA_STORAGE" --set "model.path=${PLORA_MODEL:?set PLORA_MODEL to the LLaMA-7B directory on the cluster}" "$@"
+  -- bash jobs/entrypoint.sh "$submit_python" search search_spaces/llama7b_plora.yaml --storage "$PLORA_STORAGE" --set "model.path=${PLORA_MODEL:?set PLORA_MODEL to the LLaMA-7B directory on the cluster}" "$@"

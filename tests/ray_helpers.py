@@ -49,11 +49,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_defaults_env() -> dict[str, str]:
+    """This process's environment with Ray's defaults restored: no RAY_AUTH_MODE (Ray 2.60 then
+    turns token auth on wherever a token exists), no RAY_ADDRESS, and the venv's bin/ off PATH,
+    as for a user who runs `.venv/bin/ray` and `jobs/*.sh` without activating the venv (README)."""
+    env = dict(os.environ)
+    env.pop("RAY_AUTH_MODE", None)
+    env.pop("RAY_ADDRESS", None)
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and Path(p) != BIN]
+    if BIN != ROOT / ".venv" / "bin":
+        # A venv outside the checkout: jobs/submit_env.sh cannot find it, so it stays on PATH
+        # (as it would for a user who activated it).
+        path.insert(0, str(BIN))
+    env["PATH"] = os.pathsep.join(path)
+    return env
+
+
 @contextlib.contextmanager
 def ray_head(num_cpus: int = 4) -> Iterator[dict[str, str]]:
     """A Ray head of our own on loopback: free ports for everything that has a fixed default
     (other sessions run heads on this machine too), a private --temp-dir, and `ray stop` scoped to
-    that temp dir on the way out. Yields the env vars a client needs."""
+    that temp dir on the way out. Yields the addresses a client needs.
+
+    The head runs with Ray's default auth mode and a token present (`ray get-auth-token
+    --generate`, what the first local `ray.init()` does), so it requires token auth as a user's
+    head does; it is started as `.venv/bin/ray start` without the venv on PATH."""
     # Short path: Ray's socket paths must stay under the 107-byte limit of AF_UNIX.
     temp = tempfile.mkdtemp(prefix="prh", dir="/tmp")
     port, dash = free_port(), free_port()
@@ -71,28 +91,22 @@ def ray_head(num_cpus: int = 4) -> Iterator[dict[str, str]]:
         "--disable-usage-stats",
         f"--temp-dir={temp}",
     ]
-    # Token auth off on both sides: a loopback-only head, and clients (ray job submit, drivers)
-    # must agree with the head on the mode whatever ~/.ray holds on this machine.
-    # The venv's bin first on PATH: a job's entrypoint (`python -m plora_ray.cli ...`) runs with
-    # the head's PATH, and CI runs pytest as .venv/bin/python without activating the venv, so a
-    # bare `python` would otherwise be the system one, without Ray.
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    env.pop("RAY_ADDRESS", None)
+    env = ray_defaults_env()
+    token = subprocess.run(
+        [str(BIN / "ray"), "get-auth-token", "--generate"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    if token.returncode != 0:
+        raise RuntimeError(f"ray get-auth-token failed:\n{token.stderr}")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if out.returncode != 0:
         shutil.rmtree(temp, ignore_errors=True)
         raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
     try:
-        yield {
-            "gcs": f"127.0.0.1:{port}",
-            "dashboard": f"http://127.0.0.1:{dash}",
-            "temp": temp,
-            "auth_mode": "disabled",
-        }
+        yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp": temp}
     finally:
         # `ray stop` with no address stops every Ray on the machine; only stop what we started:
         # the processes whose command line names our private temp dir / session.
@@ -162,13 +176,13 @@ def smoke_job_search(tmp_path_factory: pytest.TempPathFactory) -> SmokeJob:
         return SmokeJob(storage / "smoke", int(rc_file.read_text()), log_file.read_text())
     storage.mkdir(parents=True, exist_ok=True)
     with ray_head(num_cpus=4) as head:
+        # Submitted as README says, with Ray's defaults: no RAY_AUTH_MODE (jobs/submit_env.sh
+        # finds the token), the venv not activated (the script finds .venv/bin/ray).
         env = {
-            **os.environ,
+            **ray_defaults_env(),
             "RAY_ADDRESS": head["dashboard"],
             "PLORA_STORAGE": str(storage),
-            "RAY_AUTH_MODE": head["auth_mode"],
             "PYTHONUNBUFFERED": "1",
-            "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
         }
         cmd = ["bash", str(ROOT / "jobs" / "smoke.sh"), "--name", "smoke", "--set", *SMOKE_SETS]
         try:

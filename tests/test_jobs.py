@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 
 import pytest
 from ray_helpers import ROOT, load_records, smoke_job_search
@@ -27,6 +29,71 @@ def test_job_scripts_are_valid_bash_and_name_their_space() -> None:
     env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
     assert env["working_dir"] == "."
     assert {".venv/", "runs/", ".git/"} <= set(env["excludes"])
+
+
+def _submit_env(tmp_path, **env: str) -> dict[str, str]:
+    """What jobs/submit_env.sh decides, for a HOME of its own and the given variables."""
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"
+    }
+    out = subprocess.run(
+        ["bash", "-c", 'source jobs/submit_env.sh; echo "${RAY_AUTH_MODE:-}|$submit_python"'],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**base, "HOME": str(tmp_path), **env},
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    mode, python = out.stdout.strip().split("|")
+    return {"mode": mode, "python": python}
+
+
+def test_submission_sends_the_token_ray_start_would_use(tmp_path) -> None:
+    # No token anywhere: ray start --head runs without auth, so nothing is sent.
+    assert _submit_env(tmp_path)["mode"] == ""
+    assert _submit_env(tmp_path, RAY_AUTH_TOKEN="abc")["mode"] == "token"
+    (tmp_path / "tok").write_text("abc")
+    assert _submit_env(tmp_path, RAY_AUTH_TOKEN_PATH=str(tmp_path / "tok"))["mode"] == "token"
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("abc")
+    assert _submit_env(tmp_path)["mode"] == "token"
+    # This machine's own token is not sent to another address unless named (as in Ray).
+    assert _submit_env(tmp_path, RAY_ADDRESS="http://10.0.0.5:8265")["mode"] == ""
+    remote = _submit_env(tmp_path, RAY_ADDRESS="http://10.0.0.5:8265", RAY_AUTH_TOKEN="abc")
+    assert remote["mode"] == "token"
+    # A mode chosen by the user stays.
+    assert _submit_env(tmp_path, RAY_AUTH_MODE="disabled")["mode"] == "disabled"
+
+
+def test_job_entrypoint_runs_the_project_python_or_fails_in_one_line(tmp_path) -> None:
+    entry = ROOT / "jobs" / "entrypoint.sh"
+    assert os.access(entry, os.X_OK)
+    bash = shutil.which("bash") or "/bin/bash"
+    # The submitter's interpreter is used even when the node's PATH has no Python with Ray.
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    env.pop("PLORA_PYTHON", None)
+    ok = subprocess.run(
+        [bash, str(entry), sys.executable, "--version"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert ok.returncode == 0 and ok.stdout.startswith("plora-ray "), ok.stderr
+    bad = subprocess.run(
+        [bash, str(entry), str(tmp_path / "no-python"), "--version"],
+        capture_output=True,
+        text=True,
+        env={**env, "PATH": str(tmp_path)},
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert bad.stderr.startswith("plora-ray job: no Python on ")
+    assert "PLORA_PYTHON" in bad.stderr and "ModuleNotFoundError" not in bad.stderr
 
 
 @pytest.mark.slow
