@@ -19,17 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plora_ray.config import ConfigError, config_from_dict, load_yaml
+from plora_ray.config import ConfigError
 from plora_ray.executors import Trainer, run_in_process, run_training
 from plora_ray.leaderboard import publish
 from plora_ray.objective import ObjectiveSpec
 from plora_ray.search_space import (
     SearchSpec,
     TrialExecutor,
-    apply_search_overrides,
-    parse_search_block,
+    load_search_space,
     resolve_trial_executor,
-    run_config_part,
+    search_name_problem,
     trial_resources,
 )
 from plora_ray.store import SearchDir, TrialRecord
@@ -182,17 +181,25 @@ def run_search(
             own defaults).
 
     Raises:
-        ConfigError: problems in the file (all of them), before Ray starts; or ``--resume`` of a
-            search that does not exist, or a new search over an existing one.
+        ConfigError: problems in the file (all of them) or a search name that would leave the
+            storage, before anything is written or Ray starts; or ``--resume`` of a search that
+            does not exist, or a new search over an existing one.
     """
     t0 = time.time()
     overrides = overrides or {}
-    data = apply_search_overrides(load_yaml(file), overrides)
-    base = run_config_part(data)
-    cfg = config_from_dict(base, file)
-    spec = parse_search_block(data, file)
+    space = load_search_space(file, overrides)
+    base, cfg, spec = space.base, space.config, space.spec
     name = name or spec.name or Path(file).stem
     storage = storage or spec.storage
+    why = search_name_problem(name)
+    if why is not None:
+        raise ConfigError(
+            [
+                f"search name: expected one directory name inside the storage ({storage}), "
+                f"found {why} (from --name, search.name or the file's name)"
+            ],
+            file,
+        )
     if "://" not in storage:
         # Absolute before it reaches the trials: Tune runs each trial function in a working
         # directory of its own, where a relative storage (the default runs/search) would put the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 from dataclasses import dataclass, field
@@ -155,17 +156,19 @@ def dotted_value(data: dict[str, Any], key: str) -> Any:
 
 
 def yaml_number(v: Any) -> float | None:
-    """A YAML number (YAML 1.1 reads 1e-4 without a dot as a string: accept it)."""
+    """A finite YAML number, else None (YAML 1.1 reads 1e-4 without a dot as a string: accept
+    it; ``.inf`` and ``.nan`` are refused, they would pass or fail every bound obscurely)."""
     if isinstance(v, bool):
         return None
+    number: float | None = None
     if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
+        number = float(v)
+    elif isinstance(v, str):
         try:
-            return float(v)
+            number = float(v)
         except ValueError:
             return None
-    return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def flatten_params(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -252,9 +255,9 @@ def _parse_numeric(
         return False
     lo, hi = yaml_number(raw["low"]), yaml_number(raw["high"])
     if lo is None:
-        problems.append(f"{where}.low: expected a number, found {raw['low']!r}")
+        problems.append(f"{where}.low: expected a finite number, found {raw['low']!r}")
     if hi is None:
-        problems.append(f"{where}.high: expected a number, found {raw['high']!r}")
+        problems.append(f"{where}.high: expected a finite number, found {raw['high']!r}")
     if lo is None or hi is None:
         return False
     if lo > hi:
@@ -272,7 +275,7 @@ def _parse_numeric(
     if dist == "qloguniform":
         q = yaml_number(raw["q"])
         if q is None or q <= 0:
-            problems.append(f"{where}.q: expected a number > 0, found {raw['q']!r}")
+            problems.append(f"{where}.q: expected a finite number > 0, found {raw['q']!r}")
             return False
         spec.q = q
     return True

@@ -57,9 +57,17 @@ import difflib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from plora_ray.config import ConfigError, RunConfig, apply_overrides, config_from_dict
+from plora_ray.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    load_yaml,
+    resolve_relative_paths,
+)
 from plora_ray.objective import DIRECTIONS, ObjectiveSpec, parse_objective_block
 from plora_ray.search_params import (
     ParamSpec,
@@ -77,14 +85,17 @@ __all__ = [
     "TIME_ATTRS",
     "TRIAL_EXECUTORS",
     "SchedulerSpec",
+    "SearchSpace",
     "SearchSpec",
     "TrialExecutor",
     "apply_search_overrides",
     "grid_points",
+    "load_search_space",
     "parse_search_block",
     "resolve_trial_executor",
     "run_config_part",
     "sample_params",
+    "search_name_problem",
     "trial_resources",
     "validate_search_block",
 ]
@@ -217,7 +228,7 @@ def _parse_scheduler(raw: Any, problems: list[str]) -> SchedulerSpec:
     rf = yaml_number(raw.get("reduction_factor", spec.reduction_factor))
     if rf is None or rf < 2:
         problems.append(
-            f"{where}.reduction_factor: expected a number >= 2, found "
+            f"{where}.reduction_factor: expected a finite number >= 2, found "
             f"{raw.get('reduction_factor')!r}"
         )
     else:
@@ -228,6 +239,52 @@ def _parse_scheduler(raw: Any, problems: list[str]) -> SchedulerSpec:
             f"{spec.grace_period} > max_t={spec.max_t}"
         )
     return spec
+
+
+# The objective metrics each proxy tracks: those it rises and falls with, and those it moves
+# against (an NLL falls as the accuracy it stands for rises).
+_PROXY_TRACKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "gsm8k_nll": (("gsm8k_nll",), ("gsm8k", "gsm8k_flexible")),
+    "mmlu_nll": (
+        ("mmlu_nll",),
+        ("mmlu", "mmlu_humanities", "mmlu_stem", "mmlu_social_sciences", "mmlu_other"),
+    ),
+    "loss": (("final_loss",), ()),
+}
+
+
+def _opposite(direction: str) -> str:
+    return "minimize" if direction == "maximize" else "maximize"
+
+
+def _check_scheduler_direction(
+    scheduler: SchedulerSpec, objective: ObjectiveSpec | None, problems: list[str]
+) -> None:
+    """ASHA must favour the trials the objective favours: a scheduler metric that tracks an
+    objective metric needs the direction that metric implies (maximizing gsm8k means minimizing
+    gsm8k_nll); otherwise ASHA stops the best trials and keeps the worst."""
+    if objective is None or scheduler.type != "asha" or scheduler.direction not in DIRECTIONS:
+        return
+    same, against = _PROXY_TRACKS.get(scheduler.metric, ((), ()))
+    weights = objective.weights or (1.0,) * len(objective.metrics)
+    implied: dict[str, tuple[str, str]] = {}  # objective metric -> (its direction, ASHA's)
+    for metric, direction, weight in zip(objective.metrics, objective.directions, weights):
+        if weight == 0:
+            continue
+        sense = direction if weight > 0 else _opposite(direction)
+        if metric in same:
+            implied[metric] = (sense, sense)
+        elif metric in against:
+            implied[metric] = (sense, _opposite(sense))
+    wanted = {asha for _, asha in implied.values()}
+    if len(wanted) == 1 and scheduler.direction not in wanted:
+        (expected,) = wanted
+        tracked = ", ".join(f"{m} ({d})" for m, (d, _) in implied.items())
+        problems.append(
+            f"search.scheduler.direction: ASHA ranks trials by {scheduler.metric}, which tracks "
+            f"the objective's {tracked}, so it would stop the best trials; expected "
+            f"{expected}, found {scheduler.direction!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -261,8 +318,8 @@ _SETTINGS = (
     ),
     _Setting("seed", "int", 0, lambda v: v >= 0, "an integer >= 0"),
     _Setting("max_concurrent", "int", None, lambda v: v >= 1, "an integer >= 1 or null"),
-    _Setting("time_budget_s", "float", None, lambda v: v > 0, "a number > 0 or null"),
-    _Setting("driver_cpus", "float", 1.0, lambda v: v >= 0, "a number >= 0"),
+    _Setting("time_budget_s", "float", None, lambda v: v > 0, "a finite number > 0 or null"),
+    _Setting("driver_cpus", "float", 1.0, lambda v: v >= 0, "a finite number >= 0"),
     _Setting(
         "trial_executor",
         "str",
@@ -289,10 +346,25 @@ _SETTINGS = (
         "name",
         "str",
         None,
-        lambda v: isinstance(v, str) and v and "/" not in v,
-        "a name without '/'",
+        lambda v: search_name_problem(v) is None,
+        "a plain directory name (no '/', not '.' or '..'): the search lives in <storage>/<name>",
     ),
 )
+
+
+def search_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot name a search directory inside the storage, or None when it can.
+
+    The search directory is ``<storage>/<name>``: a name with a path separator, ``.``, ``..`` or
+    an absolute path would put (or overwrite) it outside the storage the user chose.
+    """
+    if not isinstance(name, str) or not name.strip():
+        return "an empty name"
+    if name in (".", ".."):
+        return f"{name!r}, which names the storage or its parent, not a directory inside it"
+    if "/" in name or "\\" in name or "\0" in name:
+        return f"{name!r}, a path (with a separator), not one directory name"
+    return None
 
 
 def _check_trial_executor(spec: SearchSpec, base: dict[str, Any], problems: list[str]) -> None:
@@ -466,6 +538,7 @@ def parse_search_block(data: dict[str, Any], source: str | None = None) -> Searc
 
     objective = parse_objective_block(raw.get("objective"), problems)
     scheduler = _parse_scheduler(raw.get("scheduler"), problems)
+    _check_scheduler_direction(scheduler, objective, problems)
     params, flat = parse_params(raw.get("params"), problems)
     spec = SearchSpec(
         objective=objective or _PLACEHOLDER_OBJECTIVE, params=params, scheduler=scheduler
@@ -490,6 +563,51 @@ def parse_search_block(data: dict[str, Any], source: str | None = None) -> Searc
     if problems:
         raise ConfigError(problems, source)
     return spec
+
+
+@dataclass
+class SearchSpace:
+    """A search-space file read, overridden and checked: what ``search`` runs and what
+    ``validate`` checks, so the two agree on every key."""
+
+    data: dict[str, Any]  # the whole mapping: overrides applied, relative paths resolved
+    base: dict[str, Any]  # its run config (the mapping without ``search``)
+    config: RunConfig
+    spec: SearchSpec
+
+
+def load_search_space(file: str, overrides: dict[str, Any] | None = None) -> SearchSpace:
+    """Read a search-space YAML, apply ``--set`` overrides and check all of it.
+
+    Relative paths are resolved against the YAML's directory as for a run config
+    (``load_config``), before the overrides are applied.
+
+    Args:
+        file: the search-space YAML.
+        overrides: ``--set`` dotted keys, run config and ``search.*``.
+
+    Raises:
+        ConfigError: every problem of the run config and of the search block together, each
+            naming the file.
+    """
+    data = resolve_relative_paths(load_yaml(file), Path(file).resolve().parent)
+    try:
+        data = apply_search_overrides(data, overrides or {})
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, file) from None
+    base = run_config_part(data)
+    problems: list[str] = []
+    try:
+        config = config_from_dict(base, file)
+    except ConfigError as exc:
+        problems += exc.problems
+    try:
+        spec = parse_search_block(data, file)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems, file)
+    return SearchSpace(data=data, base=base, config=config, spec=spec)
 
 
 def validate_search_block(data: dict[str, Any], source: str | None = None) -> list[str]:

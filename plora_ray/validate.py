@@ -1,4 +1,8 @@
-"""``plora-ray validate``: check run configs and search spaces before anything runs."""
+"""``plora-ray validate``: check run configs and search spaces before anything runs.
+
+A file with a ``search:`` block (after the overrides) is read by ``load_search_space``, the same
+function ``plora-ray search`` starts with, so validate and search accept and refuse the same keys.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,27 @@ import sys
 from typing import Any
 
 from plora_ray.config import ConfigError, load_config, load_yaml
-from plora_ray.search_space import validate_search_block
+from plora_ray.search_space import apply_search_overrides, load_search_space
 
 
 def validate_file(path: str, overrides: dict[str, Any] | None = None) -> list[str]:
-    """All problems of one file (run config and, when present, its search block); [] when valid."""
-    problems: list[str] = []
+    """All problems of one file (run config and, when present, its search block); [] when valid.
+
+    Args:
+        path: a run config or a search-space YAML.
+        overrides: ``--set`` dotted keys, applied as ``train`` or ``search`` applies them.
+    """
     try:
-        cfg = load_config(path, overrides)
+        data = load_yaml(path)
+        # A --set search.* turns a run config into a search space, as it would for `search`.
+        is_space = apply_search_overrides(data, overrides or {}).get("search") is not None
+        if is_space:
+            load_search_space(path, overrides)
+        else:
+            load_config(path, overrides)
     except ConfigError as exc:
         return exc.problems
-    if cfg.search is not None:
-        problems.extend(validate_search_block(load_yaml(path), source=path))
-    return problems
+    return []
 
 
 def validate_command(files: list[str], overrides: dict[str, Any] | None = None) -> int:

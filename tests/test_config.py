@@ -299,3 +299,80 @@ def test_run_config_is_a_plain_dataclass_tree():
         "search",
     }
     assert cfg.grad_accum == 24 // (4 * 1)
+
+
+# --------------------------------------------------------------------------- YAML input
+
+
+def test_a_key_given_twice_is_refused_with_file_and_line(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("lora:\n  rank: 4\nplora:\n  momentum: 0.2\nlora:\n  alpha: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert err.value.problems == [
+        f"{f}:5: key 'lora' given twice in one mapping (first at line 1); expected each key "
+        "once: merge the two, or YAML keeps only the last one's values"
+    ]
+    # Inside a section too; keys merged in with << may still be overridden.
+    f.write_text("lora:\n  rank: 4\n  rank: 8\n")
+    with pytest.raises(ConfigError, match=rf"{f}:3: key 'rank' given twice"):
+        load_config(f)
+    f.write_text("base: &b {rank: 4, alpha: 8}\n")
+    assert yaml.safe_load(f.read_text())  # the anchor file itself is fine
+    f.write_text("lora:\n  <<: {rank: 4, alpha: 8}\n  rank: 2\n")
+    assert load_config(f).lora.rank == 2
+
+
+def test_a_yaml_file_that_is_not_utf8_is_a_message_with_file_and_line(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_bytes(b"seed: 1\nmethod: \xff\xfe\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert err.value.problems == [f"{f}:2: expected UTF-8 text, found the byte 0xff"]
+
+
+def test_a_yaml_syntax_error_names_file_and_line(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("seed: 1\nlora: {rank: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    (problem,) = err.value.problems
+    assert problem.startswith(f"{f}: not valid YAML at line 3: expected ',' or '}}'")
+    assert "<unicode" not in problem
+
+
+@pytest.mark.parametrize(
+    ("key", "text"),
+    [
+        ("optim.lr", ".inf"),
+        ("plora.momentum", ".nan"),
+        ("optim.grad_clip", "-.inf"),
+        ("resources.cpus_per_worker", ".inf"),
+        ("tiny_rope", "inf"),
+    ],
+)
+def test_non_finite_numbers_are_refused_for_every_float_setting(tmp_path, key, text):
+    key = "model.tiny.rope_theta" if key == "tiny_rope" else key
+    section, name = key.rsplit(".", 1)
+    nested = f"{name}: {text}"
+    for part in reversed(section.split(".")):
+        nested = f"{part}: {{{nested}}}"
+    probs = problems_of(tmp_path, nested + "\n")
+    assert any(p.startswith(f"{key}: expected a finite number, found ") for p in probs), probs
+
+
+def test_a_non_finite_override_is_refused_and_blamed_on_it(tmp_path):
+    probs = problems_of(tmp_path, {}, {"optim.lr": float("inf")})
+    assert probs == [
+        "optim.lr: expected a finite number, found inf (set by override optim.lr=.inf)"
+    ]
+
+
+def test_an_override_value_that_is_not_yaml_names_the_key():
+    with pytest.raises(ConfigError, match="override seed: expected a YAML value") as err:
+        parse_override("seed=!!python/object/apply:os.system [echo]")
+    assert "python/object/apply:os.system" in str(err.value)
+    with pytest.raises(ConfigError, match="override lora.targets: expected a YAML value"):
+        parse_override("lora.targets=[q_proj,")
+    with pytest.raises(ConfigError, match="key 'x' given twice"):
+        parse_override("eval.num_fewshot={x: 1, x: 2}")

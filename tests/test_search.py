@@ -15,7 +15,7 @@ import optuna
 import pytest
 import yaml
 
-from plora_ray.config import load_yaml
+from plora_ray.config import ConfigError, load_yaml
 from plora_ray.search_space import (
     apply_search_overrides,
     grid_points,
@@ -265,6 +265,115 @@ def test_validate_command_reports_search_problems(tmp_path: Path) -> None:
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize(
+    ("field", "text"), [("low", ".inf"), ("high", ".nan"), ("low", "-.inf"), ("high", "inf")]
+)
+def test_non_finite_distribution_bounds_are_refused(field: str, text: str) -> None:
+    s = _base_search()
+    s["params"]["plora.momentum"][field] = yaml.safe_load(text) if text != "inf" else text
+    probs = _problems(s)
+    assert any(
+        p.startswith(f"space.yaml: search.params.plora.momentum.{field}: expected a finite number")
+        for p in probs
+    ), probs
+
+
+def test_non_finite_search_settings_are_refused() -> None:
+    probs = _problems(_base_search(time_budget_s=float("inf")))
+    assert probs == [
+        "space.yaml: search.time_budget_s: expected a finite number > 0 or null, found inf"
+    ]
+    probs = _problems(_base_search(driver_cpus=float("nan")))
+    assert probs == ["space.yaml: search.driver_cpus: expected a finite number >= 0, found nan"]
+    s = _base_search()
+    s["params"]["optim.lr"] = {"distribution": "choice", "values": [1e-4, float("inf")]}
+    assert any("optim.lr: expected a finite number, found inf" in p for p in _problems(s))
+
+
+def _asha(objective: dict, metric: str, direction: str) -> list[str]:
+    scheduler = {"type": "asha", "metric": metric, "direction": direction}
+    return _problems(_base_search(objective=objective, scheduler=scheduler))
+
+
+@pytest.mark.parametrize(
+    ("objective", "metric", "direction"),
+    [
+        ({"metric": "gsm8k", "direction": "maximize"}, "gsm8k_nll", "maximize"),
+        ({"metric": "gsm8k_nll", "direction": "minimize"}, "gsm8k_nll", "maximize"),
+        ({"metric": "mmlu_stem", "direction": "maximize"}, "mmlu_nll", "maximize"),
+        ({"metric": "final_loss", "direction": "minimize"}, "loss", "maximize"),
+        (
+            {"weighted": {"gsm8k": 0.7, "mmlu": 0.3}, "direction": "maximize"},
+            "mmlu_nll",
+            "maximize",
+        ),
+        ({"pareto": {"gsm8k": "maximize", "final_loss": "minimize"}}, "gsm8k_nll", "maximize"),
+    ],
+)
+def test_asha_direction_that_contradicts_the_objective_is_refused(
+    objective: dict, metric: str, direction: str
+) -> None:
+    probs = _asha(objective, metric, direction)
+    assert len(probs) == 1, probs
+    assert probs[0].startswith(
+        f"space.yaml: search.scheduler.direction: ASHA ranks trials by {metric}"
+    )
+    assert probs[0].endswith(f"expected minimize, found {direction!r}")
+
+
+@pytest.mark.parametrize(
+    ("objective", "metric", "direction"),
+    [
+        # The proxy gsm8k_nll falls as gsm8k rises: minimised while gsm8k is maximised.
+        ({"metric": "gsm8k", "direction": "maximize"}, "gsm8k_nll", "minimize"),
+        ({"metric": "gsm8k_nll", "direction": "minimize"}, "gsm8k_nll", "minimize"),
+        ({"metric": "final_loss", "direction": "minimize"}, "loss", "minimize"),
+        # A proxy of a metric the objective does not use: nothing to compare.
+        ({"metric": "arc_easy", "direction": "maximize"}, "mmlu_nll", "maximize"),
+        # A negative weight turns the sense round: maximising -gsm8k means minimising gsm8k.
+        ({"weighted": {"gsm8k": -1.0}, "direction": "maximize"}, "gsm8k_nll", "maximize"),
+    ],
+)
+def test_asha_direction_consistent_with_the_objective_is_accepted(
+    objective: dict, metric: str, direction: str
+) -> None:
+    assert _asha(objective, metric, direction) == []
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "/tmp/elsewhere", "a/b", "a\\b"])
+@pytest.mark.parametrize("given_by", ["--name", "search.name"])
+def test_a_search_name_that_leaves_the_storage_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, given_by: str
+) -> None:
+    from plora_ray import cli
+
+    storage = tmp_path / "deep" / "storage"
+    storage.mkdir(parents=True)
+    argv = ["search", str(SPACES / "smoke.yaml"), "--storage", str(storage)]
+    argv += ["--name", name] if given_by == "--name" else ["--set", f"search.name={name!r}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "search.name: expected a plain directory name" in err or (
+        "search name: expected one directory name inside the storage" in err
+    ), err
+    assert list(tmp_path.rglob("*")) == [tmp_path / "deep", storage]
+    # validate agrees on search.name.
+    if given_by == "search.name":
+        assert validate_file(str(SPACES / "smoke.yaml"), {"search.name": name}) != []
+
+
+def test_validate_and_search_read_a_space_the_same_way(tmp_path: Path) -> None:
+    from plora_ray.search_space import load_search_space
+
+    overrides = {"search.algorithm": "cmaes", "lora.rank": 0, "search.params.optim.lr.low": 0}
+    with pytest.raises(ConfigError) as err:
+        load_search_space(str(SPACES / "smoke.yaml"), overrides)
+    assert validate_file(str(SPACES / "smoke.yaml"), overrides) == err.value.problems
+    assert any("search.algorithm" in p for p in err.value.problems)
+    assert any("lora.rank" in p for p in err.value.problems)
+    assert any("search.params.optim.lr.low" in p for p in err.value.problems)
+
+
 # --------------------------------------------------------------------------- sampling
 
 
@@ -411,7 +520,8 @@ def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(
     ]
     sdir = storage / "r"
     with helpers.ray_head(num_cpus=4) as head:
-        env = {**os.environ, "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": head["auth_mode"]}
+        # Ray sends the token to an explicit address (RAY_ADDRESS) only in token mode.
+        env = {**helpers.ray_defaults_env(), "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": "token"}
         log1 = tmp_path / "run1.log"
         with open(log1, "w") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
@@ -553,7 +663,8 @@ def test_asha_stops_the_trial_behind_its_peer_at_the_first_rung(tmp_path: Path) 
         *sets,
     ]
     with helpers.ray_head(num_cpus=2) as head:
-        env = {**os.environ, "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": head["auth_mode"]}
+        # Ray sends the token to an explicit address (RAY_ADDRESS) only in token mode.
+        env = {**helpers.ray_defaults_env(), "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": "token"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     sdir = tmp_path / "st" / "asha"

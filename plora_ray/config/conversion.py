@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -23,7 +24,11 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str], source: str | None = None) -> None:
         prefix = f"{source}: " if source else ""
-        self.problems = [p if not prefix or p.startswith(prefix) else prefix + p for p in problems]
+        # A message may already start with the file (``run.yaml: ...``, ``run.yaml:12: ...``).
+        self.problems = [
+            p if not prefix or p.startswith((prefix, f"{source}:")) else prefix + p
+            for p in problems
+        ]
         self.source = source
         where = f" in {source}" if source else " in the config"
         head = f"{len(self.problems)} problem(s){where}"
@@ -67,6 +72,9 @@ def convert_value(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             out = convert_value(value, a, key, sub)
             if not sub:
                 return out
+            if any(": expected a finite number," in m for m in sub):
+                problems += sub  # a number, but .inf/.nan: say that, not "expected a number"
+                return None
         problems.append(f"{key}: expected {type_name(tp)}, found {value!r}")
         return None
     if origin is Literal:
@@ -102,14 +110,21 @@ def convert_value(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it means.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            # .inf / .nan pass every range check written as a comparison, or fail it obscurely.
+            problems.append(f"{key}: expected a finite number, found {value!r}")
+            return None
     elif tp is str and isinstance(value, str):
         return value
     problems.append(f"{key}: expected {type_name(tp)}, found {value!r}")

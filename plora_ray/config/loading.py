@@ -19,11 +19,64 @@ from plora_ray.config.conversion import ConfigError, build_section
 from plora_ray.config.schema import RunConfig
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping (raised by ``UniqueKeyLoader``)."""
+
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        self.key, self.first_line, self.line = key, first_line, line
+        super().__init__(
+            f"key {key!r} given twice in one mapping (first at line {first_line}); expected each "
+            "key once: merge the two, or YAML keeps only the last one's values"
+        )
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last of two equal keys, so a section written twice (two ``lora:`` blocks)
+    silently loses the first one's keys. Keys merged in with ``<<`` may still be overridden.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise DuplicateKeyError(key, first_line[key], line)
+                first_line[key] = line
+            except TypeError:  # an unhashable key: SafeLoader reports it itself
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error_line(exc: yaml.YAMLError) -> int | None:
+    """The 1-based line a YAML error points at, when it points at one."""
+    if isinstance(exc, DuplicateKeyError):
+        return exc.line
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return mark.line + 1 if mark is not None else None
+
+
+def _yaml_error_text(exc: yaml.YAMLError) -> str:
+    """The problem a YAML error names, without PyYAML's '<unicode string>' position lines."""
+    if isinstance(exc, DuplicateKeyError):
+        return str(exc)
+    if isinstance(exc, yaml.MarkedYAMLError):
+        context = f" ({exc.context})" if exc.context else ""
+        return f"{exc.problem or type(exc).__name__}{context}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``dotted.key=value``; the value is read as YAML (``8``, ``0.1``, ``[a, b]``, ``null``).
 
     Raises:
-        ConfigError: when there is no ``=`` or the key is empty.
+        ConfigError: when there is no ``=``, the key is empty, or the value is not plain YAML
+            (a syntax error, a ``!!python/...`` tag, a key given twice).
     """
     if "=" not in text:
         raise ConfigError([f"override {text!r}: expected dotted.key=value, found no '='"])
@@ -31,7 +84,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError([f"override {text!r}: expected dotted.key=value, found an empty key"])
-    return key, yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return key, None
+    try:
+        return key, yaml.load(raw, Loader=UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            [
+                f"override {key}: expected a YAML value (a number, a string, a [list] or a "
+                f"{{mapping}}; quote a string that holds ':' or '{{'), found {raw!r} "
+                f"({_yaml_error_text(exc)})"
+            ]
+        ) from None
 
 
 _INDEX = re.compile(r"\[(\d+)\]")
@@ -148,18 +212,33 @@ def _blame_override(problem: str, overrides: dict[str, Any]) -> str:
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load``.
+    """Read a YAML mapping (safe loading, a key given twice refused).
 
     Raises:
-        ConfigError: the file is missing, not YAML, or not a mapping.
+        ConfigError: the file is missing, not UTF-8, not YAML, holds a key twice in one mapping,
+            or is not a mapping; a message with ``file:line`` where the YAML points at a line.
     """
     p = Path(path)
     if not p.is_file():
         raise ConfigError([f"expected an existing YAML file, found no file at {str(p)!r}"], str(p))
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [f"{p}:{bad_line}: expected UTF-8 text, found the byte 0x{raw[exc.start]:02x}"], str(p)
+        ) from None
+    try:
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], str(p)) from exc
+        line = _yaml_error_line(exc)
+        if isinstance(exc, DuplicateKeyError):
+            problem = f"{p}:{line}: {exc}"
+        else:
+            at = f" at line {line}" if line is not None else ""
+            problem = f"{p}: not valid YAML{at}: {_yaml_error_text(exc)}"
+        raise ConfigError([problem], str(p)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -223,6 +302,8 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 __all__ = [
+    "DuplicateKeyError",
+    "UniqueKeyLoader",
     "apply_overrides",
     "config_from_dict",
     "dump_config",
