@@ -639,11 +639,13 @@ def export_model(
     *,
     access: Any = None,
     write: bool = True,
+    merge_adapter: bool = True,
 ) -> Path:
     """Save the merged model in the Hugging Face layout (safetensors, config, tokenizer).
 
-    A peft model has its adapter merged into the (already partially merged, under PLoRA)
-    backbone first (``merge_and_unload``, in place: call this last). The result loads with
+    A peft model has its adapter merged into the backbone first (``merge_and_unload``, in place:
+    call this last), or, under PLoRA, whose ``PLoRA.merge_adapter`` already merged it with the
+    unloads' rounding, its adapter layers dropped (peft's ``unload``). The result loads with
     ``AutoModelForCausalLM.from_pretrained(out_dir)``.
 
     Args:
@@ -653,11 +655,13 @@ def export_model(
         access: a ParamAccess, to gather partitioned (ZeRO-3) parameters while merging and saving
             (then every rank calls this, and only one writes).
         write: whether this rank writes the files.
+        merge_adapter: False: the adapter's update is in the backbone already; drop it.
     """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
     with _maybe_gathered(access, list(model.parameters())):
-        merge = getattr(model, "merge_and_unload", None)  # a peft model merges its adapter
+        # A peft model merges (or drops) its adapter; a plain model is saved as it is.
+        merge = getattr(model, "merge_and_unload" if merge_adapter else "unload", None)
         merged: Any = merge() if merge is not None else model
         if not write:
             return out

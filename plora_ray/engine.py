@@ -17,11 +17,15 @@ whole truth, and writing only to them is silently wrong:
   0          yes    ``FP16_UnfusedOptimizer``          ``fp32_groups[i][j]`` (one tensor per param)
                     (with torch AdamW; ``FP16_Optimizer``
                     for FusedAdam is refused)
-  1, 2       any    ``DeepSpeedZeroOptimizer``         a fragment of this rank's flat fp32
+  1          no     ``DeepSpeedZeroOptimizer``         a fragment of this rank's flat fp32
                                                        partition (``param._hp_mapping``)
+  1          yes    ``BF16_Optimizer`` (fp32 gradient  the same (``bf16_groups`` /
+                    accumulation, ``ds_config``)       ``fp32_groups_flat_partition``)
+  2          any    ``DeepSpeedZeroOptimizer``         as stage 1 fp32
   3          any    ``DeepSpeedZeroOptimizer_Stage3``  a slice of ``fp32_partitioned_groups_flat``
   =========  =====  =================================  ==========================================
 
+  (Stage 1 bf16 with optimizer offload keeps ``DeepSpeedZeroOptimizer``.)
   DeepSpeed's ``safe_get/set_full_fp32_param`` and ``safe_get/set_full_optimizer_state``
   (``deepspeed/utils/tensor_fragment.py``) cover stages 1-3 but return ``None`` / do nothing for
   stage 0 with bf16: ``FP16_UnfusedOptimizer`` links no ``_hp_mapping``. This module handles that
@@ -97,6 +101,7 @@ __all__ = [
     "build_engine",
     "gather_full_state_dict",
     "init_distributed",
+    "zero3_linear_restored",
     "zero3_whole_model",
 ]
 
@@ -113,6 +118,23 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     deepspeed.init_distributed(
         auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s)
     )
+
+
+@contextlib.contextmanager
+def zero3_linear_restored() -> Iterator[None]:
+    """Put ``torch.nn.functional.linear`` back as it was when the block exits.
+
+    A ZeRO-3 engine replaces it process-wide with DeepSpeed's memory-efficient linear
+    (``deepspeed.zero.Init``; "This will persist unless manually reset") and nothing resets it
+    when the engine is gone. Its bf16 rounding differs from torch's, so a process that runs
+    several trainings (a reused Tune trial actor) would otherwise run every run after a ZeRO-3
+    one with DeepSpeed's linear and get other bits than a fresh process.
+    """
+    linear = torch.nn.functional.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear
 
 
 def build_engine(

@@ -21,7 +21,10 @@ class RestartableLR(torch.optim.lr_scheduler.LRScheduler):
     """LR = base_lr · factor(t), t = steps since the stage began; ``restart()`` starts a stage.
 
     factor: constant 1; warmup_restart min(1, (t+1)/warmup); cosine_restart the same warmup then
-    cosine from 1 down to ``min_lr_ratio`` at t = stage_length - 1 (held there after).
+    cosine from 1 down to ``min_lr_ratio`` at t = stage_length - 1 (held there after). The stage
+    length may change at each restart: with a sample-based unload interval that is not a multiple
+    of the global batch, stages after the first are shorter (``plora.next_stage_length``), and the
+    cosine must reach its end at each stage's own last step.
     """
 
     def __init__(
@@ -59,8 +62,14 @@ class RestartableLR(torch.optim.lr_scheduler.LRScheduler):
         f = self.factor(self.last_epoch - self.stage_start)
         return [float(base) * f for base in self.base_lrs]
 
-    def restart(self) -> None:
-        """Begin a new stage now: the next optimizer step uses factor(0)."""
+    def restart(self, stage_length_steps: int | None = None) -> None:
+        """Begin a new stage now: the next optimizer step uses factor(0).
+
+        Args:
+            stage_length_steps: the new stage's length in optimizer steps (None: as the last).
+        """
+        if stage_length_steps is not None:
+            self.stage_length_steps = stage_length_steps
         self.stage_start = self.last_epoch
         for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
             group["lr"] = lr
@@ -75,8 +84,9 @@ def make_lr_scheduler(
     Args:
         optimizer: the optimizer whose param groups' ``lr`` is the base LR.
         optim: schedule (constant | warmup_restart | cosine_restart), warmup_steps, min_lr_ratio.
-        stage_length_steps: optimizer steps per stage (``PLoRA.stage_length_steps``, or the run's
-            total steps for LoRA / full fine-tuning); needed by cosine_restart.
+        stage_length_steps: optimizer steps of the first stage (``PLoRA.stage_length_steps``, or
+            the run's total steps for LoRA / full fine-tuning; PLoRA passes each later stage's to
+            ``restart``); needed by cosine_restart.
 
     Raises:
         ValueError: a value the ``optim`` section's own check rejects (a ``ConfigError`` naming

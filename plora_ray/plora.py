@@ -27,7 +27,8 @@ nearest, stochastic or from_base; what each costs and guarantees is in ``plora_r
 Each unload reports ``merge_rel_error`` = ||applied - intended||_F / ||intended||_F over all
 layers (applied = W_after - W_before in fp32, intended = (1-m)·ΔW) and ``cumulative_rel_error`` =
 ||(W_now - W_0) - Σ intended||_F / ||Σ intended||_F over the tracked layers (those sampled for the
-rank metric, or every layer with ``track_all_layers=True``).
+rank metric, or every layer with ``track_all_layers=True``). The final export merges the last
+adapter the same way (``PLoRA.merge_adapter``).
 
 Effective rank: ``effective_rank(M, thr)`` = the number of singular values of M above
 thr · σ_max (``plora.rank_threshold``), the one definition used everywhere; reported at each
@@ -70,6 +71,8 @@ from plora_ray.model import check_lora_targets
 
 # The choices come from the config's types, so a new one is added in one place.
 METHODS: tuple[str, ...] = get_args(Method)
+# One merge's low-rank factors (coef·B, A), fp32, as from_base keeps them.
+Factors = tuple[torch.Tensor, torch.Tensor]
 
 __all__ = [
     "LoraPair",
@@ -84,6 +87,8 @@ __all__ = [
     "lora_init_A",
     "lora_pairs",
     "merge_coefficient",
+    "next_stage_length",
+    "sampled_layers",
     "unload_due",
 ]
 
@@ -203,6 +208,32 @@ def unload_due(counter: int, last_counter: int, every: int) -> bool:
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise _bad("plora.unload_every", "an integer >= 1", every)
     return counter // every > last_counter // every
+
+
+def sampled_layers(num_layers: int, count: int) -> list[int]:
+    """Indices of ``count`` layers evenly spaced through the depth (first and last included when
+    count >= 2): the layers whose effective rank is reported (``plora.rank_sample_layers``)."""
+    k = min(count, num_layers)
+    return sorted({round(j * (num_layers - 1) / max(1, k - 1)) for j in range(k)}) if k else []
+
+
+def next_stage_length(cfg: PLoRAConfig, global_batch: int, samples_seen: int) -> int:
+    """Optimizer steps from an unload (or the start) to the next unload point.
+
+    Step-based intervals: ``unload_every``. Sample-based ones: the steps until the sample counter
+    passes the next multiple of ``unload_every`` (see ``unload_due``) at ``global_batch`` samples
+    per step, so the length is computed per stage: every 50 samples at batch 24 gives 3 steps
+    (to sample 72), then 2 (to 120), 2, ...
+
+    Args:
+        cfg: the ``plora`` section (``unload_every``, ``unload_unit``).
+        global_batch: samples per optimizer step.
+        samples_seen: the sample counter where the stage begins (0 for the first stage).
+    """
+    if cfg.unload_unit == "steps":
+        return cfg.unload_every
+    next_point = (samples_seen // cfg.unload_every + 1) * cfg.unload_every
+    return -(-(next_point - samples_seen) // global_batch)
 
 
 def effective_rank(matrix: torch.Tensor, rel_threshold: float) -> int:
@@ -421,11 +452,8 @@ class PLoRA:
         self.num_unloads = 0
         self.last_step = 0
         self.last_samples = 0
-        n = len(self.pairs)
-        k = min(cfg.rank_sample_layers, n)
-        # Evenly spaced through the depth (first and last included when k >= 2).
-        self.sampled = sorted({round(j * (n - 1) / max(1, k - 1)) for j in range(k)}) if k else []
-        self.tracked = list(range(n)) if track_all_layers else list(self.sampled)
+        self.sampled = sampled_layers(len(self.pairs), cfg.rank_sample_layers)
+        self.tracked = list(range(len(self.pairs))) if track_all_layers else list(self.sampled)
         # W_0 in the backbone's own dtype (exact) on CPU, and Σ intended in fp32, per tracked layer.
         self.w0: dict[str, torch.Tensor] = {}
         self.intended_sum: dict[str, torch.Tensor] = {}
@@ -436,12 +464,25 @@ class PLoRA:
             # W_0's shape, not p.base's: ZeRO-3 shows an empty placeholder outside gathered().
             self.intended_sum[p.name] = torch.zeros(self.w0[p.name].shape, dtype=torch.float32)
 
-    def _from_base(
-        self, p: LoraPair, coef_b: torch.Tensor, a: torch.Tensor, w: torch.Tensor
-    ) -> torch.Tensor:
-        """round_nearest(W_0 + Σ intended) for one layer, W_0 re-read from the source."""
-        factors = self.base_factors.setdefault(p.name, [])
-        factors.append((coef_b.detach().float().cpu().clone(), a.detach().float().cpu().clone()))
+    def _merged_weight(
+        self, i: int, p: LoraPair, coef: float, b: torch.Tensor, a: torch.Tensor, w: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Factors | None]:
+        """Merge coef·B·A into w with the configured rounding: (new weight, intended = coef·B·A,
+        this merge's factors (coef·B, A) for ``from_base``, which an unload keeps).
+
+        ``from_base``: round_nearest(W_0 + the earlier unloads' merges + this one).
+        """
+        intended = coef * (b @ a)
+        if self.cfg.merge_rounding == "from_base":
+            pair = ((coef * b).detach().float().cpu().clone(), a.detach().float().cpu().clone())
+            new = self._from_base(p, [*self.base_factors.get(p.name, []), pair], w)
+            return new, intended, pair
+        gen = _generator(w.device, self.seed, self.num_unloads, i, "merge")
+        total = w.float() + intended.to(w.device)
+        return round_to_dtype(total, w.dtype, self.cfg.merge_rounding, gen), intended, None
+
+    def _from_base(self, p: LoraPair, factors: list[Factors], w: torch.Tensor) -> torch.Tensor:
+        """round_nearest(W_0 + Σ factors) for one layer, W_0 re-read from the source."""
         assert self.base_weights is not None
         w0 = self.base_weights(base_param_name(p.name)).to(device=w.device, dtype=torch.float32)
         if w0.shape != w.shape:
@@ -453,10 +494,9 @@ class PLoRA:
 
     @property
     def stage_length_steps(self) -> int:
-        """Optimizer steps per stage (sample-based intervals rounded up to whole steps)."""
-        if self.cfg.unload_unit == "steps":
-            return self.cfg.unload_every
-        return -(-self.cfg.unload_every // self.global_batch)
+        """Optimizer steps of the first stage (sample-based intervals rounded up to whole steps;
+        later stages: ``next_stage_length``)."""
+        return next_stage_length(self.cfg, self.global_batch, 0)
 
     def trainable_params(self) -> list[nn.Parameter]:
         """The LoRA parameters (A and B of every pair)."""
@@ -484,17 +524,12 @@ class PLoRA:
             with self.access.gathered([p.base, p.A, p.B]):
                 a = self.access.read_trainable(p.A)
                 b = self.access.read_trainable(p.B)
-                coef = merge_coefficient(m, p.scaling)
-                intended = coef * (b @ a)
                 w = self.access.read_frozen(p.base)
                 w32 = w.float()
-                if cfg.merge_rounding == "from_base":
-                    new = self._from_base(p, coef * b, a, w)
-                else:
-                    gen = _generator(w.device, self.seed, k, i, "merge")
-                    new = round_to_dtype(
-                        w32 + intended.to(w.device), w.dtype, cfg.merge_rounding, gen
-                    )
+                coef = merge_coefficient(m, p.scaling)
+                new, intended, factors = self._merged_weight(i, p, coef, b, a, w)
+                if factors is not None:
+                    self.base_factors.setdefault(p.name, []).append(factors)
                 applied = new.float() - w32
                 err_sq += (applied - intended.to(w.device)).double().pow(2).sum().cpu()
                 int_sq += intended.double().pow(2).sum().cpu()
@@ -524,7 +559,7 @@ class PLoRA:
                 del a, b, intended, w32, new, applied
         self.access.reset_optimizer_state(self.trainable_params())
         if self.scheduler is not None:
-            self.scheduler.restart()
+            self.scheduler.restart(next_stage_length(cfg, self.global_batch, samples_seen))
         self.num_unloads += 1
         self.last_step, self.last_samples = step, samples_seen
         # An all-zero intended update (e.g. an unload before any step) applies nothing: error 0.
@@ -539,6 +574,26 @@ class PLoRA:
             effective_rank=ranks,
             seconds=time.perf_counter() - t0,
         )
+
+    def merge_adapter(self) -> None:
+        """Merge the adapter's whole update, scaling·B·A, into the backbone, then zero B.
+
+        For the final export: the same merge and rounding as an unload (``from_base``:
+        round_nearest(W_0 + every unload's merge + scaling·B·A), one rounding of the whole
+        change), from the fp32 masters of A and B, so the exported weights do not depend on how
+        peft's ``merge_and_unload`` rounds the module's (bf16, under DeepSpeed) adapter copies.
+        The model computes the same function after (the adapter is zero); export it dropping
+        the adapter layers (``checkpoint.export_model(..., merge_adapter=False)``). Counters,
+        records and the optimizer are untouched: call it once, when training is over.
+        """
+        for i, p in enumerate(self.pairs):
+            with self.access.gathered([p.base, p.A, p.B]):
+                a = self.access.read_trainable(p.A)
+                b = self.access.read_trainable(p.B)
+                w = self.access.read_frozen(p.base)
+                new, _, _ = self._merged_weight(i, p, merge_coefficient(0.0, p.scaling), b, a, w)
+                self.access.write_frozen(p.base, new)
+                self.access.write_trainable(p.B, torch.zeros_like(b))
 
     def delta_effective_rank(self) -> dict[str, int]:
         """Effective rank of W_now - W_0 for each tracked layer, now."""

@@ -59,7 +59,12 @@ from plora_ray.checkpoint import (
 from plora_ray.config import RunConfig, dump_config
 from plora_ray.data import Batcher, build_datasets
 from plora_ray.divergence import DivergenceGuard
-from plora_ray.engine import DeepSpeedParamAccess, build_engine, zero3_whole_model
+from plora_ray.engine import (
+    DeepSpeedParamAccess,
+    build_engine,
+    zero3_linear_restored,
+    zero3_whole_model,
+)
 from plora_ray.evaluate import evaluate_model
 from plora_ray.lr_schedule import make_lr_scheduler
 from plora_ray.merge import add_with_rounding
@@ -72,6 +77,8 @@ from plora_ray.plora import (
     effective_rank,
     lora_pairs,
     merge_coefficient,
+    next_stage_length,
+    sampled_layers,
     unload_due,
 )
 from plora_ray.preflight import FAULT_ENV, WorkerArgs
@@ -180,16 +187,17 @@ class TrainingRun:
         self.t_start = time.perf_counter()
 
     def run(self) -> None:
-        """The whole run on this worker; the final report says how it ended."""
-        self.setup()
-        self.t_start = time.perf_counter()
-        with self.session.checkpoint() as ckpt_dir:
-            if ckpt_dir is not None:
-                self.restore(ckpt_dir)
-        if self.rank == 0:
-            atomic_write_json(self.out / "data_stats.json", self.data_stats.as_dict(), indent=1)
-        diverged = self.train()
-        self.finish(diverged)
+        """The whole run on this worker; the final report says how it ended. A later run in this
+        process (a reused trial actor) does not inherit ZeRO-3's process-wide linear."""
+        with zero3_linear_restored():
+            self.setup()
+            self.t_start = time.perf_counter()
+            with self.session.checkpoint() as ckpt_dir:
+                if ckpt_dir is not None:
+                    self.restore(ckpt_dir)
+            if self.rank == 0:
+                atomic_write_json(self.out / "data_stats.json", self.data_stats.as_dict(), indent=1)
+            self.finish(self.train())
 
     # ---- setup
 
@@ -248,10 +256,7 @@ class TrainingRun:
         cfg = self.cfg
         stage_len = self.total_steps
         if cfg.method == "plora":
-            per = cfg.plora.unload_every
-            stage_len = (
-                per if cfg.plora.unload_unit == "steps" else -(-per // cfg.batch.global_batch)
-            )
+            stage_len = next_stage_length(cfg.plora, cfg.batch.global_batch, 0)
         self.access: Any
         if cfg.deepspeed.enabled:
             self.engine, self.optimizer, self.scheduler = build_engine(
@@ -616,10 +621,8 @@ class TrainingRun:
     def adapter_effective_rank(self) -> dict[str, int]:
         """LoRA's ΔW = scaling·B·A: its effective rank on the layers PLoRA would sample."""
         pairs = lora_pairs(self.module)
-        k = min(self.cfg.plora.rank_sample_layers, len(pairs))
-        picks = sorted({round(j * (len(pairs) - 1) / max(1, k - 1)) for j in range(k)})
         out = {}
-        for i in picks:
+        for i in sampled_layers(len(pairs), self.cfg.plora.rank_sample_layers):
             pr = pairs[i]
             with self.access.gathered([pr.A, pr.B]):
                 delta = pr.scaling * (
@@ -680,6 +683,9 @@ class TrainingRun:
             final["objectives"] = objectives
             if cfg.checkpoint.export_model:
                 stage3 = cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3
+                if self.plora is not None:
+                    # The last adapter merged as an unload merges (every rank: collective).
+                    self.plora.merge_adapter()
                 if self.rank == 0 or stage3:
                     export_model(
                         self.module,
@@ -687,6 +693,7 @@ class TrainingRun:
                         self.out / "model",
                         access=self.access if stage3 else None,
                         write=self.rank == 0,
+                        merge_adapter=self.plora is None,
                     )
                 final["model_path"] = str(self.out / "model")
         final["elapsed_s"] = round(self.elapsed(), 3)

@@ -11,12 +11,15 @@ and writes ``OUT_DIR/<name>.json``: the relative errors between the two runs' Lo
 (fp32 masters), backbone weights, Adam moments and step counts. Looping over cases in one launch
 pays DeepSpeed's import and the process-group setup once.
 
-A case is ``{"name", "stage", "bf16", "momentum", "module_only"?, "probe_undo"?, "persistent"?,
-"offload_optimizer"?, "offload_param"?}``. ZeRO-3 cases partition every parameter
-(``stage3_param_persistence_threshold: 0``) unless ``persistent`` keeps DeepSpeed's default, under
-which this tiny model's parameters all stay whole on every rank ("persistent").
+A case is ``{"name", "stage", "bf16", "momentum", "module_only"?, "probe_undo"?,
+"probe_grad_accum"?, "gas"?, "persistent"?, "offload_optimizer"?, "offload_param"?}``. ZeRO-3
+cases partition every parameter (``stage3_param_persistence_threshold: 0``) unless
+``persistent`` keeps DeepSpeed's default, under which this tiny model's parameters all stay
+whole on every rank ("persistent").
 ``module_only`` swaps in an access that writes trainable values into the module only (not the
 master copy): the negative control, which must NOT match the reference.
+``probe_grad_accum`` compares one optimizer step's accumulated gradient over ``gas`` micro
+batches with the fp32 sum of the micro batches' own gradients.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def case_config(case: dict[str, Any], world: int) -> RunConfig:
                 "warmup_steps": 2,
                 "grad_clip": 1.0,
             },
-            "batch": {"global_batch": MICRO * GAS * world, "micro_batch": MICRO},
+            "batch": {"global_batch": MICRO * case.get("gas", GAS) * world, "micro_batch": MICRO},
             "resources": {"num_workers": world},
             "deepspeed": {
                 "zero_stage": case["stage"],
@@ -238,6 +241,58 @@ def probe_undo(case: dict[str, Any], world: int) -> dict[str, float]:
     }
 
 
+def probe_grad_accum(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """One step's accumulated LoRA gradient vs the fp32 sum of its micro batches' gradients.
+
+    Each micro batch's gradient (of loss / gas, in the module's dtype) is caught by a tensor hook
+    before DeepSpeed accumulates it; the step's gradient is read at the accumulation boundary,
+    before the optimizer step (``safe_get_full_grad``).
+    """
+    from deepspeed.utils import safe_get_full_grad
+
+    from plora_ray.engine import build_engine
+
+    cfg = case_config(case, world)
+    gas = int(case["gas"])
+    engine, _, _ = build_engine(build_model(cfg), cfg, world)
+    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    fp32_sum: dict[str, torch.Tensor] = {}
+
+    def catch(name: str) -> Any:
+        def hook(grad: torch.Tensor) -> None:
+            g = grad.detach().to(torch.float64)
+            fp32_sum[name] = fp32_sum[name] + g if name in fp32_sum else g
+
+        return hook
+
+    handles = [p.register_hook(catch(n)) for n, p in trainable]
+    g = torch.Generator().manual_seed(13)
+    step_grad: dict[str, torch.Tensor] = {}
+    grad_dtype = ""
+    for micro in range(gas):
+        x = torch.randint(0, VOCAB, (world * MICRO, SEQ), generator=g)[
+            rank * MICRO : (rank + 1) * MICRO
+        ]
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        if micro == gas - 1:
+            for n, p in trainable:
+                full = safe_get_full_grad(p)
+                assert full is not None, n
+                grad_dtype = str(full.dtype)
+                step_grad[n] = full.detach().to(torch.float64).reshape(fp32_sum[n].shape)
+        engine.step()
+    for h in handles:
+        h.remove()
+    got = torch.cat([step_grad[n].flatten() for n, _ in trainable])
+    want = torch.cat([fp32_sum[n].flatten() for n, _ in trainable])
+    return {
+        "optimizer": type(engine.optimizer).__name__,
+        "gas": engine.gradient_accumulation_steps(),
+        "grad_dtype": grad_dtype,
+        "accum_rel_err": float((got - want).norm() / want.norm()),
+    }
+
+
 # --------------------------------------------------------------------------- the torch reference
 
 
@@ -304,16 +359,23 @@ def run_reference(case: dict[str, Any], world: int) -> dict[str, torch.Tensor]:
     for step in range(STEPS):
         # The global batch: every rank's micro batches; the mean over all of them is what
         # DeepSpeed's 1/GAS loss scaling plus the all-reduce average over ranks computes. Each
-        # rank's micro batches accumulate in the module's dtype (as in each DeepSpeed rank's
-        # .grad), and ranks are then summed in fp32.
+        # rank's micro batches accumulate in fp32 under ZeRO >= 1 (ds_config sets
+        # grad_accum_dtype fp32 with bf16) and in the module's dtype at stage 0 (as in each
+        # DeepSpeed rank's .grad); ranks are then summed in fp32.
+        fp32_accum = case["stage"] >= 1
         grads = {id(p): torch.zeros(p.shape) for p in trainable}
         for rank in range(world):
             for micro in range(GAS):
                 x = micro_batch(data, step, micro, world, rank)
                 (model(input_ids=x, labels=x).loss / n_micro).backward()
+                if fp32_accum:
+                    for p in trainable:
+                        grads[id(p)] += p.grad.float()
+                        p.grad = None
             for p in trainable:
-                grads[id(p)] += p.grad.float()
-                p.grad = None
+                if p.grad is not None:
+                    grads[id(p)] += p.grad.float()
+                    p.grad = None
         for p in trainable:
             masters[id(p)].grad = grads[id(p)]
         torch.nn.utils.clip_grad_norm_([masters[id(p)] for p in trainable], o.grad_clip)
@@ -379,6 +441,8 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         if case.get("probe_undo"):
             result: dict[str, Any] = probe_undo(case, world)
+        elif case.get("probe_grad_accum"):
+            result = probe_grad_accum(case, rank, world)
         else:
             info = run_deepspeed(case, rank, world)
             got = info.pop("snapshot")

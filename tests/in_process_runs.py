@@ -6,17 +6,22 @@ Usage:
 
 In order, all in this one process: ``a`` an uninterrupted run; ``b`` the same run failing after
 step 5 (``PLORA_FAULT_AT_STEP``) and then resumed from its newest checkpoint; ``c`` the
-uninterrupted run again. Writes ``OUT_DIR/results.json``: each call's RunResult and the reports
+uninterrupted run again; ``d_zero3`` the run under ZeRO-3 (which swaps
+``torch.nn.functional.linear`` process-wide while it runs); ``e`` the uninterrupted run again.
+Writes ``OUT_DIR/results.json``: each call's RunResult and the reports
 its ``report`` callback received, plus the /dev/shm names seen before and after.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def _shm() -> list[str]:
@@ -48,6 +53,13 @@ def main(config: str, out_dir: str) -> None:
         results["b_refused"] = str(exc)
     run("b", "b_resumed", resume=True)
     run("c", "c")
+    linear = torch.nn.functional.linear
+    zero3 = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, zero_stage=3))
+    seen: list[dict[str, Any]] = []
+    res = run_in_process(zero3, out / "d", report=seen.append)
+    results["d_zero3"] = {"result": res.as_dict(), "reports": seen}
+    results["linear_restored_after_zero3"] = torch.nn.functional.linear is linear
+    run("e", "e")
     results["shm_after"] = _shm()
     (out / "results.json").write_text(json.dumps(results, indent=1))
 

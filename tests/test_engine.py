@@ -18,6 +18,8 @@ layer, where unloads merge, and backbone_other = embeddings, norms, LM head):
   its history). Measured at two ranks: <= 3.8e-3 backbone_targets, <= 2.4e-2 LoRA, <= 3.5e-2
   moments; exactly 0 at stages 0-2 on one rank. A forgotten master write, moment reset or step
   reset gives errors of order 1 (the negative control measures 1.3-3.1 on LoRA).
+  Micro batches accumulate in fp32 at stages 1-3 (``ds_config`` sets ``grad_accum_dtype``) and
+  in bf16 at stage 0; the reference accumulates as the stage does.
 * backbone_other: exactly 0 everywhere (nothing may touch it).
 
 Adam step counts must be equal exactly in every case.
@@ -113,6 +115,17 @@ def _cases(world: int) -> list[dict[str, Any]]:
             }
         )
     if world == 1:
+        for stage in (0, 1, 2, 3):
+            cases.append(
+                {
+                    "name": f"grad_accum_z{stage}_bf16",
+                    "stage": stage,
+                    "bf16": True,
+                    "momentum": 0.0,
+                    "gas": 3,
+                    "probe_grad_accum": True,
+                }
+            )
         cases.append(
             {
                 "name": "control_module_only_z2_bf16",
@@ -208,7 +221,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def _check_matches_reference(run: dict[str, Any]) -> None:
     failures = []
     for case in run["cases"]:
-        if case.get("module_only") or case.get("probe_undo"):
+        if case.get("module_only") or case.get("probe_undo") or case.get("probe_grad_accum"):
             continue
         r = run["results"][case["name"]]
         assert r["unloads"] == 2, (case["name"], r)
@@ -249,6 +262,23 @@ def test_deepspeed_unloads_match_torch_reference_every_zero_stage_two_ranks(two_
         assert r["gas"] == 2
     r = two_ranks["results"]["z3_bf16_w2_persistent"]
     assert r["zero3_persistent"], r  # kept whole on each rank beside its partition
+
+
+@pytest.mark.slow
+def test_bf16_gradient_accumulation_sums_micro_batches_in_fp32_under_zero(one_rank):
+    """At gradient accumulation 3 the step's gradient is the fp32 sum of the micro batches'.
+
+    Summed in bf16 (DeepSpeed's default) it is ~1e-3 (relative) away: each add rounds to 8
+    mantissa bits. Stage 0 keeps bf16 sums (DeepSpeed refuses fp32 accumulation without ZeRO).
+    """
+    for stage in (1, 2, 3):
+        r = one_rank["results"][f"grad_accum_z{stage}_bf16"]
+        assert r["gas"] == 3, r
+        assert r["grad_dtype"] == "torch.float32", r
+        assert r["accum_rel_err"] < 1e-5, r
+    assert one_rank["results"]["grad_accum_z1_bf16"]["optimizer"] == "BF16_Optimizer"
+    z0 = one_rank["results"]["grad_accum_z0_bf16"]
+    assert z0["grad_dtype"] == "torch.bfloat16" and z0["accum_rel_err"] > 1e-4, z0
 
 
 @pytest.mark.slow
@@ -331,6 +361,26 @@ def test_deepspeed_config_carries_run_config_settings():
     )
     assert merged["zero_optimization"]["stage"] == 3
     assert merged["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+def test_deepspeed_config_accumulates_bf16_gradients_in_fp32_unless_overridden():
+    from plora_ray.ds_config import deepspeed_config
+
+    for stage in (1, 2, 3):
+        ds = deepspeed_config(_cfg(deepspeed={"zero_stage": stage, "bf16": True}), 1)
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"}, stage
+        # Stage 1 (BF16_Optimizer) all-reduces the accumulated sum once per step: in fp32.
+        assert ds.get("communication_data_type") == ("fp32" if stage == 1 else None), stage
+    # Stage 0: DeepSpeed refuses fp32 accumulation of bf16 weights without ZeRO.
+    assert "data_types" not in deepspeed_config(_cfg(deepspeed={"zero_stage": 0, "bf16": True}), 1)
+    fp32 = _cfg(model={"tiny": {}, "dtype": "float32"}, deepspeed={"zero_stage": 2, "bf16": False})
+    assert "data_types" not in deepspeed_config(fp32, 1)
+    user = deepspeed_config(
+        _cfg(deepspeed={"zero_stage": 2, "bf16": True}),
+        1,
+        {"data_types": {"grad_accum_dtype": "bf16"}},
+    )
+    assert user["data_types"] == {"grad_accum_dtype": "bf16"}
 
 
 @pytest.mark.parametrize(

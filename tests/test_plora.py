@@ -289,6 +289,21 @@ def test_lr_schedule_restarts_at_each_unload() -> None:
         assert lrs == pytest.approx([1e-3 * f for f in expected]), schedule
 
 
+def test_cosine_restart_reaches_min_lr_at_the_end_of_every_sample_based_stage() -> None:
+    # Every 50 samples at global batch 24 (not a multiple): unloads after steps 3, 5, 7, 9, i.e.
+    # stages of 3, 2, 2, 2 steps; each stage's cosine ends at min_lr_ratio on its own last step.
+    model = tiny_lora()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optim = OptimConfig(lr=1e-3, schedule="cosine_restart", warmup_steps=0, min_lr_ratio=0.1)
+    cfg = PLoRAConfig(unload_every=50, unload_unit="samples", rank_sample_layers=0)
+    plora = PLoRA(model, cfg, 24, 0, TorchParamAccess(opt))
+    plora.scheduler = make_lr_scheduler(opt, optim, plora.stage_length_steps)
+    lrs = train_steps(model, opt, 9, seed=35, sched=plora.scheduler, plora=plora, batch=24)
+    assert plora.num_unloads == 4
+    expected = [1.0, 0.55, 0.1, 1.0, 0.1, 1.0, 0.1, 1.0, 0.1]
+    assert lrs == pytest.approx([1e-3 * f for f in expected])
+
+
 def test_cosine_schedule_needs_a_stage_length() -> None:
     model = tiny_lora()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

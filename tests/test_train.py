@@ -304,6 +304,80 @@ def test_run_in_process_fails_cleanly_and_resumes_to_the_same_run(one_worker_run
     assert resumed["objectives"] == runs["a"]["result"]["objectives"]
 
 
+@pytest.mark.slow
+def test_run_after_a_zero3_run_in_the_same_process_gets_a_fresh_process_bits(one_worker_runs):
+    # ZeRO-3 swaps torch.nn.functional.linear process-wide; the ZeRO-2 run "e" after the ZeRO-3
+    # run "d" in the same process must train and export exactly as run "a", the process's first.
+    _, runs, _ = one_worker_runs
+    d, e, a = runs["d_zero3"]["result"], runs["e"]["result"], runs["a"]["result"]
+    assert d["status"] == "completed" and e["status"] == "completed", (d["reason"], e["reason"])
+    assert runs["linear_restored_after_zero3"], "torch.nn.functional.linear still DeepSpeed's"
+    assert _curve(read_metrics(e["metrics_path"])) == _curve(read_metrics(a["metrics_path"]))
+    assert e["objectives"] == a["objectives"]
+    from safetensors.torch import load_file
+
+    wa = load_file(Path(a["model_path"]) / "model.safetensors")
+    we = load_file(Path(e["model_path"]) / "model.safetensors")
+    assert wa.keys() == we.keys()
+    for k in wa:
+        assert torch.equal(wa[k].view(torch.int16), we[k].view(torch.int16)), k
+
+
+@pytest.mark.slow
+def test_from_base_export_is_one_rounding_of_w0_plus_every_merge(tmp_path):
+    """The exported weight = round_nearest(W_0 + Σ unload merges + the last adapter's update),
+    bit for bit from the stored factors (as the unloads merge, not peft's merge_and_unload)."""
+    from safetensors.torch import load_file
+
+    from plora_ray.checkpoint import load_backbone
+
+    yaml_text = (
+        TINY_YAML.replace("num_workers: 2", "num_workers: 1")
+        .replace("merge_rounding: stochastic", "merge_rounding: from_base")
+        .replace(
+            "deepspeed: {enabled: true, zero_stage: 2, bf16: true}", "deepspeed: {enabled: false}"
+        )
+        .replace("limit: 2,", "limit: 2, at_end: false,")
+        .replace("proxy_samples: 2", "proxy_samples: 0")
+    )
+    cfg_path = tmp_path / "from_base.yaml"
+    cfg_path.write_text(yaml_text)
+    run = tmp_path / "run"
+    code = (
+        "import sys; from plora_ray.config import load_config; "
+        "from plora_ray.executors import run_in_process; "
+        "r = run_in_process(load_config(sys.argv[1]), sys.argv[2]); "
+        "sys.exit(0 if r.status == 'completed' else r.reason)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(cfg_path), str(run)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # The last step (8) is a checkpoint: its records hold every unload's factors and its
+    # trainable.pt the final adapter (fp32, what the final merge reads).
+    ckpt = newest_checkpoint(run)
+    assert ckpt is not None and ckpt.name == "step_000008"
+    records, _ = load_backbone(ckpt / "backbone")
+    assert [r.index for r in records] == [0, 1] and records[0].rounding == "from_base"
+    adapter = torch.load(ckpt / "trainable.pt", weights_only=False)["model"]
+    w0 = load_file(run / "base_weights.safetensors")
+    exported = load_file(run / "model" / "model.safetensors")
+    scaling = 8 / 4  # lora alpha / rank
+    for ld in records[-1].layers:
+        prefix = ld.name.removesuffix(".base_layer.weight")
+        bs = [r.layers[ld.layer_index].coef * r.layers[ld.layer_index].B for r in records]
+        as_ = [r.layers[ld.layer_index].A for r in records]
+        bs.append(scaling * adapter[prefix + ".lora_B.default.weight"])
+        as_.append(adapter[prefix + ".lora_A.default.weight"])
+        want = (w0[ld.base_name].float() + torch.cat(bs, 1) @ torch.cat(as_, 0)).bfloat16()
+        got = exported[ld.base_name]
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), ld.base_name
+    assert len(records[-1].layers) == len(w0)
+
+
 def test_run_in_process_refuses_more_than_one_worker_before_training(tmp_path, tiny_yaml):
     with pytest.raises(ConfigError, match="resources.num_workers: expected 1"):
         run_in_process(load_config(tiny_yaml), tmp_path / "run")
