@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import html
 import json
 import math
 import os
@@ -718,3 +719,119 @@ def test_board_from_a_real_finished_smoke_search(smoke_search: Path, tmp_path: P
         assert len(list(csv.DictReader(f))) == len(records)
     page = (published / "index.html").read_text()
     assert page.count("<tr ") == len(records)
+
+
+# --------------------------------------------------------------------------- cost, caveats, schema
+
+
+def test_total_cost_and_time_to_best_in_summary_markdown_and_json(tmp_path: Path) -> None:
+    recs = [
+        record("a", gsm8k=0.1, minute=1, accelerator_hours=0.5),
+        record("b", gsm8k=0.3, minute=3, accelerator_hours=0.25),  # the best: ends at 2:55
+        record("c", status="failed", minute=5, accelerator_hours=None, started_at=None),
+    ]
+    d = make_search_dir(tmp_path, "unit", recs, study=False)
+    out = lb.publish(d)
+    data = json.loads((out / "leaderboard.json").read_text())
+    want = {
+        "num_trials": 3,
+        "accelerator_hours": pytest.approx(0.75),
+        "wall_time_s": pytest.approx(56.0 + 58.0 + 60.0),
+        "time_to_best_s": pytest.approx(2 * 60 + 55.0),
+        "best": "unit/b",
+    }
+    assert data["cost"] == want and data["searches"][0]["cost"] == want
+    sentence = (
+        "Total cost: 0.75 accelerator-hours, 2:54 of trial wall time over 3 trial(s); "
+        "time to best: 2:55 (from the search's first trial start to the end of unit/b)."
+    )
+    assert sentence in (out / "leaderboard.md").read_text()
+    page = (out / "index.html").read_text()
+    assert f'<p class="cost">{html.escape(sentence)}</p>' in page
+    # No trial reports accelerator-hours: unknown, not zero.
+    none = make_search_dir(
+        tmp_path / "n", "n", [record("x", gsm8k=0.2, accelerator_hours=None)], study=False
+    )
+    board = lb.build_leaderboard([none])
+    assert board.cost.accelerator_hours is None
+    assert "accelerator-hours not reported" in lb.render_markdown(board)
+
+
+def _svg(page: str, plot_id: str) -> str:
+    start = page.index(f'id="{plot_id}"')
+    return page[page.rindex("<svg", 0, start) : page.index("</svg>", start)]
+
+
+def test_importances_from_fewer_than_ten_trials_carry_a_caveat(tmp_path: Path) -> None:
+    page = lb.render_html(lb.build_leaderboard([small_search(tmp_path / "few")]))
+    few = _svg(page, "plot-importance-unit")
+    assert 'class="bar"' in few
+    assert "Caveat: from only 6 completed trials (fewer than 10)" in few
+    many = [
+        record(f"m{i}", gsm8k=0.1 + 0.03 * i, params={"optim.lr": 1e-4 * (i + 1), "x": 1 + i % 3})
+        for i in range(10)
+    ]
+    d = make_search_dir(tmp_path / "many", "many", many)
+    svg = _svg(lb.render_html(lb.build_leaderboard([d])), "plot-importance-many")
+    assert 'class="bar"' in svg and "Caveat" not in svg
+
+
+def test_plots_of_equal_values_or_one_point_give_a_reason_instead(tmp_path: Path) -> None:
+    zeros = [record(f"z{i}", gsm8k=0.0, mmlu=0.0, minute=i + 1) for i in range(3)]
+    page = lb.render_html(
+        lb.build_leaderboard([make_search_dir(tmp_path, "z", zeros, study=False)])
+    )
+    pareto = _svg(page, "plot-pareto")
+    assert 'class="plot empty"' in pareto and 'class="pt"' not in pareto
+    assert "GSM8K is 0 and MMLU is 0 in all 3 completed trials" in pareto
+    one = make_search_dir(tmp_path / "one", "one", [record("o", gsm8k=0.2, mmlu=0.3)], study=False)
+    page = lb.render_html(lb.build_leaderboard([one]))
+    for plot_id in ("plot-objective-time", "plot-pareto"):
+        svg = _svg(page, plot_id)
+        assert 'class="plot empty"' in svg and "only 1 completed trial" in svg, plot_id
+
+
+def _documented_fields(doc: str) -> dict[str, str]:
+    """``field -> type`` from the table rows of docs/leaderboard_json.md."""
+    fields = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 3:
+            fields[cells[0].strip("`")] = cells[1]
+    return fields
+
+
+def _written_fields(v: Any, prefix: str, documented: dict[str, str], out: set[str]) -> None:
+    if isinstance(v, dict):
+        for k, x in v.items():
+            path = f"{prefix}.{k}" if prefix else k
+            out.add(path)
+            if not documented.get(path, "").startswith("map"):  # keys are names, not fields
+                _written_fields(x, path, documented, out)
+    elif isinstance(v, list):
+        for x in v:
+            _written_fields(x, f"{prefix}[]", documented, out)
+
+
+def test_leaderboard_json_is_version_2_and_every_field_is_documented(tmp_path: Path) -> None:
+    doc = (Path(__file__).parents[1] / "docs" / "leaderboard_json.md").read_text()
+    documented = _documented_fields(doc)
+    a = small_search(tmp_path / "r1", "alpha", study=False)
+    b = make_search_dir(
+        tmp_path / "r2",
+        "beta",
+        [record("p1", gsm8k=0.1, mmlu=0.5, run_dir=str(tmp_path / "r2" / "beta" / "runs" / "p1"))],
+        objective={"metrics": ["gsm8k", "mmlu"], "directions": ["max", "max"], "pareto": True},
+        study=False,
+    )
+    out = tmp_path / "merged"
+    assert lb.leaderboard_command([str(a), str(b)], str(out)) == 0
+    data = json.loads((out / "leaderboard.json").read_text())
+    assert data["format"] == "plora-ray leaderboard" and data["version"] == 2
+    assert "**version 2**" in doc
+    written: set[str] = set()
+    _written_fields(data, "", documented, written)
+    assert sorted(written - set(documented)) == []  # every key written is documented
+    assert sorted(set(documented) - written) == []  # and every documented key is written
+    p1 = next(r for r in data["rows"] if r["trial_id"] == "p1")
+    assert p1["metrics_path"] == str(tmp_path / "r2" / "beta" / "runs" / "p1" / "metrics.jsonl")

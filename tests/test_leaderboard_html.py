@@ -354,3 +354,98 @@ def test_board_of_a_real_smoke_search_in_the_browser(
     browser.screenshot(shot)
     if os.environ.get("PLORA_SCREENSHOT_DIR"):
         shutil.copy(shot, Path(os.environ["PLORA_SCREENSHOT_DIR"]) / shot.name)
+
+
+def test_objective_is_next_to_the_rank_and_on_screen_at_1400px(
+    browser: Browser, board_page: Path, tmp_path: Path
+) -> None:
+    pareto = make_search_dir(
+        tmp_path,
+        "front",
+        [
+            record("p1", gsm8k=0.1, mmlu=0.5, params={"lora.rank": 8, "optim.lr": 1e-4}),
+            record("p2", gsm8k=0.4, mmlu=0.2, params={"lora.rank": 8, "optim.lr": 3e-4}),
+        ],
+        objective={"metrics": ["gsm8k", "mmlu"], "directions": ["max", "max"], "pareto": True},
+        study=False,
+    )
+    lb.publish(pareto)
+    pages = [
+        (board_page, ["objective"]),
+        (pareto / "leaderboard" / "index.html", ["gsm8k", "mmlu"]),
+    ]
+    browser.call(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+        session=True,
+    )
+    try:
+        for page, objective_headers in pages:
+            browser.open(page.as_uri())
+            assert browser.eval("[window.innerWidth, window.innerHeight]") == [1400, 900]
+            headers = browser.eval(
+                "[...document.querySelectorAll('#board th')].map(h => h.textContent)"
+            )
+            status = headers.index("status")
+            want = list(range(status + 1, status + 1 + len(objective_headers)))
+            assert [headers.index(h) for h in objective_headers] == want, headers
+            for col in want:
+                box = browser.eval(
+                    "(() => { const r = document.querySelector('#board tbody tr')"
+                    f".cells[{col}].getBoundingClientRect(); return [r.left, r.right, r.top]; }})()"
+                )
+                assert 0 <= box[0] < box[1] <= 1400 and box[2] < 900, (page, headers[col], box)
+            assert browser.errors() == []
+    finally:
+        browser.call("Emulation.clearDeviceMetricsOverride", session=True)
+
+
+def test_trial_files_are_relative_links_or_plain_text(browser: Browser, tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    d = storage / "linked"
+    odd = 't 1#?"<x>'  # characters that mean something in a URL and in HTML
+
+    def files(trial_id: str) -> dict[str, Any]:
+        run = d / "runs" / trial_id
+        (run / "model").mkdir(parents=True)
+        (run / "metrics.jsonl").write_text('{"step": 1}\n')
+        return {"run_dir": str(run), "model_path": str(run / "model")}
+
+    recs = [
+        record(odd, gsm8k=0.3, **files(odd)),
+        record("t2", gsm8k=0.2, **files("t2")),
+        record("cloud", gsm8k=0.1, run_dir="s3://bucket/runs/cloud", model_path="s3://b/model"),
+        record("remote", gsm8k=0.05, run_dir="/cluster/other/runs/remote"),
+    ]
+    make_search_dir(storage, "linked", recs, study=False)
+    out = lb.publish(d)
+    page = (out / "index.html").read_text()
+    assert "file://" not in page
+    browser.open((out / "index.html").as_uri())
+    assert browser.errors() == []
+    links = browser.eval(
+        "[...document.querySelectorAll('#board a')].map(a => "
+        "[a.closest('tr').dataset.trial, a.textContent, a.getAttribute('href'), a.href])"
+    )
+    want = {}
+    for tid in (odd, "t2"):
+        run = d / "runs" / tid
+        want[f"linked/{tid}", "run"] = run.as_uri() + "/"
+        want[f"linked/{tid}", "metrics"] = (run / "metrics.jsonl").as_uri()
+        want[f"linked/{tid}", "model"] = (run / "model").as_uri() + "/"
+    assert {(trial, text): url for trial, text, _, url in links} == want
+    for _, _, href, _ in links:
+        assert href.startswith("../runs/") and not href.startswith(("/", "file:")), href
+    # Cloud and another machine's paths are plain text in their cells.
+    rows = browser.eval(
+        "Object.fromEntries([...document.querySelectorAll('#board tbody tr')]"
+        ".map(r => [r.dataset.trial, r.innerText]))"
+    )
+    assert (
+        "s3://bucket/runs/cloud" in rows["linked/cloud"] and "s3://b/model" in rows["linked/cloud"]
+    )
+    assert "/cluster/other/runs/remote" in rows["linked/remote"]
+    # A board written outside the storage directory links nothing but its own best_config.yaml.
+    elsewhere = tmp_path / "elsewhere"
+    assert lb.leaderboard_command([str(d)], str(elsewhere)) == 0
+    assert (elsewhere / "index.html").read_text().count("<a ") == 1

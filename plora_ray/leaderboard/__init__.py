@@ -2,7 +2,8 @@
 the best configuration as a runnable YAML.
 
 Output goes to ``<search_dir>/leaderboard/``: ``leaderboard.json``, ``leaderboard.csv``,
-``leaderboard.md``, ``index.html``, ``best_config.yaml``.
+``leaderboard.md``, ``index.html``, ``best_config.yaml``. The fields of ``leaderboard.json`` (and
+its ``version``) are documented in ``docs/leaderboard_json.md``.
 
 - ``rank``: a trial's score, Pareto fronts, the board order, the gain over the baselines.
 - ``board``: reading search directories (one or several) into one ranked ``Board``.
@@ -13,13 +14,21 @@ Output goes to ``<search_dir>/leaderboard/``: ``leaderboard.json``, ``leaderboar
 """
 
 from plora_ray.leaderboard.board import (
+    FORMAT_VERSION,
     Board,
+    Cost,
     LeaderboardError,
     SearchInfo,
     build_leaderboard,
 )
 from plora_ray.leaderboard.html import json_for_script, render_html
-from plora_ray.leaderboard.plots import nice_ticks, param_importances
+from plora_ray.leaderboard.plots import (
+    MIN_IMPORTANCE_TRIALS,
+    Importances,
+    nice_ticks,
+    param_importances,
+    study_importances,
+)
 from plora_ray.leaderboard.publish import (
     LEADERBOARD_DIR,
     OUTPUT_FILES,
@@ -31,9 +40,13 @@ from plora_ray.leaderboard.rank import Row, baseline_gains, pareto_fronts, rank_
 from plora_ray.leaderboard.tables import render_best_config, render_csv, render_markdown
 
 __all__ = [
+    "FORMAT_VERSION",
     "LEADERBOARD_DIR",
+    "MIN_IMPORTANCE_TRIALS",
     "OUTPUT_FILES",
     "Board",
+    "Cost",
+    "Importances",
     "LeaderboardError",
     "Row",
     "SearchInfo",
@@ -51,5 +64,6 @@ __all__ = [
     "render_html",
     "render_markdown",
     "score",
+    "study_importances",
     "write_board",
 ]

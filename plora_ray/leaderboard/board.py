@@ -19,11 +19,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from plora_ray.leaderboard.rank import Row, baseline_gains, rank_rows
+from plora_ray.leaderboard.rank import Row, baseline_gains, rank_rows, to_epoch
 from plora_ray.objective import ObjectiveError, ObjectiveSpec
 from plora_ray.store import RecordError, Store, TrialRecord
 
-__all__ = ["Board", "LeaderboardError", "SearchInfo", "build_leaderboard", "expand", "jsonable"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Board",
+    "Cost",
+    "LeaderboardError",
+    "SearchInfo",
+    "build_leaderboard",
+    "cost_of",
+    "expand",
+    "jsonable",
+]
+
+# The version of leaderboard.json (docs/leaderboard_json.md); bumped when a field changes meaning
+# or goes away, so a reader can tell which fields to expect. 2 added cost, run_dir, metrics_path.
+FORMAT_VERSION = 2
 
 
 class LeaderboardError(ValueError):
@@ -65,6 +79,69 @@ class SearchInfo:
         }
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What a set of trials cost, and how long their search took to reach its best trial.
+
+    ``accelerator_hours`` and ``wall_time_s`` are sums over the trials that report them (None when
+    none does: unknown is not zero). ``time_to_best_s`` runs from the first trial start of the best
+    trial's search to the end of that trial: how long the search needed to find what it found.
+    """
+
+    num_trials: int
+    accelerator_hours: float | None
+    wall_time_s: float | None
+    time_to_best_s: float | None
+    best: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The cost as written to ``leaderboard.json``."""
+        return {
+            "num_trials": self.num_trials,
+            "accelerator_hours": self.accelerator_hours,
+            "wall_time_s": self.wall_time_s,
+            "time_to_best_s": self.time_to_best_s,
+            "best": self.best,
+        }
+
+
+def _sum_known(values: Sequence[Any]) -> float | None:
+    known = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(known) if known else None
+
+
+def _trial_start(rec: TrialRecord) -> float | None:
+    # A record without started_at still says when it ended and how long it ran.
+    start = to_epoch(rec.started_at)
+    end = to_epoch(rec.ended_at)
+    if start is None and end is not None and rec.wall_time_s is not None:
+        start = end - rec.wall_time_s
+    return start
+
+
+def cost_of(rows: Sequence[Row], best: Row | None) -> Cost:
+    """Total cost of ``rows`` and the time to ``best`` (see ``Cost``).
+
+    Args:
+        rows: the trials to add up.
+        best: the best trial among them, or None when there is none yet.
+    """
+    time_to_best = None
+    if best is not None:
+        starts = [_trial_start(r.record) for r in rows if r.search == best.search]
+        known = [t for t in starts if t is not None]
+        end = to_epoch(best.record.ended_at)
+        if known and end is not None:
+            time_to_best = max(0.0, end - min(known))
+    return Cost(
+        num_trials=len(rows),
+        accelerator_hours=_sum_known([r.record.accelerator_hours for r in rows]),
+        wall_time_s=_sum_known([r.record.wall_time_s for r in rows]),
+        time_to_best_s=time_to_best,
+        best=best.label if best is not None else None,
+    )
+
+
 @dataclass
 class Board:
     """A leaderboard over one or more searches; ``rows`` are in board order."""
@@ -78,28 +155,51 @@ class Board:
     @property
     def best(self) -> Row | None:
         """The top completed trial with an objective (the first search's when ranked per search)."""
+        return self.best_of(None)
+
+    def best_of(self, search: str | None) -> Row | None:
+        """The top completed trial with an objective of one search (None: of the whole board)."""
         for r in self.rows:
+            if search is not None and r.search != search:
+                continue
             if r.record.status == "completed" and (r.score is not None or r.front is not None):
                 return r
         return None
 
-    def spec_of(self, row: Row) -> ObjectiveSpec:
-        """The objective ``row`` was ranked by (its search's)."""
+    def search_of(self, row: Row) -> SearchInfo:
+        """The search ``row`` is listed under."""
         for s in self.searches:
             if s.name == row.search:
-                return s.spec
-        return self.searches[0].spec
+                return s
+        return self.searches[0]
+
+    def spec_of(self, row: Row) -> ObjectiveSpec:
+        """The objective ``row`` was ranked by (its search's)."""
+        return self.search_of(row).spec
+
+    @property
+    def cost(self) -> Cost:
+        """Total cost of every trial on the board and the time to the board's best trial."""
+        return cost_of(self.rows, self.best)
+
+    def cost_of_search(self, name: str) -> Cost:
+        """Total cost of one search's trials and the time to that search's best trial."""
+        return cost_of([r for r in self.rows if r.search == name], self.best_of(name))
 
     def to_dict(self) -> dict[str, Any]:
         """The board as written to ``leaderboard.json`` and embedded in the HTML page."""
         best = self.best
         return {
             "format": "plora-ray leaderboard",
-            "version": 1,
+            "version": FORMAT_VERSION,
             "generated_at": self.generated_at,
             "ranked_globally": self.ranked_globally,
-            "searches": [s.to_dict() for s in self.searches],
+            "searches": [
+                {**s.to_dict(), "cost": self.cost_of_search(s.name).to_dict()}
+                for s in self.searches
+            ],
             "best": {"search": best.search, "trial_id": best.record.trial_id} if best else None,
+            "cost": self.cost.to_dict(),
             "warnings": self.warnings,
             "rows": [r.to_dict() for r in self.rows],
         }

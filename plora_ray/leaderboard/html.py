@@ -3,6 +3,12 @@
 Everything user-written shown in the page is escaped; the JSON embedded for the page's script
 cannot close its ``<script>`` element; and the page's Content-Security-Policy allows exactly its
 own inline script (by hash) and no network at all.
+
+The table starts with what a reader looks for first: rank, trial, status and the objective, so
+the objective is on screen without scrolling sideways. A trial's run directory, metrics.jsonl and
+exported model are links relative to the page's folder when the page and the files lie under the
+same storage directory (the page keeps working when that directory is copied or served as a
+whole); elsewhere (a cloud URI, another machine's path) they are plain text, never ``file://``.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import base64
 import hashlib
 import json
 import math
+import os
 import re
+import urllib.parse
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -25,6 +33,7 @@ from plora_ray.leaderboard.plots import (
 )
 from plora_ray.leaderboard.rank import Row
 from plora_ray.leaderboard.tables import (
+    describe_cost,
     escape,
     fmt_duration,
     fmt_gain,
@@ -33,8 +42,9 @@ from plora_ray.leaderboard.tables import (
     metric_keys,
     param_keys,
 )
+from plora_ray.store import is_uri
 
-__all__ = ["json_for_script", "render_html"]
+__all__ = ["json_for_script", "relative_href", "render_html"]
 
 
 def json_for_script(data: Any) -> str:
@@ -64,11 +74,72 @@ def _cell(text: str, sort_value: Any = None, cls: str = "", title: str | None = 
     return f"<td{attrs}>{text}</td>"
 
 
-def _columns(board: Board) -> list[tuple[str, str, str, Callable[[Row], str]]]:
+def _local_dir(path: str | None) -> str | None:
+    """``path`` as a normalised absolute local path; None for a URI or a relative path."""
+    if not path or is_uri(path):
+        return None
+    path = path[len("file://") :] if path.startswith("file://") else path
+    return os.path.normpath(path) if os.path.isabs(path) else None
+
+
+def _is_under(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def relative_href(target: str | None, board_dir: str | None, root: str | None) -> str | None:
+    """The URL-quoted link from ``board_dir`` to ``target`` when both lie under ``root``.
+
+    None (shown as plain text) when any of them is not a local absolute path, or when the board or
+    the target is outside ``root``: a link there would break as soon as the board is moved, or
+    point into another machine's file system.
+
+    Args:
+        target: the file or directory to link to, as the trial record names it.
+        board_dir: the folder the page is written to.
+        root: the directory both must lie under (the storage directory of the trial's search).
+    """
+    t, b, r = _local_dir(target), _local_dir(board_dir), _local_dir(root)
+    if t is None or b is None or r is None or not (_is_under(t, r) and _is_under(b, r)):
+        return None
+    # quote() turns every character that means something in a URL (# ? : % space) into %XX, so
+    # the href is a relative path and nothing else; a "javascript:" name becomes harmless text.
+    return urllib.parse.quote(os.path.relpath(t, b).replace(os.sep, "/"), safe="/")
+
+
+def _file_links(links: list[tuple[str, str | None, str | None, bool]]) -> str:
+    """Links ``(text, target, href, is_dir)`` joined by a dot; the first target without an href
+    is shown as plain text instead (nothing to link to from here)."""
+    parts = []
+    for text, target, href, is_dir in links:
+        if not target:
+            continue
+        if href is None:
+            return escape(target)
+        href += "/" if is_dir and not href.endswith("/") else ""
+        parts.append(f'<a href="{escape(href)}" title="{escape(target)}">{escape(text)}</a>')
+    return " · ".join(parts)
+
+
+def _columns(
+    board: Board, board_dir: str | None
+) -> list[tuple[str, str, str, Callable[[Row], str]]]:
     """Table columns: (header, type num|text, tooltip, cell renderer)."""
     pkeys, mkeys, gkeys = param_keys(board.rows, True), metric_keys(board), gain_keys(board)
+    # The objective right after the status: the scalar objective of scalar searches, and the
+    # metrics of multi-metric ones (a Pareto search has no scalar; its front is marked in "#").
+    scalar = any(not s.spec.pareto for s in board.searches)
+    lead_metrics: list[str] = []
+    for s in board.searches:
+        if s.spec.pareto or len(s.spec.metrics) > 1:
+            lead_metrics.extend(m for m in s.spec.metrics if m not in lead_metrics)
+    mkeys = [m for m in mkeys if m not in lead_metrics]
     multi = len(board.searches) > 1
     cols: list[tuple[str, str, str, Callable[[Row], str]]] = []
+
+    def href(r: Row, target: str | None) -> str | None:
+        path = board.search_of(r).path
+        root = os.path.dirname(path.rstrip("/")) if _local_dir(path) else None
+        return relative_href(target, board_dir, root)
 
     def rank_cell(r: Row) -> str:
         star = (
@@ -109,6 +180,26 @@ def _columns(board: Board) -> list[tuple[str, str, str, Callable[[Row], str]]]:
         ("status", "text", "completed, early stopped (ASHA), diverged or failed", status_cell)
     )
 
+    def metric_cell(m: str) -> Callable[[Row], str]:
+        def render(r: Row) -> str:
+            v = r.record.objectives.get(m)
+            return _cell(fmt_value(v), v, "num")
+
+        return render
+
+    if scalar:
+        cols.append(
+            (
+                "objective",
+                "num",
+                "the search's objective: "
+                + "; ".join(s.spec.describe() for s in board.searches if not s.spec.pareto),
+                lambda r: _cell(fmt_value(r.score), r.score, "num objective"),
+            )
+        )
+    for m in lead_metrics:
+        cols.append((m, "num", f"objective {m}", metric_cell(m)))
+
     def method_cell(r: Row) -> str:
         badge = ' <span class="badge base">baseline</span>' if r.is_baseline else ""
         return _cell(f"{escape(r.record.method or '')}{badge}", r.record.method)
@@ -146,20 +237,7 @@ def _columns(board: Board) -> list[tuple[str, str, str, Callable[[Row], str]]]:
             )
         )
     for m in mkeys:
-
-        def mcell(r: Row, m: str = m) -> str:
-            v = r.record.objectives.get(m)
-            return _cell(fmt_value(v), v, "num")
-
-        cols.append((m, "num", f"objective {m}", mcell))
-    cols.append(
-        (
-            "score",
-            "num",
-            "the search's scalar objective",
-            lambda r: _cell(fmt_value(r.score), r.score, "num"),
-        )
-    )
+        cols.append((m, "num", f"objective {m}", metric_cell(m)))
     for g in gkeys:
 
         def gcell(r: Row, g: str = g) -> str:
@@ -232,17 +310,36 @@ def _columns(board: Board) -> list[tuple[str, str, str, Callable[[Row], str]]]:
             ),
         ),
         (
+            "run",
+            "text",
+            "the trial's run directory and its metrics.jsonl",
+            lambda r: _cell(
+                _file_links(
+                    [
+                        ("run", r.record.run_dir, href(r, r.record.run_dir), True),
+                        ("metrics", r.metrics_path, href(r, r.metrics_path), False),
+                    ]
+                ),
+                r.record.run_dir,
+                "path",
+            ),
+        ),
+        (
             "model",
             "text",
             "exported model location",
-            lambda r: _cell(escape(r.record.model_path or ""), r.record.model_path, "path"),
+            lambda r: _cell(
+                _file_links([("model", r.record.model_path, href(r, r.record.model_path), True)]),
+                r.record.model_path,
+                "path",
+            ),
         ),
     ]
     return cols
 
 
-def _table(board: Board) -> str:
-    cols = _columns(board)
+def _table(board: Board, board_dir: str | None) -> str:
+    cols = _columns(board, board_dir)
     head = "".join(
         f'<th data-type="{t}" title="{escape(tip)}" tabindex="0" scope="col">{escape(h)}</th>'
         for h, t, tip, _ in cols
@@ -294,6 +391,7 @@ def _summary(board: Board) -> str:
         )
     else:
         best_html = '<p class="best">No completed trial with an objective yet.</p>'
+    best_html += f'<p class="cost">{escape(describe_cost(board.cost))}</p>'
     scope = (
         "Trials of all searches are ranked together (same objective)."
         if board.ranked_globally or len(board.searches) == 1
@@ -307,11 +405,13 @@ _TEMPLATE = resources.files("plora_ray").joinpath("assets/leaderboard.html")
 _SCRIPT_RE = re.compile(r"<script>(.*?)</script>", re.S)
 
 
-def render_html(board: Board) -> str:
+def render_html(board: Board, board_dir: str | None = None) -> str:
     """The self-contained page: summary, sortable table, inline SVG plots, embedded JSON data.
 
     Args:
         board: the ranked board.
+        board_dir: the folder the page is written to, for links to the trials' files relative to
+            it; None: the files are named as plain text.
     """
     template = _TEMPLATE.read_text(encoding="utf-8")
     m = _SCRIPT_RE.search(template)
@@ -333,7 +433,7 @@ def render_html(board: Board) -> str:
         "generated_at": escape(board.generated_at),
         "summary": _summary(board),
         "warnings": f'<ul class="warnings">{warnings}</ul>' if warnings else "",
-        "table": _table(board),
+        "table": _table(board, board_dir),
         "plots": "\n".join(f"<figure>{p}</figure>" for p in plots),
         "data_json": json_for_script(jsonable(board.to_dict())),
         "count": str(len(board.rows)),

@@ -3,6 +3,10 @@ Optuna's parameter importances, and the loss curves of the top trials.
 
 Plain SVG text, no plotting library: the page stays self-contained and loads nothing. Every label
 that comes from a user (trial ids, methods, parameter names) is escaped.
+
+A plot that would mislead says why instead: a scatter of one point, or of values that are all the
+same (a tiny model scoring 0 on GSM8K and MMLU), is replaced by a one-line reason; importances
+from fewer than ``MIN_IMPORTANCE_TRIALS`` completed trials carry a caveat line.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import re
 import textwrap
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -21,17 +26,23 @@ from plora_ray.leaderboard.rank import Row, pareto_fronts, time_key, to_epoch
 from plora_ray.leaderboard.tables import escape, fmt_value
 
 __all__ = [
+    "MIN_IMPORTANCE_TRIALS",
     "TOP_LOSS_CURVES",
+    "Importances",
     "nice_ticks",
     "param_importances",
     "plot_gsm8k_vs_mmlu",
     "plot_importances",
     "plot_loss_curves",
     "plot_objective_over_time",
+    "study_importances",
 ]
 
 # How many of the top trials get a loss curve in the plot (more lines would not be readable).
 TOP_LOSS_CURVES = 5
+# fANOVA fits a random forest to the completed trials; below 10 (also the number of random
+# start-up trials of Optuna's TPE sampler) one more trial can reorder the parameters.
+MIN_IMPORTANCE_TRIALS = 10
 _METHOD_COLORS = {"plora": "#1f6fb4", "lora": "#e8731a", "full": "#2a9d3c"}
 _SERIES_COLORS = ["#1f6fb4", "#e8731a", "#2a9d3c", "#c62f2f", "#8757b8", "#8c564b", "#d6479b"]
 _W, _H = 560, 330
@@ -174,14 +185,20 @@ def _legend(items: Sequence[tuple[str, str, str]], x: float, y: float) -> list[s
     return out
 
 
-def _empty_plot(plot_id: str, title: str, message: str) -> str:
-    # SVG text does not wrap by itself; a long reason (a path) is cut into lines.
+def _tspans(message: str) -> tuple[str, int]:
+    """``message`` as centred ``<tspan>`` lines (SVG text does not wrap by itself; a long reason,
+    a path, is cut into lines) and the number of lines."""
     lines = textwrap.wrap(message, 80, break_long_words=True)[:6] or [""]
-    height = 70 + 17 * len(lines)
     spans = "".join(
         f'<tspan x="{_W / 2}" dy="{0 if i == 0 else 17}">{escape(line)}</tspan>'
         for i, line in enumerate(lines)
     )
+    return spans, len(lines)
+
+
+def _empty_plot(plot_id: str, title: str, message: str) -> str:
+    spans, n_lines = _tspans(message)
+    height = 70 + 17 * n_lines
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" class="plot empty" id="{escape(plot_id)}" '
         f'viewBox="0 0 {_W} {height}" width="{_W}" height="{height}" role="img">'
@@ -260,6 +277,10 @@ def plot_objective_over_time(board: Board) -> str:
     allpts = [p for _, pts, _ in series for p in pts]
     if not allpts:
         return _empty_plot(pid, title, "no completed trial with an objective yet")
+    if len({id(p[2]) for p in allpts}) < 2:
+        return _empty_plot(
+            pid, title, "only 1 completed trial with an objective so far: nothing to compare yet"
+        )
     ax = _Axes(title, xlabel, ylabel, [p[0] for p in allpts], [p[1] for p in allpts])
     out = ax.open(pid)
     legend: list[tuple[str, str, str]] = []
@@ -311,8 +332,20 @@ def plot_gsm8k_vs_mmlu(board: Board) -> str:
     ]
     if not rows:
         return _empty_plot(pid, title, "no completed trial with both GSM8K and MMLU yet")
+    if len(rows) < 2:
+        return _empty_plot(
+            pid, title, "only 1 completed trial with both GSM8K and MMLU: no trade-off to show yet"
+        )
     xs = [r.record.objectives["mmlu"] for r in rows]
     ys = [r.record.objectives["gsm8k"] for r in rows]
+    same = [f"{name} is {fmt_value(v[0])}" for name, v in (("GSM8K", ys), ("MMLU", xs))]
+    same = [text for text, v in zip(same, (ys, xs)) if len(set(v)) == 1]
+    if same:
+        return _empty_plot(
+            pid,
+            title,
+            f"{' and '.join(same)} in all {len(rows)} completed trials: no trade-off to show",
+        )
     fronts = pareto_fronts([[x, y] for x, y in zip(xs, ys)], ["maximize", "maximize"])
     ax = _Axes(title, "MMLU accuracy", "GSM8K accuracy (strict)", xs, ys)
     out = ax.open(pid)
@@ -344,25 +377,62 @@ def plot_gsm8k_vs_mmlu(board: Board) -> str:
     return "\n".join(out)
 
 
+@dataclass(frozen=True)
+class Importances:
+    """Optuna's parameter importances of one search, or why there are none.
+
+    ``values`` maps each objective metric to {parameter: importance}; ``reason`` says why it is
+    empty; ``num_trials`` is how many completed trials they come from.
+    """
+
+    values: dict[str, dict[str, float]] = field(default_factory=dict)
+    reason: str | None = None
+    num_trials: int = 0
+
+    @property
+    def caveat(self) -> str | None:
+        """A warning to show with the importances when they rest on too few trials."""
+        if not self.values or self.num_trials >= MIN_IMPORTANCE_TRIALS:
+            return None
+        return (
+            f"Caveat: from only {self.num_trials} completed trials (fewer than "
+            f"{MIN_IMPORTANCE_TRIALS}): a rough indication that more trials may change."
+        )
+
+
 def param_importances(info: SearchInfo) -> tuple[dict[str, dict[str, float]], str | None]:
+    """Optuna's parameter importances per objective metric, or a reason why there are none.
+
+    ``study_importances`` without the number of trials they come from.
+    """
+    found = study_importances(info)
+    return found.values, found.reason
+
+
+def study_importances(info: SearchInfo) -> Importances:
     """Optuna's parameter importances per objective metric, or a reason why there are none.
 
     Reads the study named in search.json from its storage URL. Needs at least two completed
     trials; a SQLite file that does not exist is not created (opening it would).
     """
     if not info.study_name or not info.storage_url:
-        return {}, "search.json names no Optuna study (study_name and storage URL)"
+        return Importances(reason="search.json names no Optuna study (study_name and storage URL)")
     url = info.storage_url
     if url.startswith("sqlite:///"):
         db = url[len("sqlite:///") :]
         if not os.path.isfile(db):
-            return {}, f"the study's database {db} does not exist"
+            return Importances(reason=f"the study's database {db} does not exist")
+    num_trials = 0
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.load_study(study_name=info.study_name, storage=url)
         done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if len(done) < 2:
-            return {}, f"needs at least 2 completed trials in the study, found {len(done)}"
+        num_trials = len(done)
+        if num_trials < 2:
+            return Importances(
+                reason=f"needs at least 2 completed trials in the study, found {num_trials}",
+                num_trials=num_trials,
+            )
         out: dict[str, dict[str, float]] = {}
         n_obj = len(study.directions)
         for i in range(n_obj):
@@ -374,19 +444,25 @@ def param_importances(info: SearchInfo) -> tuple[dict[str, dict[str, float]], st
                 study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=target
             )
         if not any(out.values()):
-            return {}, "no parameter varied across the completed trials"
-        return out, None
+            return Importances(
+                reason="no parameter varied across the completed trials", num_trials=num_trials
+            )
+        return Importances(out, None, num_trials)
     except Exception as exc:  # importances are a nice-to-have; never lose the board over them
-        return {}, f"could not compute importances: {type(exc).__name__}: {exc}"
+        return Importances(
+            reason=f"could not compute importances: {type(exc).__name__}: {exc}",
+            num_trials=num_trials,
+        )
 
 
 def plot_importances(info: SearchInfo) -> str:
     """Horizontal bars of Optuna's (fANOVA) parameter importances, one group per objective."""
     pid = "plot-importance-" + re.sub(r"[^A-Za-z0-9_-]", "_", info.name)
     title = f"Parameter importances ({info.name})"
-    imps, why = param_importances(info)
+    found = study_importances(info)
+    imps = found.values
     if not imps:
-        return _empty_plot(pid, title, f"not available: {why}")
+        return _empty_plot(pid, title, f"not available: {found.reason}")
     params = sorted(
         {p for d in imps.values() for p in d},
         key=lambda p: -max(d.get(p, 0.0) for d in imps.values()),
@@ -394,14 +470,19 @@ def plot_importances(info: SearchInfo) -> str:
     groups = list(imps)
     bar_h, gap = 14, 8
     left = min(260, 20 + 7 * max(len(p) for p in params))
-    height = 40 + len(params) * (len(groups) * bar_h + gap) + 20 + 15 * len(groups)
+    caveat, caveat_lines = _tspans(found.caveat) if found.caveat else ("", 0)
+    y = 36 + 17 * caveat_lines
+    height = y + 4 + len(params) * (len(groups) * bar_h + gap) + 20 + 15 * len(groups)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" id="{escape(pid)}" '
         f'viewBox="0 0 {_W} {height}" width="{_W}" height="{height}" role="img">',
         f"<title>{escape(title)}</title>",
         f'<text x="{_W / 2}" y="20" class="ptitle" text-anchor="middle">{escape(title)}</text>',
     ]
-    y = 36
+    if caveat:
+        out.append(
+            f'<text x="{_W / 2}" y="38" class="note caveat" text-anchor="middle">{caveat}</text>'
+        )
     span = _W - left - 60
     for p in params:
         out.append(

@@ -62,7 +62,7 @@ def write_board(board: Board, out_dir: str | os.PathLike[str]) -> Path | str:
         + "\n",
         "leaderboard.csv": render_csv(board),
         "leaderboard.md": render_markdown(board),
-        "index.html": render_html(board),
+        "index.html": render_html(board, store.display()),
     }
     best_yaml = render_best_config(board)
     if best_yaml is not None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from plora_ray.objective import Direction, ObjectiveSpec
-from plora_ray.store import TrialRecord
+from plora_ray.store import METRICS_FILE, TrialRecord
 
 __all__ = [
     "BASELINE_METHODS",
@@ -89,6 +89,12 @@ class Row:
             return sum(nums) / len(nums) if nums else None
         return float(v) if _finite(v) else None
 
+    @property
+    def metrics_path(self) -> str | None:
+        """The trial's ``metrics.jsonl`` (in its run directory), None when the record names none."""
+        run_dir = self.record.run_dir
+        return f"{run_dir.rstrip('/')}/{METRICS_FILE}" if run_dir else None
+
     def to_dict(self) -> dict[str, Any]:
         """The row as written to ``leaderboard.json``."""
         rec = self.record
@@ -115,6 +121,8 @@ class Row:
             "delta_effective_rank": rec.delta_effective_rank,
             "wall_time_s": rec.wall_time_s,
             "accelerator_hours": rec.accelerator_hours,
+            "run_dir": rec.run_dir,
+            "metrics_path": self.metrics_path,
             "checkpoint_path": rec.checkpoint_path,
             "model_path": rec.model_path,
             "started_at": rec.started_at,

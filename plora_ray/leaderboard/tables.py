@@ -17,12 +17,13 @@ from typing import Any
 
 import yaml
 
-from plora_ray.leaderboard.board import Board
+from plora_ray.leaderboard.board import Board, Cost
 from plora_ray.leaderboard.rank import Row
 from plora_ray.objective import OBJECTIVE_METRICS
 
 __all__ = [
     "ACCURACY_METRICS",
+    "describe_cost",
     "escape",
     "fmt_duration",
     "fmt_gain",
@@ -75,6 +76,33 @@ def fmt_duration(s: float | None) -> str:
 def fmt_gain(v: float | None) -> str:
     """A signed gain: ``+0.05``, ``-0.02``."""
     return "" if v is None else f"{v:+.4g}"
+
+
+def describe_cost(cost: Cost) -> str:
+    """One sentence: total accelerator-hours and trial wall time, and the time to the best trial.
+
+    Plain text; each format escapes it its own way.
+    """
+    hours = (
+        f"{fmt_value(cost.accelerator_hours, 3)} accelerator-hours"
+        if cost.accelerator_hours is not None
+        else "accelerator-hours not reported"
+    )
+    wall = (
+        f"{fmt_duration(cost.wall_time_s)} of trial wall time"
+        if cost.wall_time_s is not None
+        else "trial wall time not reported"
+    )
+    if cost.time_to_best_s is not None:
+        to_best = (
+            f"time to best: {fmt_duration(cost.time_to_best_s)} "
+            f"(from the search's first trial start to the end of {cost.best})"
+        )
+    elif cost.best is not None:
+        to_best = "time to best: unknown (the records lack start or end times)"
+    else:
+        to_best = "no best trial yet"
+    return f"Total cost: {hours}, {wall} over {cost.num_trials} trial(s); {to_best}."
 
 
 def param_keys(rows: Sequence[Row], table: bool = False) -> list[str]:
@@ -229,6 +257,7 @@ def render_markdown(board: Board) -> str:
         )
     else:
         lines.append("No completed trial with an objective yet.")
+    lines += ["", _md(describe_cost(board.cost))]
     if board.warnings:
         lines += ["", "Warnings:"] + [f"- {_md(w)}" for w in board.warnings]
     head = (
