@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,12 +107,33 @@ def ray_head(num_cpus: int = 4) -> Iterator[dict[str, str]]:
         shutil.rmtree(temp, ignore_errors=True)
         raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
     try:
+        _wait_for_job_agent(f"http://127.0.0.1:{dash}", env)
         yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp": temp}
     finally:
         # `ray stop` with no address stops every Ray on the machine; only stop what we started:
         # the processes whose command line names our private temp dir / session.
         stop_processes_of(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_job_agent(dashboard: str, env: dict[str, str], timeout_s: float = 120.0) -> None:
+    """Wait until the head accepts jobs.
+
+    `ray start` returns before the head node's dashboard agent has registered; a job submitted in
+    that window fails at once with "No available agent to submit job" (seen on a loaded 2-core
+    machine). A no-op job is submitted until one is accepted.
+    """
+    env = dict(env, RAY_AUTH_MODE="token")
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--no-wait", "--", "true"]
+    deadline = time.time() + timeout_s
+    while True:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        if out.returncode == 0:
+            return
+        text = out.stdout + out.stderr
+        if "No available agent" not in text or time.time() > deadline:
+            raise RuntimeError(f"the head at {dashboard} does not accept jobs:\n{text[-3000:]}")
+        time.sleep(1.0)
 
 
 def _holds_files_under(pid_dir: Path, root: str) -> bool:
