@@ -7,10 +7,11 @@ are told) and the leaderboard (what ``search.json`` says the search optimised, h
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from plora_ray.config.conversion import is_finite_number, yaml_number
 
 __all__ = [
     "DIRECTIONS",
@@ -57,10 +58,6 @@ class ObjectiveError(ValueError):
     """An objective description (``search.json``'s ``objective``) that cannot be used."""
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 @dataclass(frozen=True)
 class ObjectiveSpec:
     """What a trial is judged by.
@@ -99,7 +96,7 @@ class ObjectiveSpec:
         if self.pareto:
             return None
         values = [objectives.get(m) for m in self.metrics]
-        if not all(_finite(v) for v in values):
+        if not all(is_finite_number(v) for v in values):
             return None
         nums = [float(v) for v in values]  # type: ignore[arg-type]
         if self.weights is None:
@@ -188,7 +185,7 @@ class ObjectiveSpec:
         if weights is not None and (
             not isinstance(weights, list)
             or len(weights) != len(metrics)
-            or not all(_finite(w) for w in weights)
+            or not all(is_finite_number(w) for w in weights)
         ):
             raise ObjectiveError(
                 f"{source}: objective.weights: expected one number per metric "
@@ -230,21 +227,6 @@ def _direction_ok(d: Any, key: str, problems: list[str]) -> bool:
         return True
     problems.append(f"{key}: expected maximize or minimize, found {d!r}")
     return False
-
-
-def _number(v: Any) -> float | None:
-    """A finite number from YAML (which reads ``1.0e-4`` as a number but ``1e-4`` as a string)."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, (int, float)):
-        return float(v) if math.isfinite(v) else None
-    if isinstance(v, str):
-        try:
-            f = float(v)
-        except ValueError:
-            return None
-        return f if math.isfinite(f) else None
-    return None
 
 
 def parse_objective_block(raw: Any, problems: list[str]) -> ObjectiveSpec | None:
@@ -313,7 +295,7 @@ def parse_objective_block(raw: Any, problems: list[str]) -> ObjectiveSpec | None
         return None
     weights: dict[str, float] = {}
     for m, v in w.items():
-        num = _number(v)
+        num = yaml_number(v)
         if _metric_ok(m, f"{where}.weighted.{m}", problems):
             if num is None:
                 problems.append(f"{where}.weighted.{m}: expected a number, found {v!r}")

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
 import types
 from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from plora_ray.config import RunConfig
+from plora_ray.config.conversion import yaml_number
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -27,7 +27,6 @@ __all__ = [
     "parse_params",
     "read_conditions",
     "suggest",
-    "yaml_number",
 ]
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "qloguniform")
@@ -153,22 +152,6 @@ def dotted_value(data: dict[str, Any], key: str) -> Any:
 
 
 # --------------------------------------------------------------------------- parsing
-
-
-def yaml_number(v: Any) -> float | None:
-    """A finite YAML number, else None (YAML 1.1 reads 1e-4 without a dot as a string: accept
-    it; ``.inf`` and ``.nan`` are refused, they would pass or fail every bound obscurely)."""
-    if isinstance(v, bool):
-        return None
-    number: float | None = None
-    if isinstance(v, (int, float)):
-        number = float(v)
-    elif isinstance(v, str):
-        try:
-            number = float(v)
-        except ValueError:
-            return None
-    return number if number is not None and math.isfinite(number) else None
 
 
 def flatten_params(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:

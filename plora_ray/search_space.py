@@ -68,6 +68,7 @@ from plora_ray.config import (
     load_yaml,
     resolve_relative_paths,
 )
+from plora_ray.config.conversion import yaml_number
 from plora_ray.objective import DIRECTIONS, ObjectiveSpec, parse_objective_block
 from plora_ray.search_params import (
     ParamSpec,
@@ -76,7 +77,6 @@ from plora_ray.search_params import (
     parse_params,
     read_conditions,
     suggest,
-    yaml_number,
 )
 
 __all__ = [

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.fs as pafs
+
+from plora_ray.config.conversion import is_finite_number
 
 __all__ = [
     "METRICS_FILE",
@@ -257,16 +258,12 @@ class RecordError(ValueError):
     """A trial record that cannot be used (names the file and the field)."""
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _num(v: Any) -> float | None:
-    return float(v) if _finite(v) else None
+    return float(v) if is_finite_number(v) else None
 
 
 def _int(v: Any) -> int | None:
-    return int(v) if _finite(v) else None
+    return int(v) if is_finite_number(v) else None
 
 
 def _opt_str(v: Any) -> str | None:
@@ -377,7 +374,10 @@ class TrialRecord:
         curve = [
             [float(p[0]), float(p[1])]
             for p in rec.get("loss_curve") or []
-            if isinstance(p, (list, tuple)) and len(p) == 2 and _finite(p[0]) and _finite(p[1])
+            if isinstance(p, (list, tuple))
+            and len(p) == 2
+            and is_finite_number(p[0])
+            and is_finite_number(p[1])
         ]
         method = rec.get("method") or (config or {}).get("method")
         lora_rank = rec.get("lora_rank")
@@ -393,7 +393,7 @@ class TrialRecord:
             config=dict(config) if config is not None else None,
             method=_opt_str(method),
             lora_rank=_int(lora_rank) if method != "full" else None,
-            objectives={str(k): float(v) for k, v in objectives.items() if _finite(v)},
+            objectives={str(k): float(v) for k, v in objectives.items() if is_finite_number(v)},
             objective_value=_num(rec.get("objective_value")),
             proxy=_num(rec.get("proxy")),
             final_loss=_num(rec.get("final_loss")),

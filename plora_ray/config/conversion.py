@@ -35,6 +35,35 @@ class ConfigError(ValueError):
         super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
+def is_finite_number(v: Any) -> bool:
+    """A real number (not a bool), neither infinite nor NaN."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def yaml_float(value: Any) -> float | None:
+    """The number a YAML value means, finite or not; None when it is no number.
+
+    YAML 1.1 reads ``1e-4`` (no dot) as a string: it is accepted as the number it means.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def yaml_number(value: Any) -> float | None:
+    """``yaml_float`` for a finite number only: ``.inf`` and ``.nan`` read as no number (they would
+    pass every range check written as a comparison, or fail it obscurely)."""
+    number = yaml_float(value)
+    return number if number is not None and math.isfinite(number) else None
+
+
 def type_name(tp: Any) -> str:
     """How a message names what a field expects: ``an integer``, ``one of 'a', 'b'``, ..."""
     origin = get_origin(tp)
@@ -110,15 +139,7 @@ def convert_value(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
-        number: float | None = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it means.
-            try:
-                number = float(value)
-            except ValueError:
-                pass
+        number = yaml_float(value)
         if number is not None and math.isfinite(number):
             return number
         if number is not None:
@@ -202,5 +223,8 @@ __all__ = [
     "build_section",
     "convert_value",
     "field_type_problems",
+    "is_finite_number",
     "type_name",
+    "yaml_float",
+    "yaml_number",
 ]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 import os
 import re
 import urllib.parse
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+from plora_ray.config.conversion import is_finite_number
 from plora_ray.leaderboard.board import Board, jsonable
 from plora_ray.leaderboard.plots import (
     plot_gsm8k_vs_mmlu,
@@ -57,10 +57,6 @@ def json_for_script(data: Any) -> str:
         .replace("\u2028", "\\u2028")
         .replace("\u2029", "\\u2029")
     )
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _cell(text: str, sort_value: Any = None, cls: str = "", title: str | None = None) -> str:
@@ -217,11 +213,11 @@ def _columns(
 
         def pcell(r: Row, k: str = k) -> str:
             v = r.record.params.get(k)
-            sv = v if _finite(v) else (json.dumps(v) if isinstance(v, (list, dict)) else v)
+            sv = v if is_finite_number(v) else (json.dumps(v) if isinstance(v, (list, dict)) else v)
             return _cell(
                 escape(fmt_value(v) if not isinstance(v, (list, dict)) else json.dumps(v)),
                 sv,
-                "num param" if _finite(v) else "param",
+                "num param" if is_finite_number(v) else "param",
             )
 
         cols.append(
@@ -229,7 +225,8 @@ def _columns(
                 k,
                 "num"
                 if all(
-                    _finite(r.record.params.get(k)) or k not in r.record.params for r in board.rows
+                    is_finite_number(r.record.params.get(k)) or k not in r.record.params
+                    for r in board.rows
                 )
                 else "text",
                 f"sampled parameter {k}",

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from plora_ray.config.conversion import is_finite_number
 from plora_ray.objective import Direction, ObjectiveSpec
 from plora_ray.store import METRICS_FILE, TrialRecord
 
@@ -45,10 +46,6 @@ BASELINE_METHODS = ("lora", "full")
 _STATUS_ORDER = {"early_stopped": 1, "completed": 2, "diverged": 3, "failed": 4}
 # Sort keys are ascending: a maximised value is negated.
 _SORT_SIGN: dict[Direction, float] = {"maximize": -1.0, "minimize": 1.0}
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -85,9 +82,9 @@ class Row:
         """One number for the final ΔW effective rank (the mean over sampled layers)."""
         v = self.record.delta_effective_rank
         if isinstance(v, dict):
-            nums = [x for x in v.values() if _finite(x)]
+            nums = [x for x in v.values() if is_finite_number(x)]
             return sum(nums) / len(nums) if nums else None
-        return float(v) if _finite(v) else None
+        return float(v) if is_finite_number(v) else None
 
     @property
     def metrics_path(self) -> str | None:
@@ -134,7 +131,7 @@ class Row:
 
 def to_epoch(v: Any) -> float | None:
     """Seconds since the epoch from a number or an ISO-8601 string (None when neither)."""
-    if _finite(v):
+    if is_finite_number(v):
         return float(v)
     if isinstance(v, str) and v:
         try:
