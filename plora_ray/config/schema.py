@@ -35,7 +35,10 @@ LrSchedule = Literal["constant", "warmup_restart", "cosine_restart"]
 LLAMA_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The shipped benchmark files: GSM8K, MMLU, ARC, with SOURCES.md, licenses and MANIFEST.sha256.
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "benchmark_data"
-BUNDLED_SOURCES = ("bundled:gsm8k",)
+# Training sources a data.sources entry can name instead of a file: name -> (file, row format).
+BUNDLED_SOURCES: dict[str, tuple[Path, str]] = {
+    "bundled:gsm8k": (BUNDLED_DATA_DIR / "gsm8k" / "train.jsonl", "gsm8k"),
+}
 # Benchmarks plora_ray.evaluate scores on the bundled data.
 EVAL_TASKS = ("gsm8k", "mmlu", "arc_easy", "arc_challenge")
 

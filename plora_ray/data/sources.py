@@ -34,11 +34,10 @@ import plora_ray.tasks.offline  # noqa: F401
 import datasets
 import numpy as np
 
-from plora_ray.config import BUNDLED_DATA_DIR, DataConfig, DataSource
+from plora_ray.config import BUNDLED_SOURCES, DataConfig, DataSource
 from plora_ray.data.stats import DataStats, SourceStats
 
 __all__ = [
-    "BUNDLED_FILES",
     "Dialogue",
     "load_dialogues",
     "load_source",
@@ -46,8 +45,6 @@ __all__ = [
     "record_to_messages",
     "split_held_out",
 ]
-
-BUNDLED_FILES = {"bundled:gsm8k": (BUNDLED_DATA_DIR / "gsm8k" / "train.jsonl", "gsm8k")}
 
 ROLES = ("system", "user", "assistant")
 # FastChat / ShareGPT speaker names -> chat roles.
@@ -230,8 +227,8 @@ def load_source(
     stats = stats if stats is not None else SourceStats(name="")
     fmt: str = source.format
     if source.path is not None:
-        if source.path in BUNDLED_FILES:
-            path, fmt = BUNDLED_FILES[source.path][0], BUNDLED_FILES[source.path][1]
+        if source.path in BUNDLED_SOURCES:
+            path, fmt = BUNDLED_SOURCES[source.path]
         else:
             path = Path(source.path).expanduser()
             if base_dir is not None and not path.is_absolute():
