@@ -42,6 +42,7 @@ __all__ = [
     "atomic_write_json",
     "is_uri",
     "read_metrics",
+    "read_records",
 ]
 
 METRICS_FILE = "metrics.jsonl"
@@ -412,6 +413,31 @@ class TrialRecord:
         )
 
 
+def read_records(store: Store, problems: list[str] | None = None) -> list[TrialRecord]:
+    """Every usable record under ``<store>/trials/``, in file-name order.
+
+    A record that cannot be used is skipped (a half-written file of a crashed writer must not take
+    a resume or a board down) and, when ``problems`` is given, named there.
+    """
+    out = []
+    for fname in store.list_names("trials"):
+        if not fname.endswith(".json"):
+            continue  # temp files of an atomic write in progress, editor backups
+        src = store.display("trials", fname)
+        try:
+            out.append(TrialRecord.from_dict(json.loads(store.read_text("trials", fname)), src))
+        except OSError as exc:
+            if problems is not None:
+                problems.append(f"{src}: skipped, cannot be read ({exc})")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if problems is not None:
+                problems.append(f"{src}: skipped, not valid JSON ({exc})")
+        except RecordError as exc:
+            if problems is not None:
+                problems.append(f"{exc} (skipped)")
+    return out
+
+
 # --------------------------------------------------------------------------- the search directory
 
 
@@ -452,12 +478,7 @@ class SearchDir:
 
     def records(self) -> list[TrialRecord]:
         """Every usable finished-trial record, oldest first."""
-        out = []
-        for name in self.store.list_names("trials"):
-            if name.endswith(".json"):
-                with contextlib.suppress(RecordError):
-                    out.append(TrialRecord.from_dict(self.read_json(f"trials/{name}"), name))
-        return sorted(out, key=lambda r: (str(r.ended_at or ""), r.trial_id))
+        return sorted(read_records(self.store), key=lambda r: (str(r.ended_at or ""), r.trial_id))
 
     def run_dir(self, trial_id: str) -> str:
         """Where a trial's trainer writes metrics, checkpoints and the exported model. Local

@@ -21,7 +21,7 @@ from typing import Any
 
 from plora_ray.leaderboard.rank import Row, baseline_gains, rank_rows, to_epoch
 from plora_ray.objective import ObjectiveError, ObjectiveSpec
-from plora_ray.store import RecordError, Store, TrialRecord
+from plora_ray.store import Store, TrialRecord, read_records
 
 __all__ = [
     "FORMAT_VERSION",
@@ -258,18 +258,7 @@ def _read_search(store: Store, warnings: list[str]) -> tuple[SearchInfo, list[Ro
             or optuna_meta.get("storage")
         ),
     )
-    rows = []
-    for fname in store.list_names("trials"):
-        if not fname.endswith(".json"):
-            continue  # temp files of an in-progress atomic write, editor backups
-        src = store.display("trials", fname)
-        try:
-            raw = json.loads(store.read_text("trials", fname))
-            rows.append(Row(TrialRecord.from_dict(raw, src), name))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            warnings.append(f"{src}: skipped, not valid JSON ({exc})")
-        except RecordError as exc:
-            warnings.append(f"{exc} (skipped)")
+    rows = [Row(rec, name) for rec in read_records(store, warnings)]
     info.num_records = len(rows)
     return info, rows
 
