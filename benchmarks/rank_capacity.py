@@ -1,4 +1,10 @@
-"""Learning ability: how much of a full-rank target PLoRA learns against LoRA at the same rank.
+"""Rank capacity: how much of a full-rank target PLoRA's sum of rank-r updates can represent.
+
+What it measures (and what it does not): the teacher's difference from the student is a
+full-rank Gaussian perturbation, so LoRA's share is capped by construction at the best possible
+rank-r fit (printed beside it, ``lora_best_possible_rank{r}``), and PLoRA's is what its T rank-r
+unloads can accumulate. It shows that PLoRA can build rank beyond r; it says nothing about
+learning a real task better (that is ``benchmarks/learning_real.py``).
 
 Setup (CPU, fp32, seeded, one thread). The student is a tiny LLaMA (hidden 64, one block, its seven
 linear targets); the teacher is the same model with a full-rank Gaussian perturbation P
@@ -39,6 +45,12 @@ Figures:
   definition used everywhere; ΔW is the layer's total learnt update: the backbone's change
   W_now - W_0 plus what the adapter holds now (for LoRA only the adapter). The rank-8 fraction is
   reported beside it.
+* ``lora_best_possible_rank{r}``: the gap closed by the optimal rank-r update of each layer,
+  computed here, not trained: the loss of a layer is ||(ΔW - P)·X||², so its minimiser of rank r
+  is Eckart-Young applied to P·X^T (X^T = U·S·V^T: the best rank-r M_r of M = P·U·S, then
+  ΔW = M_r·S^-1·U^T), fitted on the training pool and scored on the test pool like the runs.
+  ``lora_eckart_young_P_rank{r}`` is the plain rank-r truncation of P itself, scored the same way
+  (the optimum when X is white). LoRA's measured share can at most reach the former.
 * ``model_kl_gap_closed`` per run (secondary, end to end): 1 - KL(teacher || student)_final /
   KL_initial of next-token distributions of the whole student model on held-out sequences.
 """
@@ -155,6 +167,11 @@ class Task:
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.teacher = make_teacher(self.base, s["perturb"], s["seed"] + 1)
+        # The perturbation P of every target layer: what a student's ΔW would have to be.
+        self.perturbations = [
+            t.weight.detach() - b.weight.detach()
+            for (_, t), (_, b) in zip(target_linears(self.teacher), target_linears(self.base))
+        ]
         L = s["length"]
         self.pools = {
             name: record_layers(self.teacher, tokens(n, L, s["seed"] + 10 + i))
@@ -181,6 +198,37 @@ class Task:
                 x, y = x[idx], y[idx]
             total = total + (layer(x) - y).pow(2).mean() / n
         return total / len(layers)
+
+
+def truncate(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """Eckart-Young: the best rank-``rank`` approximation of ``matrix`` in Frobenius norm."""
+    u, sv, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u[:, :rank] * sv[:rank]) @ vh[:rank]
+
+
+def best_rank_r_update(p: torch.Tensor, x: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rank-``rank`` ΔW minimising ||(ΔW - P)·X^T||_F for inputs ``x`` (rows = tokens).
+
+    With X^T = U·S·V^T (thin SVD), ||(ΔW - P)·X^T||_F = ||(ΔW - P)·U·S||_F, so the optimum is
+    M_r·S^-1·U^T with M_r the Eckart-Young truncation of M = P·U·S (S is invertible when there
+    are at least ``in`` independent input rows, which the training pool has).
+    """
+    u, sv, _ = torch.linalg.svd(x.T.double(), full_matrices=False)
+    m = p.double() @ u * sv
+    return (truncate(m, rank) / sv @ u.T).to(p.dtype)
+
+
+def fitted_gap_closed(task: Task, updates: list[torch.Tensor]) -> float:
+    """Test-pool gap closed by adding ``updates`` (one ΔW per target layer) to the base weights."""
+    layers: list[torch.nn.Module] = []
+    for (_, mod), d in zip(target_linears(task.base), updates):
+        layer = torch.nn.Linear(mod.in_features, mod.out_features, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(mod.weight + d)
+        layers.append(layer)
+    with torch.no_grad():
+        l0 = float(task.loss([m for _, m in target_linears(task.base)], "test"))
+        return (l0 - float(task.loss(layers, "test"))) / (l0 - 0.0)
 
 
 def run_method(
@@ -295,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Selected on the validation pool; the figures reported are the test pool's.
         rows.append(max(trials, key=lambda t: t["val_gap_closed"]))
     print_table(
-        f"learning ability (gap_closed = (L0 - L_final) / (L0 - 0), {LOSS_NAME}, test)",
+        f"rank capacity (gap_closed = (L0 - L_final) / (L0 - 0), {LOSS_NAME}, test)",
         [
             {
                 k: row[k]
@@ -335,6 +383,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         headline[f"lora_gap_closed_rank{r}"] = pick("lora", r, None)["gap_closed"]
         headline[f"plora_gap_closed_rank{r}"] = pick("plora", r, 0.1)["gap_closed"]
     headline["full_ft_gap_closed"] = pick("full", None, None)["gap_closed"]
+    # LoRA's ceiling: the optimal rank-r ΔW of every layer, computed rather than trained.
+    ceiling = []
+    for r in s["ranks"]:
+        best = fitted_gap_closed(
+            task,
+            [
+                best_rank_r_update(p, x, r)
+                for p, (x, _) in zip(task.perturbations, task.pools["train"])
+            ],
+        )
+        plain = fitted_gap_closed(task, [truncate(p, r) for p in task.perturbations])
+        headline[f"lora_best_possible_rank{r}"] = best
+        headline[f"lora_eckart_young_P_rank{r}"] = plain
+        ceiling.append(
+            {
+                "rank": r,
+                "lora_measured": headline[f"lora_gap_closed_rank{r}"],
+                "lora_best_possible": best,
+                "eckart_young_P": plain,
+                "plora_measured": headline[f"plora_gap_closed_rank{r}"],
+            }
+        )
+    print_table("LoRA's measured share beside the best possible rank-r fit (test pool)", ceiling)
     details = {
         "loss": {
             "name": LOSS_NAME,
@@ -345,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": rows,
         "sweep": sweep,
     }
-    return write_result("learning_ability", args.quick, headline, details, args.out, started)
+    return write_result("rank_capacity", args.quick, headline, details, args.out, started)
 
 
 if __name__ == "__main__":
