@@ -386,11 +386,16 @@ def test_corrupt_and_invalid_records_are_skipped_and_named(tmp_path: Path) -> No
 # --------------------------------------------------------------------------- publishing
 
 
+def published_names(out: Path) -> list[str]:
+    """The files a user sees in a board directory (the generations and the pointer are hidden)."""
+    return sorted(n for n in os.listdir(out) if not n.startswith("."))
+
+
 def test_publish_writes_all_files_consistently(tmp_path: Path) -> None:
     d = small_search(tmp_path)
     out = lb.publish(d)
     assert out == d / "leaderboard"
-    assert sorted(os.listdir(out)) == sorted(lb.OUTPUT_FILES)  # and no temp files left
+    assert published_names(out) == sorted(lb.OUTPUT_FILES)  # and no temp files left
     data = json.loads((out / "leaderboard.json").read_text())
     assert [r["trial_id"] for r in data["rows"]] == [
         "t1",
@@ -440,7 +445,7 @@ def test_a_search_without_finished_trials_publishes_an_empty_board(tmp_path: Pat
     d = make_search_dir(tmp_path, "fresh", [], study=False)
     os.rmdir(d / "trials")
     out = lb.publish(d)
-    assert sorted(os.listdir(out)) == sorted(set(lb.OUTPUT_FILES) - {"best_config.yaml"})
+    assert published_names(out) == sorted(set(lb.OUTPUT_FILES) - {"best_config.yaml"})
     assert json.loads((out / "leaderboard.json").read_text())["rows"] == []
     page = (out / "index.html").read_text()
     assert "no completed trial with an objective yet" in page and page.count("<svg") == 4
@@ -532,7 +537,7 @@ def test_killed_publisher_leaves_complete_files(tmp_path: Path) -> None:
         proc.kill()
         proc.wait()
     out = d / "leaderboard"
-    assert sorted(n for n in os.listdir(out) if not n.endswith(".tmp")) == sorted(lb.OUTPUT_FILES)
+    assert published_names(out) == sorted(lb.OUTPUT_FILES)
     assert len(json.loads((out / "leaderboard.json").read_text())["rows"]) == 150
     assert (out / "index.html").read_text().rstrip().endswith("</html>")
     assert len((out / "leaderboard.csv").read_text().splitlines()) == 151
@@ -656,6 +661,59 @@ def test_nan_objectives_do_not_break_the_board(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- a real smoke search
+
+
+def _board_is_one_generation(out: Path) -> int:
+    """The rows of the board users read at ``out``; every file must be of that same board."""
+    rows = json.loads((out / "leaderboard.json").read_text())["rows"]
+    assert len((out / "leaderboard.csv").read_text().splitlines()) == len(rows) + 1
+    page = (out / "index.html").read_text()
+    assert page.rstrip().endswith("</html>")
+    assert all(html.escape(r["trial_id"]) in page for r in rows)
+    return len(rows)
+
+
+@pytest.mark.parametrize("point", ["files", "generation", "swap"])
+def test_publisher_killed_at_any_point_leaves_one_whole_board_and_the_next_publish_cleans_up(
+    tmp_path: Path, point: str
+) -> None:
+    old = [record(f"t{i}", "plora", 8, gsm8k=i / 10, minute=i) for i in range(3)]
+    d = make_search_dir(tmp_path, "kill", old, study=False)
+    lb.publish(d)
+    for i in range(3, 7):  # four more trials finish; the publisher is killed publishing them
+        rec = record(f"t{i}", "plora", 8, gsm8k=i / 10, minute=i)
+        (d / "trials" / f"t{i}.json").write_text(json.dumps(rec))
+    code = "import sys\nfrom plora_ray.leaderboard import publish\npublish(sys.argv[1])"
+    env = {**os.environ, lb.PUBLISH_EXIT_ENV: point}
+    proc = subprocess.run([sys.executable, "-c", code, str(d)], env=env, timeout=120)
+    assert proc.returncode == 86  # it stopped where the hook said
+    out = d / "leaderboard"
+    # Before the swap the old board is published, after it the new one: whole either way.
+    assert _board_is_one_generation(out) == (7 if point == "swap" else 3)
+    gens = out / lb.GENERATIONS_DIR
+    if point == "files":
+        assert any(n.startswith(".partial-") for n in os.listdir(gens))
+    lb.publish(d)
+    assert _board_is_one_generation(out) == 7
+    assert published_names(out) == sorted(lb.OUTPUT_FILES)
+    # The killed publisher's partial generation is gone at once (its pid is dead), and only
+    # the published generation and the one before it stay.
+    left = os.listdir(gens)
+    assert not any(n.startswith(".partial-") for n in left), left
+    assert len(left) <= 2 and os.readlink(out / lb.CURRENT_LINK).endswith(max(left))
+    assert not [n for n in os.listdir(out) if n.startswith(lb.CURRENT_LINK + "-")]
+
+
+@pytest.mark.parametrize("brk", ["\u2028", "\u2029", "\u0085", "\r\n"])
+def test_a_search_name_with_a_yaml_line_break_stays_inside_its_comment(
+    tmp_path: Path, brk: str
+) -> None:
+    recs = [record("t1", "plora", 8, gsm8k=0.5)]
+    d = make_search_dir(tmp_path, f"x{brk}injected: 1", recs, study=False, dirname="odd")
+    out = lb.publish(d)
+    text = (Path(out) / "best_config.yaml").read_text()
+    assert set(yaml.safe_load(text)) == set(recs[0]["config"]) - {"search"}
+    assert brk not in text
 
 
 @pytest.fixture(scope="session")

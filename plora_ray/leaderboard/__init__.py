@@ -21,6 +21,12 @@ from plora_ray.leaderboard.board import (
     SearchInfo,
     build_leaderboard,
 )
+from plora_ray.leaderboard.generations import (
+    CURRENT_LINK,
+    CURRENT_POINTER,
+    GENERATIONS_DIR,
+    PUBLISH_EXIT_ENV,
+)
 from plora_ray.leaderboard.html import json_for_script, render_html
 from plora_ray.leaderboard.plots import (
     MIN_IMPORTANCE_TRIALS,
@@ -40,10 +46,14 @@ from plora_ray.leaderboard.rank import Row, baseline_gains, pareto_fronts, rank_
 from plora_ray.leaderboard.tables import render_best_config, render_csv, render_markdown
 
 __all__ = [
+    "CURRENT_LINK",
+    "CURRENT_POINTER",
     "FORMAT_VERSION",
+    "GENERATIONS_DIR",
     "LEADERBOARD_DIR",
     "MIN_IMPORTANCE_TRIALS",
     "OUTPUT_FILES",
+    "PUBLISH_EXIT_ENV",
     "Board",
     "Cost",
     "Importances",

@@ -1,7 +1,8 @@
 """Writing a board: the five files of ``<search_dir>/leaderboard/``, and the CLI command.
 
-Every file is written atomically (``plora_ray.store``), so a reader never sees half a file and a
-search that crashes leaves its last good board.
+The five files are published together (``generations``: a new generation directory written
+whole, then one pointer swap), so a reader sees the previous board or the new one, never a mix,
+and a search that crashes leaves its last good board.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from plora_ray.leaderboard.board import (
     expand,
     jsonable,
 )
+from plora_ray.leaderboard.generations import publish_generation
 from plora_ray.leaderboard.html import render_html
 from plora_ray.leaderboard.tables import (
     fmt_value,
@@ -42,7 +44,7 @@ OUTPUT_FILES = (
 
 
 def write_board(board: Board, out_dir: str | os.PathLike[str]) -> Path | str:
-    """Write the five leaderboard files into ``out_dir`` (local path or cloud URI), atomically each.
+    """Publish the five leaderboard files into ``out_dir`` (local path or cloud URI) as one unit.
 
     Everything is rendered before the first write, so a rendering error changes nothing on disk.
 
@@ -67,9 +69,8 @@ def write_board(board: Board, out_dir: str | os.PathLike[str]) -> Path | str:
     best_yaml = render_best_config(board)
     if best_yaml is not None:
         rendered["best_config.yaml"] = best_yaml
-    store.remove_stale_temps(OUTPUT_FILES)
-    for name, text in rendered.items():
-        store.write_atomic(name, [text.encode("utf-8")])
+    store.remove_stale_temps(OUTPUT_FILES)  # per-file temps of an older plora-ray's publisher
+    publish_generation(out, rendered, OUTPUT_FILES)
     return store.display() if is_uri(out) else Path(store.display())
 
 

@@ -299,8 +299,9 @@ def render_markdown(board: Board) -> str:
 
 
 def _one_line(text: str) -> str:
-    # User-written names go into YAML comments: a newline there would add YAML keys.
-    return re.sub(r"[\r\n\x00-\x1f]", " ", text)
+    # User-written names go into YAML comments: any line break there would add YAML keys, and
+    # YAML 1.1 (PyYAML) breaks lines at U+0085, U+2028 and U+2029 too, not only at \n and \r.
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", " ", text)
 
 
 def render_best_config(board: Board) -> str | None:
