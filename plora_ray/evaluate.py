@@ -54,6 +54,7 @@ from lm_eval.utils import handle_non_serializable, make_table
 from plora_ray.config import EvalConfig, ModelConfig
 from plora_ray.eval_sharding import broadcast_from_rank0, check_distributed, shard_lm
 from plora_ray.eval_state import eval_mode, preserved_rng
+from plora_ray.inputs_check import model_dir_problems
 from plora_ray.model import load_model, load_tokenizer
 from plora_ray.proxy import proxy_nll
 from plora_ray.tasks import (
@@ -366,16 +367,6 @@ def _lm_eval_version() -> str:
 
 # --------------------------------------------------------------------------- command line
 
-_WEIGHT_PATTERNS = (
-    "model.safetensors",
-    "model-*.safetensors",
-    "pytorch_model.bin",
-    "pytorch_model-*.bin",
-    "model.safetensors.index.json",
-    "pytorch_model.bin.index.json",
-)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
 
 def check_model_dir(path: str | os.PathLike[str]) -> Path:
     """Raise FileNotFoundError naming what a Hugging Face model directory lacks.
@@ -384,24 +375,13 @@ def check_model_dir(path: str | os.PathLike[str]) -> Path:
         path: the ``--model`` directory.
 
     Raises:
-        FileNotFoundError: no directory, no config.json, no weights, or no tokenizer files.
+        FileNotFoundError: no directory, no config.json, no weights (or an index naming missing
+            shards), or no tokenizer files.
     """
     d = Path(path).expanduser()
-    if not d.is_dir():
-        raise FileNotFoundError(
-            f"--model: expected a model directory, found no directory at {str(d)!r}"
-        )
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"--model {d}: expected config.json, found none")
-    if not any(any(d.glob(p)) for p in _WEIGHT_PATTERNS):
-        raise FileNotFoundError(
-            f"--model {d}: expected weights (model.safetensors or "
-            f"pytorch_model.bin, or sharded with an index), found none"
-        )
-    if not any((d / f).is_file() for f in _TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"--model {d}: expected a tokenizer ({' or '.join(_TOKENIZER_FILES)}), found none"
-        )
+    problems = model_dir_problems("--model", d)
+    if problems:
+        raise FileNotFoundError("; ".join(problems))
     return d
 
 

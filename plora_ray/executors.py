@@ -16,6 +16,7 @@ Output directory layout (``DIR``)::
 
     config.yaml        the validated run config (all defaults filled in)
     metrics.jsonl      one JSON object per report (rank 0), the final one with "status"
+    phases.jsonl       what the run started doing when, setup and evaluation (plora_ray.run_phases)
     data_stats.json    what the data pipeline kept and dropped
     ray/               Ray Train's run storage: checkpoint_manager_snapshot.json and the kept
                        checkpoints ray/step_NNNNNN/ (see plora_ray.checkpoint for their content)
@@ -72,6 +73,7 @@ from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 from plora_ray.checkpoint import dir_bytes
 from plora_ray.config import ConfigError, RunConfig, dump_config
 from plora_ray.preflight import WorkerArgs, check_run_config
+from plora_ray.run_phases import PHASES_FILE
 from plora_ray.shm import (
     cleanup_run_shm,
     cleanup_shm,
@@ -281,7 +283,8 @@ def train_loop_per_worker(args: WorkerArgs) -> None:
 
 
 class _MetricsTail:
-    """Follows metrics.jsonl on the driver and hands each new report to a callback."""
+    """Follows a run's JSONL file (metrics.jsonl, phases.jsonl) on the driver and hands each new
+    line to a callback."""
 
     def __init__(self, path: Path, callback: Report | None) -> None:
         self.path = path
@@ -363,7 +366,8 @@ def run_training(
     Args:
         cfg: a validated run config.
         output_dir: DIR (see the module docstring for its layout).
-        report: called on the driver with each report (a dict, as in metrics.jsonl) as it lands.
+        report: called on the driver with each report (a dict, as in metrics.jsonl) as it lands,
+            and with each phase (``run_phases``: ``{"phase": ...}``, never in metrics.jsonl).
         resume: continue from the newest checkpoint in DIR (from step 0 when there is none).
         max_failures: worker failures Ray Train recovers from (from the newest checkpoint).
 
@@ -375,6 +379,9 @@ def run_training(
     out = _prepare_output_dir(cfg, output_dir, resume)
     args = WorkerArgs.from_environment(cfg, out)
     t0 = time.perf_counter()
+    if report is not None and not ray.is_initialized():
+        where = os.environ.get("RAY_ADDRESS") or "a local head"
+        report({"phase": f"starting Ray ({where})", "elapsed_s": 0.0})
     started = _ensure_ray(cfg)
     shm_before = shm_snapshot()
     reason, result = None, None
@@ -400,7 +407,7 @@ def run_training(
                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
             ),
         )
-        with _MetricsTail(out / METRICS_FILE, report):
+        with _MetricsTail(out / METRICS_FILE, report), _MetricsTail(out / PHASES_FILE, report):
             try:
                 result = trainer.fit()
             except Exception as exc:  # WorkerGroupError / ControllerError: the run failed
@@ -472,7 +479,8 @@ def run_in_process(
     Args:
         cfg: a validated run config with ``resources.num_workers`` 1.
         output_dir: DIR.
-        report: called with each report (a dict, as in metrics.jsonl) as it is made.
+        report: called with each report (a dict, as in metrics.jsonl) as it is made, and with
+            each phase (``run_phases``: ``{"phase": ...}``, never in metrics.jsonl or to Tune).
         resume: continue from the newest checkpoint in DIR (from step 0 when there is none).
 
     Raises:
@@ -513,7 +521,8 @@ def run_in_process(
         _init_process_group(use_gpu)
         args = WorkerArgs.from_environment(cfg, out)
         session = _ProcessSession(out, cfg.checkpoint.keep, device, on_report)
-        TrainingRun(args, session).run()
+        with _MetricsTail(out / PHASES_FILE, report):
+            TrainingRun(args, session).run()
     except Exception as exc:  # the run failed; the search goes on with the next trial
         traceback.print_exc()
         reason = f"{type(exc).__name__}: {exc}"

@@ -58,6 +58,10 @@ TINY_SPECIAL_TOKENS = [
     "<|assistant|>",
     "<|end|>",
 ]
+# BpeTrainer gives the special tokens the first ids, in list order. Generation stops at </s> and
+# at <|end|>, the token that ends every turn of the chat template: a chat model stops at the end
+# of its turn (``generate`` reads the list from the generation config).
+TINY_EOS_TOKEN_IDS = [TINY_SPECIAL_TOKENS.index("</s>"), TINY_SPECIAL_TOKENS.index("<|end|>")]
 
 
 def build_tiny_tokenizer(out_dir: Path = TINY_TOKENIZER_DIR, vocab_size: int = 2048) -> None:
@@ -126,9 +130,9 @@ def tiny_llama_config(tiny: TinyModelConfig, vocab_size: int) -> LlamaConfig:
         max_position_embeddings=tiny.max_position_embeddings,
         rope_parameters={"rope_theta": tiny.rope_theta, "rope_type": "default"},
         tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
+        bos_token_id=TINY_SPECIAL_TOKENS.index("<s>"),
+        eos_token_id=TINY_EOS_TOKEN_IDS,
+        pad_token_id=TINY_SPECIAL_TOKENS.index("<pad>"),
     )
 
 

@@ -3,12 +3,14 @@ messages (never tracebacks) for bad user input. Fast: plora_ray.cli.main in this
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from plora_ray import __version__, cli
+from plora_ray.store import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "search_spaces" / "smoke.yaml"
@@ -109,3 +111,33 @@ def test_validate_refuses_a_search_override_that_search_refuses(capsys) -> None:
     assert "search.params.optim.lr.low: expected a number > 0 for a log scale" in (
         capsys.readouterr().err
     )
+
+
+def test_a_step_line_shows_step_of_total_and_an_eta_and_a_phase_its_name() -> None:
+    step = {"step": 10, "total_steps": 40, "loss": 1.0, "lr": 1e-3, "stage": 2, "samples": 80}
+    line = cli._progress_line({**step, "tokens_per_s": 900.0, "elapsed_s": 20.0})
+    assert line.startswith("step     10/40  loss 1.0000") and line.endswith("ETA 1m00s")
+    assert cli._progress_line({"phase": "loading the model", "elapsed_s": 3.4}) == (
+        "... loading the model (3s)"
+    )
+
+
+@pytest.mark.slow
+def test_train_prints_its_phases_and_step_of_total_with_an_eta(tmp_path, capsys) -> None:
+    sets = ["train.max_steps=4", "eval.tasks=[gsm8k]", "eval.limit=2", "eval.max_gen_toks=8"]
+    argv = ["train", str(SMOKE), "--output", str(tmp_path / "run"), "--set", *sets]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    for phase in (
+        "... starting Ray",
+        "... loading the model and tokenizer",
+        "... reading and tokenizing the data",
+        "... building the DeepSpeed engine (ZeRO-2)",
+        "... evaluating gsm8k (2 documents per task",
+    ):
+        assert phase in out, out
+    assert re.search(r"step +2/4 .* ETA \d+s", out), out
+    # Phases are not steps: metrics.jsonl holds the step reports and the final one only.
+    reports = read_metrics(tmp_path / "run")
+    assert all("phase" not in r for r in reports) and reports[-1]["final"]
+    assert [r["total_steps"] for r in reports[:-1]] == [4] * (len(reports) - 1)

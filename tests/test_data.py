@@ -408,3 +408,30 @@ def test_micro_batch_pads_right_with_masked_labels():
     assert sorted(lengths) == [1, 2, 3] and batch["input_ids"].shape == (3, 3)
     pad = batch["attention_mask"] == 0
     assert (batch["labels"][pad] == IGNORE_INDEX).all() and (batch["input_ids"][pad] == 0).all()
+
+
+def test_bytes_that_are_not_utf8_are_an_error_naming_the_line(tmp_path):
+    good = json.dumps({"question": "q", "answer": "a"}).encode()
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + good.replace(b"q", b"caf\xe9") + b"\n")
+    with pytest.raises(
+        ValueError, match=r"latin1.jsonl:2: expected UTF-8 text, found the byte 0xe9"
+    ):
+        load_source(DataSource(path=str(path)))
+    assert len(load_source(DataSource(path=str(path)), skip_invalid=True)) == 1
+
+
+def test_tiny_model_generation_stops_at_the_end_of_a_turn(tok):
+    end = tok.convert_tokens_to_ids("<|end|>")
+    model = load_model(ModelConfig(), seed=0, vocab_size=len(tok))
+    assert end in model.generation_config.eos_token_id
+    # Logits that favour <|end|>: generation must stop right after it, not run to max_new_tokens.
+    bias = torch.zeros(len(tok))
+    bias[end] = 100.0
+    model.lm_head.register_forward_hook(lambda _m, _i, out: out + bias.to(out.dtype))
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "1+1?"}], add_generation_prompt=True, return_tensors="pt"
+    )
+    ids = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out[0, ids.shape[1] :].tolist() == [end]

@@ -38,6 +38,8 @@ from plora_ray.config import BUNDLED_SOURCES, DataConfig, DataSource
 from plora_ray.data.stats import DataStats, SourceStats
 
 __all__ = [
+    "SAMPLE_BYTES",
+    "SAMPLE_ROWS",
     "Dialogue",
     "load_dialogues",
     "load_source",
@@ -47,6 +49,11 @@ __all__ = [
 ]
 
 ROLES = ("system", "user", "assistant")
+# What the pre-flight check reads of a source (``load_source(..., sample=True)``): the head of a
+# JSONL file up to this many bytes, the first rows of a dataset. Enough to catch a wrong format
+# or wrong role names in seconds; a bad line further down still fails the run with file:line.
+SAMPLE_BYTES = 64 * 2**20
+SAMPLE_ROWS = 20_000
 # FastChat / ShareGPT speaker names -> chat roles.
 CONVERSATION_ROLES = {
     "human": "user",
@@ -58,9 +65,6 @@ CONVERSATION_ROLES = {
     "bing": "assistant",
     "system": "system",
 }
-
-# For tokenizers that ship no chat template (base models such as LLaMA-7B): plain-text headers,
-# assistant turns end with the EOS token so generation stops there; the {% generation %} markers
 
 
 @dataclass
@@ -160,10 +164,32 @@ def _record_to_messages(record: Any, fmt: str) -> list[dict[str, str]]:
     raise _Invalid(f"expected format auto, messages, conversations or gsm8k, found {fmt!r}")
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, record or None, error) for each non-blank line."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+def _jsonl_records(
+    path: Path, max_bytes: int | None = None
+) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, record or None, error) for each non-blank line.
+
+    Lines are decoded one at a time, so bytes that are not UTF-8 are an error naming their line
+    (the other lines still parse). With ``max_bytes`` reading stops at the first line that ends
+    past that many bytes (a sample of the file's head).
+    """
+    read = 0
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if max_bytes is not None and read >= max_bytes:
+                return
+            read += len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad = raw[exc.start : exc.start + 1]
+                yield (
+                    lineno,
+                    None,
+                    f"expected UTF-8 text, found the byte 0x{bad.hex()} at byte {exc.start + 1} "
+                    "of the line (save the file as UTF-8)",
+                )
+                continue
             if not line.strip():
                 continue
             try:
@@ -179,25 +205,49 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 )
 
 
-def _dataset_rows(source: DataSource) -> tuple[str, Iterable[Any]]:
+def _dataset_rows(source: DataSource, max_rows: int | None = None) -> tuple[str, Iterable[Any]]:
+    """The label and the rows (the first ``max_rows`` of them) of a ``dataset`` source.
+
+    Raises:
+        ValueError: the dataset cannot be read (not a ``datasets`` directory, a hub name while
+            offline) or lacks ``source.split``.
+    """
     name = source.dataset
     assert name is not None
     local = Path(name).expanduser()
-    if local.is_dir() and (
-        (local / "dataset_dict.json").exists()
-        or (local / "dataset_info.json").exists()
-        or (local / "state.json").exists()
-    ):
-        ds = datasets.load_from_disk(str(local))  # a directory written by save_to_disk
-        if isinstance(ds, datasets.DatasetDict):
-            if source.split not in ds:
-                raise ValueError(
-                    f"{name}: expected split {source.split!r} "
-                    f"(data.sources[].split), found splits {sorted(ds)}"
-                )
-            ds = ds[source.split]
-    else:
-        ds = datasets.load_dataset(str(local) if local.is_dir() else name, split=source.split)
+    saved = local.is_dir() and any(
+        (local / marker).exists()
+        for marker in ("dataset_dict.json", "dataset_info.json", "state.json")
+    )
+    try:
+        if saved:
+            ds = datasets.load_from_disk(str(local))  # a directory written by save_to_disk
+        else:
+            ds = datasets.load_dataset(str(local) if local.is_dir() else name, split=source.split)
+    except (OSError, ValueError) as exc:
+        if local.is_dir():
+            expected = (
+                "a directory written by datasets' save_to_disk, or one holding data files "
+                "datasets can load (JSON, JSONL, CSV, Parquet)"
+            )
+        else:
+            expected = (
+                "a local dataset directory (a hub dataset is not downloaded here: download it, "
+                "save it with save_to_disk and pass that directory)"
+            )
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"{name}: expected {expected}, found {type(exc).__name__}: {first[:200]}"
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if source.split not in ds:
+            raise ValueError(
+                f"{name}: expected split {source.split!r} "
+                f"(data.sources[].split), found splits {sorted(ds)}"
+            )
+        ds = ds[source.split]
+    if max_rows is not None and len(ds) > max_rows:
+        ds = ds.select(range(max_rows))
     return f"{name}[{source.split}]", ds
 
 
@@ -208,6 +258,7 @@ def load_source(
     base_dir: Path | None = None,
     stats: SourceStats | None = None,
     invalid_examples: list[str] | None = None,
+    sample: bool = False,
 ) -> list[Dialogue]:
     """Read one data source into dialogues.
 
@@ -218,10 +269,13 @@ def load_source(
             resolves paths against the YAML's directory; this is for configs built in code).
         stats: counts of valid and skipped records are added here.
         invalid_examples: the first messages of skipped records are appended here (at most 5).
+        sample: read only the head of the source (``SAMPLE_BYTES`` of a file, ``SAMPLE_ROWS`` of
+            a dataset): the pre-flight check (``plora_ray.inputs_check``) reads it this way.
 
     Raises:
-        ValueError: ``file:line: expected ..., found ...`` for a corrupt line or a record without
-            the expected fields (unless ``skip_invalid``).
+        ValueError: ``file:line: expected ..., found ...`` for a corrupt line, bytes that are not
+            UTF-8 or a record without the expected fields (unless ``skip_invalid``); a source
+            without a valid record; a dataset that cannot be read.
         FileNotFoundError: the file does not exist.
     """
     stats = stats if stats is not None else SourceStats(name="")
@@ -239,10 +293,12 @@ def load_source(
                 f"{str(path)!r} (no such file)"
             )
         label = str(path)
-        rows: Iterable[tuple[int, Any, str | None]] = _jsonl_records(path)
+        rows: Iterable[tuple[int, Any, str | None]] = _jsonl_records(
+            path, SAMPLE_BYTES if sample else None
+        )
         sep = ":"
     else:
-        label, ds = _dataset_rows(source)
+        label, ds = _dataset_rows(source, SAMPLE_ROWS if sample else None)
         rows = ((i, row, None) for i, row in enumerate(ds))
         sep = " row "
 
