@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install plora-ray with its test extras.
+# Create .venv and install plora-ray with its test and dashboard (optuna-dashboard) extras.
 #
 # CPU machines (the default): torch's CPU wheel is installed first, so nothing pulls the multi-GB
 # CUDA wheels. GPU machines: PLORA_TORCH=cuda ./setup.sh installs torch from the default index
@@ -16,5 +16,5 @@ if [ "${PLORA_TORCH:-cpu}" = "cpu" ]; then
 else
   .venv/bin/python -m pip install -q torch
 fi
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,dashboard]"
 echo "setup done: $(.venv/bin/python -c 'import torch, ray, deepspeed, peft, transformers, lm_eval; print("torch", torch.__version__, "ray", ray.__version__, "deepspeed", deepspeed.__version__, "peft", peft.__version__, "transformers", transformers.__version__)')"

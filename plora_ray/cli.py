@@ -1,8 +1,9 @@
-"""``plora-ray`` command line: train | eval | search | validate | leaderboard.
+"""``plora-ray`` command line: train | eval | search | validate | leaderboard | init.
 
 Each subcommand's work lives in its own module (``train``'s in ``executors``); this file parses
 arguments, prints ``train``'s progress lines and imports those modules lazily, so
-``plora-ray validate`` answers in a second without importing Ray or DeepSpeed.
+``plora-ray validate`` answers without importing Ray or DeepSpeed (its pre-flight read of the data
+loads ``datasets``, a few seconds).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, NoReturn
 
 from plora_ray import __version__
 from plora_ray.config import ConfigError, load_config, parse_override
+from plora_ray.run_phases import is_phase
 
 SET_HELP = (
     "dotted-key override, e.g. lora.rank=8 (repeatable; one --set may also take several "
@@ -163,15 +165,39 @@ def build_parser() -> CliParser:
         metavar="KEY=VALUE",
         help=SET_HELP + "; search.* keys too, e.g. search.num_samples=16",
     )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: the trials' worker logs and Ray Tune's status output; -vv: Tune's results too",
+    )
 
     p = sub.add_parser("leaderboard", help="rebuild the leaderboard from search directories")
     p.add_argument("paths", nargs="+")
     p.add_argument("--out", default=None)
+
+    p = sub.add_parser("init", help="copy the shipped search spaces into DIR, to edit and run")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--force", action="store_true", help="overwrite files of the same name")
     return ap
 
 
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``: short enough for a progress line."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def _progress_line(m: dict[str, Any]) -> str:
-    """One line of ``plora-ray train``'s output for a report (a line of metrics.jsonl)."""
+    """One line of ``plora-ray train``'s output for a report (a line of metrics.jsonl) or a
+    phase (``run_phases``: what the run started doing, during setup and evaluation)."""
+    if is_phase(m):
+        return f"... {m['phase']} ({_duration(float(m.get('elapsed_s') or 0.0))})"
     if m.get("final"):
         bits = [f"[{m.get('status')}]"]
         if m.get("step") is not None:
@@ -181,8 +207,9 @@ def _progress_line(m: dict[str, Any]) -> str:
         for k, v in (m.get("objectives") or {}).items():
             bits.append(f"{k}={v:.4g}")
         return "  ".join(bits)
-    bits = [
-        f"step {m['step']:>6}",
+    step, total = int(m["step"]), m.get("total_steps")
+    bits = [f"step {step:>6}/{total}" if total else f"step {step:>6}"]
+    bits += [
         f"loss {m['loss']:.4f}",
         f"lr {m['lr']:.2e}",
         f"stage {m['stage']}",
@@ -193,6 +220,10 @@ def _progress_line(m: dict[str, Any]) -> str:
         bits.append(f"UNLOAD merge_err {m['merge_rel_error']:.2e} rank {m['effective_rank']}")
     if m.get("checkpoint"):
         bits.append("ckpt")
+    elapsed = m.get("elapsed_s")
+    if total and step > 0 and elapsed is not None:
+        # The mean time per step so far; it includes the step reports' checkpoints and proxies.
+        bits.append(f"ETA {_duration(float(elapsed) / step * (int(total) - step))}")
     return "  ".join(bits)
 
 
@@ -201,8 +232,9 @@ def train_command(
 ) -> int:
     """``plora-ray train FILE [--set k=v ...] [--output DIR] [--resume]``.
 
-    Validates the config (a ConfigError, exit 2, before Ray starts), trains on Ray Train
-    (``executors.run_training``), prints a line per report, and returns 0 when the run
+    Validates the config and reads its inputs (``inputs_check``: a ConfigError, exit 2, before
+    Ray starts), trains on Ray Train (``executors.run_training``), prints each phase of setup and
+    evaluation and a line per report (step N/total with an ETA), and returns 0 when the run
     completed, 1 otherwise.
 
     Raises:
@@ -210,10 +242,12 @@ def train_command(
     """
     # Ray, torch and DeepSpeed load for this subcommand only (see the module docstring).
     from plora_ray.executors import run_training
+    from plora_ray.inputs_check import check_inputs
     from plora_ray.preflight import check_run_config
 
     cfg = load_config(file, overrides)
     check_run_config(cfg)
+    check_inputs(cfg, file)
     out = Path(output) if output else Path("runs") / Path(file).stem
     engine = (
         f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled else "plain torch"
@@ -271,11 +305,16 @@ def main(argv: list[str] | None = None) -> int:
                 name=args.name,
                 resume=args.resume,
                 overrides=_overrides(args.set),
+                verbose=args.verbose,
             )
         if args.command == "leaderboard":
             from plora_ray.leaderboard import leaderboard_command
 
             return leaderboard_command(args.paths, args.out)
+        if args.command == "init":
+            from plora_ray.starter_files import init_command
+
+            return init_command(args.directory, force=args.force)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,16 +13,25 @@ import dataclasses
 import functools
 import os
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+import yaml
+
 from plora_ray.config import ConfigError
+from plora_ray.console import print_above_table
 from plora_ray.executors import Trainer, run_in_process, run_training
+from plora_ray.inputs_check import check_inputs
 from plora_ray.leaderboard import publish
+from plora_ray.leaderboard.publish import LEADERBOARD_DIR
 from plora_ray.objective import ObjectiveSpec
+from plora_ray.search_lock import take_search_lock
+from plora_ray.search_resume import check_resume, started_config
 from plora_ray.search_space import (
     SearchSpec,
     TrialExecutor,
@@ -44,6 +53,7 @@ __all__ = [
     "SearchOutcome",
     "default_study_storage",
     "publish_leaderboard",
+    "resume_command",
     "run_search",
     "search_command",
 ]
@@ -58,6 +68,9 @@ class SearchOutcome:
     study_storage: str
     study_name: str
     wall_time_s: float
+    objective: ObjectiveSpec
+    # Stopped by Ctrl-C / SIGINT with trials unfinished: --resume continues it.
+    interrupted: bool = False
 
 
 def default_study_storage(sdir: SearchDir) -> str:
@@ -87,7 +100,7 @@ def publish_leaderboard(search_dir: str) -> None:
 
 def announce_trial(rec: TrialRecord, *, objective: ObjectiveSpec, search_dir: str) -> None:
     """What the search driver does with each finished trial: its summary line, a fresh board."""
-    print(summary_line(rec, objective), flush=True)
+    print_above_table(summary_line(rec, objective))
     publish_leaderboard(search_dir)
 
 
@@ -158,7 +171,7 @@ def run_search(
     resume: bool = False,
     overrides: dict[str, Any] | None = None,
     runner: Trainer | None = None,
-    verbose: int = 1,
+    verbose: int = 0,
     train_env: dict[str, str] | None = None,
 ) -> SearchOutcome:
     """Run (or resume) the search of a search-space YAML on the current Ray cluster.
@@ -176,7 +189,9 @@ def run_search(
         overrides: ``--set`` dotted keys, run config and ``search.*``.
         runner: the trainer of every trial (default ``run_training``, or ``run_in_process``
             with ``search.trial_executor`` actor).
-        verbose: Tune's verbosity (progress table).
+        verbose: 0: quiet (a live table, a line per finished trial; the trials' worker logs stay
+            in Ray's log files); 1 (``-v``): the worker logs and Tune's status output too; 2
+            (``-vv``): Tune's per-result output too.
         train_env: Ray Train settings for the trials (default ``TRIAL_TRAIN_ENV``; ``{}``: Ray's
             own defaults).
 
@@ -188,6 +203,7 @@ def run_search(
     t0 = time.time()
     overrides = overrides or {}
     space = load_search_space(file, overrides)
+    check_inputs(space.config, file)
     base, cfg, spec = space.base, space.config, space.spec
     name = name or spec.name or Path(file).stem
     storage = storage or spec.storage
@@ -206,6 +222,9 @@ def run_search(
         # trial's record and run directory out of the search driver's sight.
         storage = os.path.abspath(os.path.expanduser(storage))
     sdir = _search_dir(file, storage, name, resume)
+    if resume:
+        check_resume(sdir, space, file)  # a changed search is refused (search_resume)
+    lock = take_search_lock(sdir, fresh=not resume)  # one driver per search (search_lock)
     executor = resolve_trial_executor(spec, base)
     if resume:
         # A resumed search trains the way it started (searches from before the setting: train).
@@ -227,7 +246,8 @@ def run_search(
     if not resume:
         sdir.write_json(
             "search.json",
-            _search_json(
+            started_config(space)
+            | _search_json(
                 name=name,
                 spec=spec,
                 executor=executor,
@@ -239,13 +259,15 @@ def run_search(
         )
 
     per_cpu, per_gpu = trial_resources(spec, cfg, executor)
-    connect_ray(per_cpu)
+    if verbose == 0:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    connect_ray(per_cpu, quiet=verbose == 0)
     max_concurrent = spec.max_concurrent or free_trial_slots(per_cpu, per_gpu)
     if not resume:
         # What the search ran with (the benchmark's occupancy counts these slots).
         meta = sdir.read_json("search.json") or {}
         sdir.write_json("search.json", {**meta, "max_concurrent_used": max_concurrent})
-    run_tuner(
+    interrupted = run_tuner(
         spec=spec,
         ctx=ctx,
         sdir=sdir,
@@ -261,13 +283,49 @@ def run_search(
     )
     records = sdir.records()
     publish_leaderboard(sdir.uri)
+    lock.release()
     return SearchOutcome(
         search_dir=sdir.uri,
         records=records,
         study_storage=study_storage,
         study_name=name,
         wall_time_s=time.time() - t0,
+        objective=spec.objective,
+        interrupted=interrupted,
     )
+
+
+def _set_arg(key: str, value: Any) -> str:
+    """``--set`` text that parses back to ``value`` (YAML flow style; PyYAML writes 1e+30 as
+    1.0e+30, which it reads back as a number)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    text = text.removesuffix("...").strip()
+    return f"{key}={text}"
+
+
+def resume_command(file: str, storage: str, name: str, overrides: dict[str, Any]) -> str:
+    """The exact ``plora-ray search ... --resume`` that continues this search (the file is read
+    again on resume, so its ``--set`` overrides are repeated)."""
+    args = ["plora-ray", "search", file, "--storage", storage, "--name", name, "--resume"]
+    if overrides:
+        args += ["--set", *(_set_arg(k, v) for k, v in overrides.items())]
+    return shlex.join(args)
+
+
+def _best_line(out: SearchOutcome) -> str:
+    """``best trial 1a2b: gsm8k_nll=7.601  method=plora optim.lr=0.0023 ...`` (Pareto: the
+    front's size; the leaderboard lists it)."""
+    done = [r for r in out.records if r.status == "completed"]
+    if out.objective.pareto:
+        return f"Pareto search: {len(done)} completed trial(s); the front is on the leaderboard"
+    scored = [r for r in done if r.objective_value is not None]
+    if not scored:
+        return "best trial: none (no trial completed with an objective)"
+    sign = 1.0 if out.objective.scalar_direction == "maximize" else -1.0
+    best = max(scored, key=lambda r: sign * float(r.objective_value or 0.0))
+    params = " ".join(f"{k}={v}" for k, v in best.params.items())
+    label = out.objective.describe().split(" ", 1)[1]
+    return f"best trial {best.trial_id}: {label} = {best.objective_value:.6g}  {params}"
 
 
 def search_command(
@@ -276,13 +334,19 @@ def search_command(
     name: str | None = None,
     resume: bool = False,
     overrides: dict[str, Any] | None = None,
+    verbose: int = 0,
 ) -> int:
-    """``plora-ray search FILE [--storage] [--name] [--resume] [--set k=v ...]``.
+    """``plora-ray search FILE [--storage] [--name] [--resume] [--set k=v ...] [-v|-vv]``.
+
+    Prints a line per finished trial, then the search's totals, its best trial and where its
+    leaderboard is; after an interruption, the ``--resume`` command that continues it.
 
     Raises:
         ConfigError: problems in the file or the storage (printed by the CLI, exit 2).
     """
-    out = run_search(file, storage=storage, name=name, resume=resume, overrides=overrides)
+    out = run_search(
+        file, storage=storage, name=name, resume=resume, overrides=overrides, verbose=verbose
+    )
     by_status: dict[str, int] = {}
     for r in out.records:
         by_status[r.status] = by_status.get(r.status, 0) + 1
@@ -292,4 +356,14 @@ def search_command(
         f"{out.wall_time_s:.0f} s; study {out.study_name} at {_redact(out.study_storage)}",
         flush=True,
     )
+    print(_best_line(out), flush=True)
+    print(f"leaderboard: {out.search_dir}/{LEADERBOARD_DIR}/index.html", flush=True)
+    if out.interrupted:
+        sdir_storage = out.search_dir.rsplit("/", 1)[0]
+        print(
+            "interrupted; continue with:\n  "
+            + resume_command(file, sdir_storage, out.study_name, overrides or {}),
+            flush=True,
+        )
+        return 130
     return 0 if out.records else 1

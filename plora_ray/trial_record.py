@@ -15,7 +15,7 @@ from typing import Any
 from plora_ray.objective import ObjectiveSpec
 from plora_ray.store import TrialRecord, TrialStatus, read_metrics
 
-__all__ = ["build_record", "summary_line", "utc_now"]
+__all__ = ["build_record", "study_user_attrs", "summary_line", "utc_now"]
 
 
 def utc_now() -> str:
@@ -157,3 +157,21 @@ def summary_line(rec: TrialRecord, objective: ObjectiveSpec) -> str:
     if rec.reason:
         parts.append(f"({rec.reason[:120]})")
     return "  ".join(parts)
+
+
+def study_user_attrs(rec: TrialRecord) -> dict[str, Any]:
+    """What the Optuna study keeps of a finished trial's record as user attrs (optuna-dashboard
+    shows them next to the trial): its status and reason, objectives, proxy, cost and where its
+    run and model are. The record stays the full account; these say which record it is."""
+    return {
+        "tune_trial_id": rec.trial_id,
+        "status": rec.status,
+        "reason": rec.reason,
+        "objectives": dict(rec.objectives),
+        "objective_value": rec.objective_value,
+        "proxy": rec.proxy,
+        "wall_time_s": rec.wall_time_s,
+        "accelerator_hours": rec.accelerator_hours,
+        "model_path": rec.model_path,
+        "run_dir": rec.run_dir,
+    }

@@ -7,8 +7,9 @@ what became of each trial; ``SearchReporter`` records the trials that could not 
 and sweeps what Ray leaves behind a stopped trial. ``connect_ray`` / ``free_trial_slots`` /
 ``run_tuner`` start (or restore) and run the Tuner.
 
-Every import of Ray and every call of a private Ray or Optuna API is in this module. The private
-ones were written against ray 2.60.0 and optuna 5.0.0; each says so where it is made.
+Every import of Ray (but ``plora_ray.console``'s, the live table's Tune callback) and every call
+of a private Ray or Optuna API is in this module. The private ones were written against ray 2.60.0
+and optuna 5.0.0; each says so where it is made.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from plora_ray.config import ConfigError, RunConfig, config_from_dict
+from plora_ray.console import QUIET_WORKER_ENV, LiveTable
 from plora_ray.executors import Trainer, cleanup_run_shm, holds_run
 from plora_ray.objective import ObjectiveSpec
 from plora_ray.search_space import SearchSpec, TrialExecutor, grid_points, sample_params
 from plora_ray.store import TERMINAL_STATUSES, SearchDir, TrialRecord, TrialStatus
-from plora_ray.trial_record import build_record
+from plora_ray.trial_record import build_record, study_user_attrs
 
 __all__ = [
     "TRIAL_TRAIN_ENV",
@@ -220,37 +222,151 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
 # --------------------------------------------------------------------------- searcher, callback
 
 
+def stop_reason(spec: SearchSpec) -> str:
+    """Why a trial that Tune stopped (not its trainer) ended: the scheduler or the time budget."""
+    s = spec.scheduler
+    return f"stopped by ASHA on {s.metric}" if s.type == "asha" else "stopped by the time budget"
+
+
+def stopped_trial_record(
+    ctx: TrialContext,
+    trial_id: str,
+    params: dict[str, Any],
+    last: dict[str, Any],
+    status: TrialStatus,
+    reason: str,
+) -> TrialRecord:
+    """The record of a trial whose driver could not write one (stopped by the scheduler or the
+    time budget, crashed), from its sampled params and its last report to Tune."""
+    sdir = SearchDir(ctx.storage, ctx.name)
+    try:
+        cfg = config_from_dict(ctx.base, ctx.source, overrides=params).to_dict()
+    except ConfigError:
+        cfg = None
+    started = float(last.get("timestamp", time.time())) - float(last.get("time_total_s", 0.0))
+    return ctx.record(
+        trial_id=trial_id,
+        params=params,
+        config=cfg,
+        status=status,
+        reason=reason,
+        run_dir=sdir.run_dir(trial_id),
+        started=started,
+        last=last,
+    )
+
+
+def _cut_off_by_stop(rec: TrialRecord | None, last: dict[str, Any]) -> bool:
+    """A "failed" record of a trial that never sent its final report was written by its driver
+    after Tune stopped it (its Train controller killed under it): the stop is what happened."""
+    return rec is not None and rec.status == "failed" and not last.get("trial_done")
+
+
 class PLoRAOptunaSearch(OptunaSearch):
-    """OptunaSearch that (1) ignores intermediate results without the objective (the proxy
-    reports), (2) tells Optuna FAIL for diverged/failed trials, with the reason, instead of
-    PRUNED, and (3) tags each Optuna trial with its Tune trial id for the dashboard."""
+    """OptunaSearch whose study is a record of the search that optuna-dashboard can show.
+
+    The study's metric names are the objective's; each trial's proxy (``ctx.proxy_metric``) is
+    reported as an intermediate value at the trainer step of each proxy point, including the
+    point at which ASHA stopped it; a trial ends COMPLETE with its objective(s), PRUNED when Tune
+    stopped it (Optuna then keeps the last proxy as its value), FAIL when it diverged, failed or
+    crashed; and it carries its record's status, objectives, cost, run and model paths as user
+    attrs (``trial_record.study_user_attrs``). Tune's own reports of the objective at
+    intermediate iterations are not passed on: only the proxy is an intermediate value.
+
+    Args:
+        ctx: the search's trial context (storage and name of the records, proxy metric).
+        stop_reason: the reason a record of a trial Tune stopped carries (``stop_reason``).
+        **kwargs: ``OptunaSearch``'s arguments.
+    """
+
+    def __init__(self, *, ctx: TrialContext, stop_reason: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ctx = ctx
+        self.stop_reason = stop_reason
+        self.sampled: dict[str, dict[str, Any]] = {}  # Tune trial id -> its params (trial.config)
+        # OptunaSearch's private _ot_study (ray 2.60.0): the study it created in __init__.
+        study = cast(optuna.Study, self._ot_study)
+        study.set_metric_names(_study_metric_names(ctx.objective))
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        params = super().suggest(trial_id)
+        if params is not None:
+            self.sampled[trial_id] = dict(params)
+            # OptunaSearch's private _ot_trials (ray 2.60.0): the Optuna trial of a Tune trial.
+            ot_trial = self._ot_trials[trial_id]
+            ot_trial.set_user_attr("tune_trial_id", trial_id)
+            ot_trial.set_user_attr("status", "running")
+        return params
+
+    def _report_proxy(self, trial_id: str, result: dict[str, Any]) -> None:
+        """The proxy of a report made at a proxy point, as the intermediate value at its step
+        (Optuna has no intermediate values for multi-objective studies)."""
+        value, step = result.get(self.ctx.proxy_metric), result.get("step")
+        if self.ctx.objective.pareto or not result.get("proxy_point"):
+            return
+        if not isinstance(value, (int, float)) or not isinstance(step, int):
+            return
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return
+        try:
+            with warnings.catch_warnings():
+                # A resumed trial reports a point again from its checkpoint: Optuna keeps the
+                # first value and warns.
+                warnings.simplefilter("ignore")
+                ot_trial.report(float(value), step)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # told to the study by a driver killed after its last snapshot
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        if all(m in result for m in metrics):
-            try:
-                super().on_trial_result(trial_id, result)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                # A trial that finished after the driver's last snapshot and was told to the
-                # study then: after --resume it replays its record; the study has it already.
-                pass
+        self._report_proxy(trial_id, result)
+
+    def _record_for_study(
+        self, trial_id: str, last: dict[str, Any], error: bool
+    ) -> TrialRecord | None:
+        """The record the trial has or will have: its driver's (written before its final
+        report), else the one the search driver's SearchReporter writes for a trial Tune
+        stopped (built the same way from the same last report)."""
+        rec = SearchDir(self.ctx.storage, self.ctx.name).trial_record(trial_id)
+        if rec is not None and not (not error and _cut_off_by_stop(rec, last)):
+            return rec
+        if error or trial_id not in self.sampled:
+            # A crashed trial's reason is read from Tune's error file by SearchReporter.
+            return None
+        return stopped_trial_record(
+            self.ctx, trial_id, self.sampled[trial_id], last, "early_stopped", self.stop_reason
+        )
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
-        # OptunaSearch's private _ot_trials / _completed_trials (ray 2.60.0): the Optuna trial
-        # behind a Tune trial, and the Tune trials already told to the study.
+        last = dict(result or {})
+        if not last.get("trial_done"):
+            # Tune does not pass the report that made ASHA stop a trial to on_trial_result.
+            self._report_proxy(trial_id, last)
         ot_trial = self._ot_trials.get(trial_id)
-        status = (result or {}).get("status")
+        rec = self._record_for_study(trial_id, last, error)
+        status = rec.status if rec is not None else ("failed" if error else "early_stopped")
         if ot_trial is not None and trial_id not in self._completed_trials:
+            attrs = study_user_attrs(rec) if rec is not None else {"status": status}
             try:
-                ot_trial.set_user_attr("tune_trial_id", trial_id)
-                ot_trial.set_user_attr("status", status or ("failed" if error else "early_stopped"))
-            except Exception:  # a finished study trial refuses attrs
-                pass
+                for key, value in attrs.items():
+                    ot_trial.set_user_attr(key, value)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # told to the study by a driver killed after its last snapshot
         if status in ("diverged", "failed"):
             error, result = True, None
+        elif status == "early_stopped":
+            result = None  # PRUNED: Optuna keeps the last intermediate value (the proxy)
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def _study_metric_names(objective: ObjectiveSpec) -> list[str]:
+    """What optuna-dashboard calls the study's values: each Pareto metric, the single metric, or
+    the weighted sum written out."""
+    if objective.pareto or objective.weights is None:
+        return list(objective.metrics)
+    return [" + ".join(f"{w:g}*{m}" for w, m in zip(objective.weights, objective.metrics))]
 
 
 def remove_orphaned_placement_groups() -> int:
@@ -312,7 +428,6 @@ class SearchReporter(Callback):
                 print(f"warning: cannot sweep orphaned placement groups: {exc}", file=sys.stderr)
 
     def _record_of_stopped_trial(self, trial: Any, status: TrialStatus, reason: str) -> TrialRecord:
-        last = dict(trial.last_result or {})
         if self.sdir.is_local:
             # Stopped before the trainer's own cleanup ran: DeepSpeed /dev/shm names its
             # worker groups left behind (usually none: the trainer unlinks them early).
@@ -322,35 +437,15 @@ class SearchReporter(Callback):
                 print(
                     f"warning: /dev/shm cleanup of trial {trial.trial_id}: {exc}", file=sys.stderr
                 )
-        params = dict(trial.config or {})
-        try:
-            cfg = config_from_dict(self.ctx.base, self.ctx.source, overrides=params).to_dict()
-        except ConfigError:
-            cfg = None
-        started = float(last.get("timestamp", time.time())) - float(last.get("time_total_s", 0.0))
-        return self.ctx.record(
-            trial_id=trial.trial_id,
-            params=params,
-            config=cfg,
-            status=status,
-            reason=reason,
-            run_dir=self.sdir.run_dir(trial.trial_id),
-            started=started,
-            last=last,
+        last = dict(trial.last_result or {})
+        return stopped_trial_record(
+            self.ctx, trial.trial_id, dict(trial.config or {}), last, status, reason
         )
 
     def _finish(self, trial: Any, status: TrialStatus, reason: str) -> None:
         rec = self.sdir.trial_record(trial.trial_id)
-        if (
-            rec is not None
-            and status == "early_stopped"
-            and not (trial.last_result or {}).get("trial_done")
-            and rec.status == "failed"
-        ):
-            # The trial driver, cut off by the stop (its Train controller killed under it),
-            # wrote "failed" first; the trial never sent its final report, so the stop is
-            # what happened (and Optuna was told PRUNED).
-            rec = None
+        if status == "early_stopped" and _cut_off_by_stop(rec, trial.last_result or {}):
+            rec = None  # Optuna was told PRUNED
         if rec is None:
             rec = self._record_of_stopped_trial(trial, status, reason)
             self.sdir.write_record(rec)
@@ -374,11 +469,7 @@ class SearchReporter(Callback):
         self.launched[trial.trial_id] = time.time()
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        s = self.spec.scheduler
-        reason = (
-            f"stopped by ASHA on {s.metric}" if s.type == "asha" else "stopped by the time budget"
-        )
-        self._finish(trial, "early_stopped", reason)
+        self._finish(trial, "early_stopped", stop_reason(self.spec))
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         reason = "trial crashed"
@@ -435,9 +526,16 @@ def _close_orphans(study_storage: str, name: str) -> None:
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
 
 
-def connect_ray(cpus_per_trial: float) -> None:
+def connect_ray(cpus_per_trial: float, quiet: bool = False) -> None:
     """Attach to a running Ray (``RAY_ADDRESS``, a ``ray job submit`` entrypoint, or an
-    ``ray.init`` done by the caller) or start a local one with at least one trial's CPUs."""
+    ``ray.init`` done by the caller) or start a local one with at least one trial's CPUs.
+
+    Args:
+        cpus_per_trial: CPUs one trial holds (a local Ray gets at least that many).
+        quiet: keep the workers' output (progress bars, library warnings) in Ray's log files
+            instead of this driver's console, and start a local Ray's workers with
+            ``console.QUIET_WORKER_ENV``.
+    """
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
@@ -445,8 +543,11 @@ def connect_ray(cpus_per_trial: float) -> None:
     ray.init(
         address=address,
         include_dashboard=False,
-        logging_level=logging.WARNING,
+        logging_level=logging.ERROR if quiet else logging.WARNING,
+        log_to_driver=not quiet,
         num_cpus=None if address else max(os.cpu_count() or 1, math.ceil(cpus_per_trial)),
+        # An attached job keeps the runtime env it was submitted with.
+        runtime_env={"env_vars": dict(QUIET_WORKER_ENV)} if quiet and not address else None,
     )
 
 
@@ -475,6 +576,8 @@ def _new_tuner(
     if spec.algorithm == "grid":
         points += [p for p in grid_points(spec, ctx.base) if p not in points]
     searcher = PLoRAOptunaSearch(
+        ctx=ctx,
+        stop_reason=stop_reason(spec),
         space=functools.partial(_define_by_run, spec=spec, base=ctx.base),
         metric=spec.objective.tune_metric,
         mode=spec.objective.tune_mode,
@@ -532,8 +635,9 @@ def run_tuner(
     resume: bool,
     verbose: int,
     on_finished: Callable[[TrialRecord], None],
-) -> None:
-    """Build the Tuner of a search (or restore it from ``sdir`` with ``resume``) and run it.
+) -> bool:
+    """Build the Tuner of a search (or restore it from ``sdir`` with ``resume``) and run it;
+    returns whether it was interrupted (Ctrl-C, SIGINT) with trials unfinished.
 
     Args:
         spec: the parsed search block.
@@ -544,7 +648,8 @@ def run_tuner(
         max_concurrent: trials at once.
         study_storage: the Optuna study's database URL.
         resume: restore the Tuner of a search that was stopped or killed.
-        verbose: Tune's verbosity (progress table).
+        verbose: Tune's own output (0: none, ``console.LiveTable`` only; 1: its status; 2:
+            its results too).
         on_finished: called in the search driver with each finished trial's record.
     """
     # Intermediate reports carry the proxy, not the objectives; the searcher wrapper and ASHA
@@ -553,6 +658,10 @@ def run_tuner(
     # Snapshot the experiment often: the window in which a killed driver loses searcher state is
     # this long (records of finished trials survive it anyway, see trial_driver).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    if verbose == 0:
+        # Tune's new console output prints its experiment header even when silent (ray 2.60.0);
+        # the old one prints nothing at verbose 0.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     per_cpu, per_gpu = trial_cpus_gpus
     if executor == "actor":
         # The trial actor is the worker: it holds the worker's CPUs (and GPUs) itself.
@@ -573,9 +682,17 @@ def run_tuner(
             restart_errored=False,
         )
     else:
-        callbacks: list[Callback] = [SearchReporter(ctx, spec, on_finished)]
+        callbacks: list[Callback] = [SearchReporter(ctx, spec, on_finished), LiveTable(spec)]
         tuner = _new_tuner(
             trainable, spec, ctx, sdir, executor, max_concurrent, study_storage, callbacks, verbose
         )
-    tuner.fit()
-    _close_orphans(study_storage, ctx.name)
+    grid = tuner.fit()
+    # Tune ends fit() on the first SIGINT with the unfinished trials' state saved (and marks
+    # them terminated): a trial without a record is one that --resume continues (and its study
+    # trial, left RUNNING for it).
+    paths = [grid[i].path for i in range(len(grid))]
+    ids = [os.path.basename(p.rstrip("/")).removeprefix("trial_") for p in paths]
+    interrupted = any(sdir.trial_record(t) is None for t in ids)
+    if not interrupted:
+        _close_orphans(study_storage, ctx.name)
+    return interrupted

@@ -683,7 +683,67 @@ def test_asha_stops_the_trial_behind_its_peer_at_the_first_rung(tmp_path: Path) 
     assert steps and max(steps) == 2, steps
     assert not (Path(bad["run_dir"]) / "model").exists()
     study = optuna.load_study(study_name="asha", storage=f"sqlite:///{sdir / 'study.db'}")
-    states = {t.user_attrs.get("tune_trial_id"): t.state for t in study.trials}
-    assert states[good["trial_id"]] == optuna.trial.TrialState.COMPLETE
-    assert states[bad["trial_id"]] == optuna.trial.TrialState.PRUNED
+    by_tune = {t.user_attrs.get("tune_trial_id"): t for t in study.trials}
+    assert by_tune[good["trial_id"]].state == optuna.trial.TrialState.COMPLETE
+    pruned = by_tune[bad["trial_id"]]
+    assert pruned.state == optuna.trial.TrialState.PRUNED
+    # The stopped trial's study entry says what its record says: status, reason, proxy, cost,
+    # run directory; its proxy at the rung (step 2) is its intermediate value, and Optuna keeps
+    # that last value as the pruned trial's value.
+    assert pruned.user_attrs["status"] == "early_stopped"
+    assert pruned.user_attrs["reason"] == bad["reason"]
+    assert pruned.user_attrs["run_dir"] == bad["run_dir"]
+    assert pruned.user_attrs["objectives"] == {} and pruned.user_attrs["model_path"] is None
+    assert pruned.user_attrs["wall_time_s"] == pytest.approx(bad["wall_time_s"], abs=1.0)
+    assert pruned.intermediate_values == {2: pytest.approx(bad["proxy"])}
+    assert pruned.value == pytest.approx(bad["proxy"])
     assert f"[trial {bad['trial_id']}] early_stopped" in out.stdout
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_prints_the_resume_command_that_finishes_it(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) of the search driver while a trial trains: the driver ends with exit 130
+    and the exact --resume command (with the --set overrides the file is read with again); that
+    command, run as printed, finishes the search."""
+    import shlex
+
+    import ray_helpers as helpers
+
+    sets = [
+        "search.num_samples=1",
+        "train.max_steps=4",
+        "eval.limit=2",
+        "eval.max_gen_toks=8",
+        "data.max_samples=64",
+        "plora.unload_every=16",
+        "search.points=[{method: lora, optim.lr: 1.0e-3, lora.rank: 8}]",
+    ]
+    storage = tmp_path / "st"
+    cmd = ["search", str(SPACES / "smoke.yaml"), "--storage", str(storage), "--name", "int"]
+    cmd += ["--set", *sets]
+    cli = [sys.executable, "-m", "plora_ray.cli"]
+    sdir = storage / "int"
+    with helpers.ray_head(num_cpus=2) as head:
+        env = {**helpers.ray_defaults_env(), "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": "token"}
+        proc = subprocess.Popen(
+            cli + cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        deadline = time.time() + 240
+        # The trial is training once its run directory has metrics.
+        while time.time() < deadline and proc.poll() is None:
+            if list(sdir.glob("trial_*")) and list(sdir.glob("runs/*/metrics.jsonl")):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        printed, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 130, printed
+        lines = printed.splitlines()
+        at = lines.index("interrupted; continue with:")
+        resume = shlex.split(lines[at + 1])
+        assert resume[:2] == ["plora-ray", "search"] and "--resume" in resume, resume
+        out = subprocess.run(cli + resume[1:], capture_output=True, text=True, env=env, timeout=400)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    (rec,) = _records(sdir).values()
+    assert rec["status"] == "completed", rec
+    assert f"[trial {rec['trial_id']}] completed" in out.stdout
