@@ -17,11 +17,24 @@ from typing import Any
 import torch
 
 
-def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """``--quick`` (minutes on a CPU) and ``--out FILE.json``."""
+def parse_args(
+    description: str,
+    argv: list[str] | None = None,
+    extra: list[tuple[str, str]] | None = None,
+    config: Path | None = None,
+) -> argparse.Namespace:
+    """``--quick`` (minutes on a CPU), ``--out FILE.json``, ``extra`` on/off flags
+    (``(flag, help)`` pairs) and, when ``config`` is given, ``--config RUN.yaml`` defaulting
+    to it."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--quick", action="store_true", help="small settings: minutes on a CPU")
     ap.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    if config is not None:
+        ap.add_argument(
+            "--config", type=Path, default=config, help="run YAML (default %(default)s)"
+        )
+    for flag, text in extra or []:
+        ap.add_argument(flag, action="store_true", help=text)
     return ap.parse_args(argv)
 
 

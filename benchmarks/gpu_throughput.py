@@ -1,11 +1,17 @@
-"""GPU throughput: a LLaMA-7B-shaped model, PLoRA all-linear rank 8, bf16, under DeepSpeed.
+"""GPU throughput of a run config's model under DeepSpeed, PLoRA unloads as the trainer runs them.
 
-``python -m benchmarks.gpu_throughput [--quick] [--out FILE.json] [--stage N] [--micro-batch N]``
+``python -m benchmarks.gpu_throughput [--config RUN.yaml] [--quick] [--out FILE.json]``
 
-The model has LLaMA-7B's shape (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab
-32000) with random weights built directly on the GPU in bf16, peft LoRA rank 8 (alpha 16) on all
-seven linear layers, and a DeepSpeed engine from ``plora_ray.engine.build_engine`` (bf16, ZeRO
-stage ``--stage``, torch AdamW on the LoRA parameters). Sequences of 2048 random tokens.
+What a shipped search pays: the model's shape, the sequence length (``data.max_length``), the
+micro-batch, gradient checkpointing, the LoRA section (rank, alpha, dropout, targets), the
+``plora`` section (rounding, momentum, rank tracking) and the ZeRO stage come from a run YAML
+(``--config``, default ``search_spaces/llama7b_plora.yaml``, whose base config is used; the
+``search:`` block is ignored). The shape is ``model.tiny``'s, or that of ``model.path``'s
+``config.json`` (read with ``AutoConfig``; ``huggyllama/llama-7b``'s is built in, so a machine
+without the download runs it). Weights are random, built directly on the GPU in bf16; a DeepSpeed
+engine from ``plora_ray.engine.build_engine`` (bf16, torch AdamW on the LoRA parameters); random
+tokens. One micro-batch per rank per optimizer step (no gradient accumulation), so a step's
+tokens are micro-batch x sequence x ranks.
 
 Figures:
 * ``tokens_per_s``: trained tokens per second over the timed steps (after warm-up steps).
@@ -28,11 +34,16 @@ Figures:
   frozen, are counted: an over-count below 1/L of the matmul term.
 * ``peak_memory_gb``: ``torch.cuda.max_memory_allocated()`` over the timed training steps, in GB
   (1e9 bytes), weights included. On CPU: the process's peak resident set size (host memory).
-* ``unload_ms``: median wall time of a PLoRA unload (merge into all 224 bf16 backbone weights
-  with stochastic rounding, A/B rewrite through the fp32 masters, Adam reset), synchronised.
+* ``unload_ms``: median wall time of a PLoRA unload as the trainer runs it
+  (``recorded_unload.recorded_unload``: the backbone recorder, the config's merge rounding --
+  ``from_base`` re-reads W_0 from a safetensors copy of the initial weights, as from the model's
+  own files -- and its rank tracking, A/B rewrite through the fp32 masters, Adam reset),
+  synchronised; ``checkpoint_at_unload_ms``: the PLoRA part of a checkpoint after them
+  (``save_plora_checkpoint``).
 
-``--quick``, or no CUDA device: a tiny LLaMA of the same structure on CPU through the same code
-path (DeepSpeed on gloo), so tests and CI run it in seconds; ``mfu`` is then null.
+``--quick``, or no CUDA device: depth and width shrink to a tiny LLaMA of the same structure on
+CPU (everything else still from the config), through the same code path (DeepSpeed on gloo), so
+tests and CI run it in about a minute; ``mfu`` is then null and ``notes`` says what shrank.
 """
 
 from __future__ import annotations
@@ -41,14 +52,18 @@ import os
 import resource
 import socket
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 
 from benchmarks.common import print_table, write_result
-from plora_ray.config import LLAMA_LINEAR_TARGETS, LoraConfig, TinyModelConfig, config_from_dict
+from plora_ray.base_weights import LastReadCache
+from plora_ray.config import RunConfig, TinyModelConfig, config_from_dict, load_config, load_yaml
+from plora_ray.merge import safetensors_base_weights
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
@@ -72,6 +87,9 @@ TINY = TinyModelConfig(
     max_position_embeddings=256,
 )
 TINY_VOCAB = 256
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "search_spaces" / "llama7b_plora.yaml"
+# Shapes of hub models a machine without the download can still benchmark.
+KNOWN_SHAPES = {"huggyllama/llama-7b": (LLAMA_7B, LLAMA_7B_VOCAB)}
 
 # Peak dense (no sparsity) bf16 tensor-core TFLOP/s from NVIDIA's data sheets, matched by
 # substring of torch.cuda.get_device_name(), most specific first.
@@ -148,19 +166,86 @@ def build_model(shape: TinyModelConfig, vocab: int, device: torch.device) -> Lla
     return model
 
 
+def model_shape(cfg: RunConfig) -> tuple[TinyModelConfig, int]:
+    """The config's model shape and vocabulary: ``model.tiny``, or ``model.path``'s config.json.
+
+    Raises:
+        ValueError: ``model.path`` has no readable config.json and is not in ``KNOWN_SHAPES``.
+    """
+    if cfg.model.tiny is not None:
+        return cfg.model.tiny, TINY_VOCAB
+    path = str(cfg.model.path)
+    if path in KNOWN_SHAPES:
+        return KNOWN_SHAPES[path]
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise ValueError(
+            f"model.path: expected a model whose config.json can be read, found {path!r} ({exc})"
+        ) from None
+    shape = TinyModelConfig(
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_hidden_layers=hf.num_hidden_layers,
+        num_attention_heads=hf.num_attention_heads,
+        num_key_value_heads=getattr(hf, "num_key_value_heads", hf.num_attention_heads),
+        max_position_embeddings=hf.max_position_embeddings,
+    )
+    return shape, int(hf.vocab_size)
+
+
+def benchmark_config(
+    path: Path, shape: TinyModelConfig, world: int, cuda: bool, stage: int | None
+) -> RunConfig:
+    """The run config of ``path`` (a search space's base config) set up for the benchmark.
+
+    The model becomes ``shape`` (random weights), one micro-batch per rank per step, unloads
+    are triggered by hand (never inside the timed steps), and ``stage`` replaces the ZeRO stage
+    when given.
+    """
+    data = load_yaml(path)
+    data.pop("search", None)
+    model = dict(data.get("model") or {})
+    model.pop("path", None)
+    model["tiny"] = {
+        k: getattr(shape, k)
+        for k in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        )
+    }
+    micro = int((data.get("batch") or {}).get("micro_batch", 1))
+    plora = {**(data.get("plora") or {}), "unload_every": 10**9, "unload_unit": "steps"}
+    deepspeed = {**(data.get("deepspeed") or {}), "enabled": True, "bf16": True}
+    if stage is not None:
+        deepspeed["zero_stage"] = stage
+    data.update(
+        model=model,
+        plora=plora,
+        deepspeed=deepspeed,
+        batch={"global_batch": micro * world, "micro_batch": micro},
+        resources={"num_workers": world, "gpus_per_worker": 1.0 if cuda else 0.0},
+    )
+    return config_from_dict(data, source=str(path))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model on CPU (seconds)")
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="run YAML")
+    ap.add_argument("--quick", action="store_true", help="tiny depth/width on CPU (a minute)")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--stage", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage")
-    ap.add_argument("--micro-batch", type=int, default=1)
-    ap.add_argument("--seq", type=int, default=None, help="sequence length (default 2048)")
+    ap.add_argument("--stage", type=int, default=None, choices=[0, 1, 2, 3], help="ZeRO stage")
     ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps")
+    ap.add_argument("--steps", type=int, default=30, help="timed optimizer steps (>= 30)")
     ap.add_argument("--unloads", type=int, default=3, help="timed unloads")
-    ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
     ap.add_argument(
         "--peak-tflops",
         type=float,
@@ -168,75 +253,65 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="peak bf16 TFLOP/s when the device is not in the table",
     )
     args = ap.parse_args(argv)
+    if args.steps < 30:
+        ap.error(f"--steps: expected >= 30 timed steps, found {args.steps}")
     started = time.time()
 
     cuda = torch.cuda.is_available() and not args.quick
     notes: list[str] = []
     if not torch.cuda.is_available() and not args.quick:
-        notes.append("no CUDA device: ran the tiny CPU size instead of LLaMA-7B")
-    shape, vocab = (LLAMA_7B, LLAMA_7B_VOCAB) if cuda else (TINY, TINY_VOCAB)
-    seq = args.seq or (2048 if cuda else 64)
-    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    steps = args.steps if args.steps is not None else (10 if cuda else 3)
-    micro = args.micro_batch if cuda else max(args.micro_batch, 2)
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-
+        notes.append("no CUDA device: ran the tiny CPU size instead of the config's model")
     _ensure_process_group_env()
     from plora_ray.engine import DeepSpeedParamAccess, build_engine, init_distributed
-    from plora_ray.plora import PLoRA, attach_lora
+    from plora_ray.plora import attach_lora, base_param_name, lora_pairs
+    from plora_ray.recorded_unload import (
+        build_recorded_plora,
+        recorded_unload,
+        save_plora_checkpoint,
+    )
 
     init_distributed()
     world = torch.distributed.get_world_size()
-    cfg = config_from_dict(
-        {
-            "model": {
-                "tiny": {
-                    k: getattr(shape, k)
-                    for k in (
-                        "hidden_size",
-                        "intermediate_size",
-                        "num_hidden_layers",
-                        "num_attention_heads",
-                        "num_key_value_heads",
-                        "max_position_embeddings",
-                    )
-                },
-                "dtype": "bfloat16",
-                "gradient_checkpointing": args.grad_ckpt,
-            },
-            "lora": {"rank": 8, "alpha": 16.0, "targets": list(LLAMA_LINEAR_TARGETS)},
-            # Unloads are triggered by hand below (timed separately), never inside the timed steps.
-            "plora": {
-                "unload_every": 10**9,
-                "unload_unit": "steps",
-                "momentum": 0.1,
-                "merge_rounding": "stochastic",
-                "rank_sample_layers": 0,
-            },
-            "batch": {"global_batch": micro * world, "micro_batch": micro},
-            "resources": {"num_workers": world, "gpus_per_worker": 1.0 if cuda else 0.0},
-            "deepspeed": {"zero_stage": args.stage, "bf16": True},
-        }
-    )
+    shape, vocab = model_shape(load_config(args.config))
+    if not cuda:
+        notes.append(
+            f"depth and width shrunk to a tiny LLaMA on CPU (config's model: hidden "
+            f"{shape.hidden_size}, {shape.num_hidden_layers} layers); sequence length, "
+            "micro-batch, checkpointing, dropout, LoRA and plora sections as in the config"
+        )
+        shape, vocab = TINY, TINY_VOCAB
+    cfg = benchmark_config(args.config, shape, world, cuda, args.stage)
+    seq, micro = cfg.data.max_length, cfg.batch.micro_batch
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    steps = args.steps
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
 
     t0 = time.perf_counter()
     llama = build_model(shape, vocab, device)
-    if args.grad_ckpt:
+    if cfg.model.gradient_checkpointing:
         llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = attach_lora(llama, LoraConfig(rank=8, alpha=16.0, targets=list(LLAMA_LINEAR_TARGETS)))
+    model = attach_lora(llama, cfg.lora)
     counts = count_params(model)
+    tmp = tempfile.TemporaryDirectory()
+    base_weights = None
+    if cfg.plora.merge_rounding == "from_base":
+        # W_0 in safetensors, as from_base reads the model's own files.
+        w0_file = Path(tmp.name) / "model.safetensors"
+        save_file(
+            {base_param_name(p.name): p.base.detach().cpu() for p in lora_pairs(model)},
+            str(w0_file),
+        )
+        base_weights = LastReadCache(safetensors_base_weights(w0_file))
     engine, _, scheduler = build_engine(model, cfg, world, stage_length_steps=1)
     access = DeepSpeedParamAccess(engine)
-    plora = PLoRA(
-        engine.module, cfg.plora, cfg.batch.global_batch, cfg.seed, access, scheduler=scheduler
+    plora, recorder = build_recorded_plora(
+        engine.module, cfg.plora, cfg.batch.global_batch, cfg.seed, access, scheduler, base_weights
     )
     setup_s = time.perf_counter() - t0
-
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (micro, seq), generator=gen).to(device)
 
@@ -271,12 +346,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(args.unloads):
+        train_step()  # a fresh adapter update for each unload
         sync()
         t2 = time.perf_counter()
-        plora.unload(steps + warmup + i, 0)
+        recorded_unload(plora, recorder, steps + warmup + i, 0, warned=i > 0)
         sync()
         unload_ms.append((time.perf_counter() - t2) * 1e3)
     unload_peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    t3 = time.perf_counter()
+    rank0 = torch.distributed.get_rank() == 0
+    save_plora_checkpoint(Path(tmp.name) / "ckpt", engine.module, plora, recorder, access, rank0)
+    sync()
+    checkpoint_ms = (time.perf_counter() - t3) * 1e3
+    tmp.cleanup()
 
     tokens_per_step = micro * seq * world
     tokens_per_s = tokens_per_step * steps / train_s
@@ -305,6 +387,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mfu": round(mfu, 4) if mfu is not None else None,
         "peak_memory_gb": round(peak_bytes / 1e9, 3),
         "unload_ms": round(statistics.median(unload_ms), 2) if unload_ms else None,
+        "checkpoint_at_unload_ms": round(checkpoint_ms, 2),
         "device": device_name,
     }
     details = {
@@ -316,12 +399,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "vocab": vocab,
         },
         "params": counts,
-        "lora": {"rank": 8, "alpha": 16.0, "targets": list(LLAMA_LINEAR_TARGETS)},
-        "zero_stage": args.stage,
+        "config": str(args.config),
+        "lora": {
+            "rank": cfg.lora.rank,
+            "alpha": cfg.lora.alpha,
+            "dropout": cfg.lora.dropout,
+            "targets": list(cfg.lora.targets),
+        },
+        "plora": {
+            "merge_rounding": cfg.plora.merge_rounding,
+            "momentum": cfg.plora.momentum,
+            "rank_sample_layers": cfg.plora.rank_sample_layers,
+        },
+        "zero_stage": cfg.deepspeed.zero_stage,
         "world_size": world,
         "micro_batch": micro,
         "seq_len": seq,
-        "gradient_checkpointing": args.grad_ckpt,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "warmup_steps": warmup,
         "timed_steps": steps,
         "train_seconds": round(train_s, 4),

@@ -18,12 +18,17 @@
   ``peak_memory_ratio`` = PLoRA / LoRA peak; ``peak_memory_increment_ratio`` compares what
   training adds: the largest RSS sampled after each step and unload minus the RSS right before the
   first step (on CPU the ratio of peaks is diluted by the interpreter, libraries and model build).
-  On CPU the increment also counts library code first paged in by the unload (the SVD of the rank
-  metric, the random generators): a few MiB that do not grow with the model, which is why the
-  tiny model's increment ratio is well above 1 while PLoRA's state (W_0 and Σ of the 2 sampled
-  layers, on CPU) is a few hundred KiB here.
-* ``unload_ms``: median time of one unload (all target layers, stochastic rounding, the metrics
-  of the default config: merge error, effective rank of 2 sampled layers).
+  On CPU the increment also counts library code first paged in by the unload (the
+  eigendecompositions of the rank metric, safetensors, the random generators): a few MiB that do
+  not grow with the model, which is why the tiny model's increment ratio is well above 1 while
+  PLoRA's state (W_0 and Σ of the 2 sampled layers, the merged factors the recorder and
+  from_base keep, on CPU) is a few hundred KiB here.
+* ``unload_ms``: median time of one unload as the trainer runs it
+  (``recorded_unload.recorded_unload``: the backbone recorder, merge error, effective rank of
+  the sampled layers) with the ``plora`` section of a run YAML (``--config``, default
+  ``search_spaces/llama7b_plora.yaml``: ``from_base``, which re-reads W_0 from a safetensors
+  copy of the initial weights as from the model's files, momentum 0.1, rank tracking of 2
+  layers); its interval is replaced by ``unload_every_run`` steps.
 
 Merge precision (bf16, nearest vs stochastic vs from_base) is benchmarks/merge_precision.py.
 """
@@ -36,17 +41,26 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import save_file
 
 from benchmarks.common import parse_args, print_table, write_result
-from plora_ray.config import LoraConfig, ModelConfig, PLoRAConfig, TinyModelConfig
+from plora_ray.base_weights import LastReadCache
+from plora_ray.checkpoint import BackboneRecorder
+from plora_ray.config import LoraConfig, ModelConfig, TinyModelConfig, load_config
+from plora_ray.merge import safetensors_base_weights
 from plora_ray.model import load_model
-from plora_ray.plora import PLoRA, TorchParamAccess, attach_lora
+from plora_ray.plora import PLoRA, TorchParamAccess, attach_lora, base_param_name, lora_pairs
+from plora_ray.recorded_unload import build_recorded_plora, recorded_unload
 
 VOCAB = 2048
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "search_spaces" / "llama7b_plora.yaml"
 
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -87,6 +101,23 @@ def build(s: dict[str, Any], device: str) -> tuple[torch.nn.Module, torch.optim.
     return model, opt
 
 
+def recorded_plora(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, s: dict[str, Any], every: int, tmp: Path
+) -> tuple[PLoRA, BackboneRecorder]:
+    """PLoRA as the trainer builds it (recorder, W_0 source) with the config's plora section."""
+    cfg = replace(load_config(s["config"]).plora, unload_every=every, unload_unit="steps")
+    source = None
+    if cfg.merge_rounding == "from_base":
+        save_file(
+            {base_param_name(p.name): p.base.detach().cpu() for p in lora_pairs(model)},
+            str(tmp / "model.safetensors"),
+        )
+        source = LastReadCache(safetensors_base_weights(tmp / "model.safetensors"))
+    return build_recorded_plora(
+        model, cfg, s["batch"], s["seed"], TorchParamAccess(opt), None, source
+    )
+
+
 def data(step: int, s: dict[str, Any], device: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(10_000 + step)
     return torch.randint(0, VOCAB, (s["batch"], s["length"]), generator=g).to(device)
@@ -106,13 +137,8 @@ def sync(device: str) -> None:
 def step_times(s: dict[str, Any], device: str) -> dict[str, Any]:
     lora, lora_opt = build(s, device)
     pl_model, pl_opt = build(s, device)
-    plora = PLoRA(
-        pl_model,
-        PLoRAConfig(unload_every=s["unload_every_run"], unload_unit="steps"),
-        s["batch"],
-        s["seed"],
-        TorchParamAccess(pl_opt),
-    )
+    tmp = tempfile.TemporaryDirectory()
+    plora, recorder = recorded_plora(pl_model, pl_opt, s, s["unload_every_run"], Path(tmp.name))
     t_lora, t_plora, unload_s = [], [], []
     t_plora_with_unload = []
     for step in range(s["warmup"] + s["steps"]):
@@ -132,7 +158,7 @@ def step_times(s: dict[str, Any], device: str) -> dict[str, Any]:
                 dt, du = time.perf_counter() - t0, 0.0
                 if plora.due(step + 1, (step + 1) * s["batch"]):
                     t1 = time.perf_counter()
-                    plora.unload(step + 1, (step + 1) * s["batch"])
+                    recorded_unload(plora, recorder, step + 1, (step + 1) * s["batch"], True)
                     sync(device)
                     du = time.perf_counter() - t1
                     unload_s.append(du)
@@ -142,6 +168,7 @@ def step_times(s: dict[str, Any], device: str) -> dict[str, Any]:
                 else:
                     t_plora.append(dt)
                     t_plora_with_unload.append(dt + du)
+    tmp.cleanup()
     paired = [p / q for p, q in zip(t_plora, t_lora)]
     return {
         "paired_ratio_median": statistics.median(paired),
@@ -159,16 +186,11 @@ def step_times(s: dict[str, Any], device: str) -> dict[str, Any]:
 def peak_memory_child(method: str, s: dict[str, Any], device: str) -> dict[str, float]:
     """Runs in a fresh subprocess: train ``memory_steps`` steps and report the peak memory."""
     model, opt = build(s, device)
-    plora = None
+    plora = recorder = None
+    tmp = tempfile.TemporaryDirectory()
     if method == "plora":
         every = max(1, s["memory_steps"] // 2)  # two unloads, so their temporaries count
-        plora = PLoRA(
-            model,
-            PLoRAConfig(unload_every=every, unload_unit="steps"),
-            s["batch"],
-            s["seed"],
-            TorchParamAccess(opt),
-        )
+        plora, recorder = recorded_plora(model, opt, s, every, Path(tmp.name))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -181,9 +203,11 @@ def peak_memory_child(method: str, s: dict[str, Any], device: str) -> dict[str, 
         train_step(model, opt, data(step, s, device))
         rss_max = max(rss_max, current_rss())
         if plora is not None and plora.due(step + 1, (step + 1) * s["batch"]):
-            plora.unload(step + 1, (step + 1) * s["batch"])
+            assert recorder is not None
+            recorded_unload(plora, recorder, step + 1, (step + 1) * s["batch"], True)
             rss_max = max(rss_max, current_rss())
     sync(device)
+    tmp.cleanup()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out: dict[str, float] = {
         "rss_before_bytes": before,
@@ -217,11 +241,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(1)
         print(json.dumps(peak_memory_child(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])))
         return {}
-    args = parse_args(__doc__.splitlines()[0], argv)
+    args = parse_args(__doc__.splitlines()[0], argv, config=DEFAULT_CONFIG)
     torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared CPU
     started = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    s = settings(args.quick)
+    s = {**settings(args.quick), "config": str(args.config)}
     times = step_times(s, device)
     mem = {m: peak_memory(m, s, device) for m in ("lora", "plora")}
     key = "cuda_peak_bytes" if device == "cuda" else "rss_peak_bytes"

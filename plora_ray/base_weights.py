@@ -8,6 +8,10 @@ A from_base unload writes W_k = round_nearest(W_0 + Σ intended) from the origin
 * with ``model.tiny``, from ``DIR/base_weights.safetensors``: the tiny model's initial target
   weights, written at setup by each node's local rank 0 (identical bits on every rank: the model
   is seeded).
+
+The source keeps the last tensor it read (``LastReadCache``): the unload's merge and the
+recorder's check of it ask for the same layer one after the other, so each W_0 is read once per
+unload, and one layer of W_0 is resident at a time.
 """
 
 from __future__ import annotations
@@ -25,10 +29,38 @@ from plora_ray.merge import safetensors_base_weights
 from plora_ray.plora import base_param_name, lora_pairs
 from plora_ray.store import atomic_write
 
-__all__ = ["BASE_WEIGHTS_FILE", "base_weights_source", "from_base_source_problem"]
+__all__ = [
+    "BASE_WEIGHTS_FILE",
+    "LastReadCache",
+    "base_weights_source",
+    "from_base_source_problem",
+]
 
 # merge_rounding from_base with model.tiny: the initial target weights, W_0 of every unload.
 BASE_WEIGHTS_FILE = "base_weights.safetensors"
+
+
+class LastReadCache:
+    """A W_0 source that returns the tensor it read last again when asked for the same name.
+
+    ``PLoRA.unload`` reads a layer's W_0 for its merge and ``BackboneRecorder`` reads it again
+    right after to check the write; with one shared ``LastReadCache`` that is one read. Callers
+    must not modify the returned tensor in place (both convert it, which copies).
+
+    Args:
+        read: the underlying source (e.g. ``merge.safetensors_base_weights``).
+    """
+
+    def __init__(self, read: Callable[[str], torch.Tensor]) -> None:
+        self.read = read
+        self.reads = 0  # how many tensors came from ``read`` (the benchmark reports it)
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if self._last is None or self._last[0] != name:
+            self._last = (name, self.read(name))
+            self.reads += 1
+        return self._last[1]
 
 
 def from_base_source_problem(path: str) -> str | None:
@@ -78,11 +110,14 @@ def base_weights_source(
         local_rank: this worker's rank on its node (local rank 0 writes the copy).
         world: the number of ranks.
 
+    Returns:
+        A ``LastReadCache``: pass the same object to ``PLoRA`` and ``BackboneRecorder``.
+
     Raises:
         ValueError: ``model.path`` holds no *.safetensors file.
     """
     if cfg.model.path is not None:
-        return safetensors_base_weights(_safetensors_dir(cfg.model.path))
+        return LastReadCache(safetensors_base_weights(_safetensors_dir(cfg.model.path)))
     path = output_dir / BASE_WEIGHTS_FILE
     # One writer per node; atomic, so a reader on another node sharing DIR never sees half a file.
     if local_rank == 0:
@@ -93,4 +128,4 @@ def base_weights_source(
         atomic_write(path, [safetensors_bytes(tensors)])
     if world > 1 and dist.is_initialized():
         dist.barrier()
-    return safetensors_base_weights(path)
+    return LastReadCache(safetensors_base_weights(path))

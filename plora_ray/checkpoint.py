@@ -1,4 +1,4 @@
-"""Checkpoints of a training run, the compact record of the backbone's change, and model export.
+"""Checkpoints of a training run and the compact record of the backbone's change.
 
 A checkpoint directory (one per reported checkpoint; Ray Train merges the files every rank wrote
 into it) holds:
@@ -23,11 +23,14 @@ a rank-r matrix. So a checkpoint stores, per unload and target layer, the fp32 f
 ``A`` the unload merged (``r * (out + in)`` numbers instead of ``out * in``); resume rebuilds the
 deterministic base model and re-applies the unloads in order with the same rounding and the same
 generator seeds the unload used, which gives the same bits. Exactness does not rest on that
-argument alone: while the unload runs, ``BackboneRecorder`` re-applies each layer's factors to the
+argument alone: while the unload runs, ``BackboneRecorder`` re-applies a layer's factors to the
 weight's old value and compares the result with what the unload wrote; every element that differs
 (a different operation order in the merge, say) is stored verbatim as an exception (flat index +
-value). Replay applies the exceptions after the factors, so the reconstruction equals the trained
-backbone bit for bit by construction, and ``digest.json`` checks it on load.
+value), and replay applies the exceptions after the factors. The check costs a second merge, so
+it runs on every layer at the first unload a recorder sees and, once any exception was found, at
+every unload after; otherwise on one layer per unload, in rotation (see ``BackboneRecorder``).
+``digest.json`` checks the reconstruction on load, so a difference the check did not see fails
+the resume with the weight's name; it never restores other bits silently.
 
 ``merge_rounding="from_base"`` (``merge.merge_from_base``) writes W_k = round_nearest(W_0 + Σ_{s<=k}
 coef_s·B_s·A_s) from the original weights instead of adding to the old value, so its replay of
@@ -45,9 +48,7 @@ import hashlib
 import json
 import os
 import random
-import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,7 +63,7 @@ from plora_ray.plora import base_param_name
 from plora_ray.store import atomic_write_json
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    pass
 
 BACKBONE_DIR = "backbone"
 DIGEST_FILE = "digest.json"
@@ -291,11 +292,22 @@ class BackboneRecorder:
     merged plus the exceptions (see the module docstring). Call ``begin_unload`` just before
     ``PLoRA.unload`` and ``end_unload`` right after.
 
+    What the check guarantees. The unload and the replay compute a merge with the same
+    functions (``PLoRA.unload`` and ``replay_layer`` form the same fp32 sum; from_base both call
+    ``merge.merge_from_base``), so their bits differ only if the code or the device's kernels
+    make them differ, which is systematic: it shows in every layer, at every unload. The
+    recorder replays and compares every layer at the first unload it sees (a fresh or a resumed
+    run), and one layer per later unload (layer ``index mod n``, so each is checked every n
+    unloads), recording what differs as exceptions; the first exception switches the check to
+    every layer for the rest of the run. So a systematic difference is caught and stored from
+    the unload where it appears on, at the cost of one extra merge per unload instead of a
+    second merge of every layer; anything the sample missed is caught by ``digest.json`` when a
+    checkpoint is restored (a ``ValueError`` naming the weight), never restored as other bits.
+
     Args:
         inner: the real access (``TorchParamAccess`` or ``DeepSpeedParamAccess``).
         pairs: ``plora.lora_pairs(model)`` (deterministic order).
         names: parameter id -> name in ``model.named_parameters()``.
-        seed: the run seed, passed to ``generator_for``.
         generator_for: ``(unload index, layer index, device) -> torch.Generator`` as the unload
             seeds it.
         add: the unload's in-place add with rounding (``merge.add_with_rounding``).
@@ -337,6 +349,9 @@ class BackboneRecorder:
         self._layers: list[LayerDelta] = []
         self._index = 0
         self._step = 0
+        # Replay-check every layer (the first unload, and every unload after an exception).
+        self.check_every_layer = True
+        self._exceptions_seen = False
 
     # -- the ParamAccess protocol, passed through
     def gathered(self, params: list[torch.nn.Parameter]) -> Any:
@@ -386,13 +401,16 @@ class BackboneRecorder:
         delta = LayerDelta(
             name=self.names[id(p)], layer_index=i, B=B, A=A, coef=float(self.coef_for(pr))
         )
+        if self.rounding == FROM_BASE:
+            delta.base_name = base_param_name(pr.name)
+        if not (self.check_every_layer or i == self._index % len(self.pairs)):
+            return delta
         # p still holds the old weight: write_frozen has not run yet. Replay on p's device, as
         # the unload computed there (a CUDA generator draws other bits than a CPU one).
         old = p.detach()
         want = value.detach().to(device=old.device, dtype=old.dtype)
         if self.rounding == FROM_BASE:
             assert self.base_weights is not None
-            delta.base_name = base_param_name(pr.name)
             prior = [ld for rec in self.records for ld in rec.layers if ld.layer_index == i]
             got = replay_layer_from_base(
                 self.base_weights(delta.base_name), [*prior, delta], old.dtype, old.device
@@ -433,26 +451,36 @@ class BackboneRecorder:
             layers=sorted(self._layers, key=lambda d: d.layer_index),
         )
         self.records.append(rec)
+        self._exceptions_seen = self._exceptions_seen or rec.num_exceptions > 0
+        self.check_every_layer = self._exceptions_seen
         self._pending = None
         self._layers = []
         return rec
 
-    def from_base_factors(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """``PLoRA.base_factors`` rebuilt from the records: pair name -> [(coef·B, A), ...].
+    def merged_factors(self, names: set[str]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The factors a PLoRA keeps, rebuilt from the records: pair name -> [(coef·B, A), ...].
 
-        What a from_base PLoRA keeps (``(1 - m)·scaling·b`` and ``a`` per unload, fp32, CPU);
-        the checkpoint stores the factors once, in the records, and a resumed run gets them here.
-        Empty unless the rounding is ``from_base``.
+        ``PLoRA.base_factors`` holds ``(1 - m)·scaling·b`` and ``a`` per unload (fp32) for the
+        layers ``PLoRA.factor_layers`` names; the checkpoint stores the factors once, in the
+        records, and a resumed run gets them here (``coef * B`` on CPU is the same fp32 multiply
+        the unload did, so the same bits).
+
+        Args:
+            names: the pair names to rebuild (``PLoRA.factor_layers()``).
         """
-        if self.rounding != FROM_BASE:
-            return {}
         out: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for rec in self.records:
             for ld in rec.layers:
-                out.setdefault(self.pairs[ld.layer_index].name, []).append(
-                    (ld.coef * ld.B, ld.A.clone())
-                )
+                name = self.pairs[ld.layer_index].name
+                if name in names:
+                    out.setdefault(name, []).append((ld.coef * ld.B, ld.A.clone()))
         return out
+
+    def from_base_factors(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """``merged_factors`` of every layer under ``from_base`` (empty otherwise)."""
+        if self.rounding != FROM_BASE:
+            return {}
+        return self.merged_factors({pr.name for pr in self.pairs})
 
 
 def _int_view(dtype: torch.dtype) -> torch.dtype:
@@ -620,61 +648,6 @@ def read_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
-# --------------------------------------------------------------------------- export
-
-
-@contextmanager
-def _maybe_gathered(access: Any, params: list[torch.nn.Parameter]) -> Iterator[None]:
-    if access is None:
-        yield
-    else:
-        with access.gathered(params):
-            yield
-
-
-def export_model(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    out_dir: str | os.PathLike[str],
-    *,
-    access: Any = None,
-    write: bool = True,
-    merge_adapter: bool = True,
-) -> Path:
-    """Save the merged model in the Hugging Face layout (safetensors, config, tokenizer).
-
-    A peft model has its adapter merged into the backbone first (``merge_and_unload``, in place:
-    call this last), or, under PLoRA, whose ``PLoRA.merge_adapter`` already merged it with the
-    unloads' rounding, its adapter layers dropped (peft's ``unload``). The result loads with
-    ``AutoModelForCausalLM.from_pretrained(out_dir)``.
-
-    Args:
-        model: the trained model (a ``PeftModel`` or a plain ``PreTrainedModel``).
-        tokenizer: saved beside the weights.
-        out_dir: target directory (replaced if it exists).
-        access: a ParamAccess, to gather partitioned (ZeRO-3) parameters while merging and saving
-            (then every rank calls this, and only one writes).
-        write: whether this rank writes the files.
-        merge_adapter: False: the adapter's update is in the backbone already; drop it.
-    """
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    with _maybe_gathered(access, list(model.parameters())):
-        # A peft model merges (or drops) its adapter; a plain model is saved as it is.
-        merge = getattr(model, "merge_and_unload" if merge_adapter else "unload", None)
-        merged: Any = merge() if merge is not None else model
-        if not write:
-            return out
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
-
-
 __all__ = [
     "BackboneRecorder",
     "LayerDelta",
@@ -682,7 +655,6 @@ __all__ = [
     "backbone_digests",
     "capture_rng",
     "dir_bytes",
-    "export_model",
     "full_backbone_bytes",
     "load_backbone",
     "load_unload_deltas",

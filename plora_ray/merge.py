@@ -11,12 +11,13 @@ sum is rounded (``plora.merge_rounding``):
 * ``"from_base"`` (``PLoRA(..., base_weights=source)``; the trainer passes the model's
   safetensors, ``safetensors_base_weights``, or for the tiny model a copy of its initial weights)
   escapes that walk without device memory of backbone size: the unload keeps each layer's merged
-  low-rank factors ((1-m)·scaling·B and A, fp32, on CPU) and writes
+  low-rank factors ((1-m)·scaling·B and A, fp32, on the weights' device) and writes
   W_k = round_nearest(W_0 + Σ_{s<=k} intended_s) (``merge_from_base``), with W_0 re-read layer by
   layer from its source, so the error is one rounding of the exact target and does not grow with
-  the number of unloads. Its costs: CPU memory for the factors growing with T, one
-  (out x T·r)·(T·r x in) product per layer per unload, and a read of W_0. The checkpoint replays
-  it from the factors it stores anyway (``checkpoint.replay_backbone``).
+  the number of unloads. Its costs: device memory for the factors growing with T (a host copy
+  only in checkpoints), one (out x T·r)·(T·r x in) product per layer per unload, and one read
+  of W_0 per unload (shared with the checkpoint's recorder, ``base_weights.LastReadCache``). The
+  checkpoint replays it from the factors it stores anyway (``checkpoint.replay_backbone``).
 
 The measured errors of the three modes are in README and ``benchmarks/merge_precision.py``.
 """
@@ -24,9 +25,9 @@ The measured errors of the three modes are in README and ``benchmarks/merge_prec
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import torch
 from safetensors import safe_open
@@ -35,10 +36,15 @@ from plora_ray.config import ElementRounding
 
 # What round_to_dtype does element-wise; from_base is an unload mode built on "nearest".
 ROUNDINGS: tuple[str, ...] = get_args(ElementRounding)
+# One merge's low-rank factors (coef·B, A), fp32, as an unload keeps them.
+Factors = tuple[torch.Tensor, torch.Tensor]
 
 __all__ = [
+    "MERGE_ERROR_WARN_THRESHOLD",
     "ROUNDINGS",
+    "Factors",
     "add_with_rounding",
+    "merge_error_warning",
     "merge_from_base",
     "round_to_dtype",
     "safetensors_base_weights",
@@ -111,8 +117,9 @@ def merge_from_base(
 ) -> torch.Tensor:
     """``from_base``'s new weight: round_nearest(W_0 + Σ_s B_s A_s) in ``dtype``, on W_0's device.
 
-    One product of the stacked factors, Σ_s B_s A_s = [B_1 .. B_k] [A_1; ..; A_k], in fp32. The
-    unload and the checkpoint replay both call this, so they compute the same bits.
+    One product of the stacked factors, Σ_s B_s A_s = [B_1 .. B_k] [A_1; ..; A_k], in fp32 (W_0
+    needs no fp32 copy of its own). The unload and the checkpoint replay both call this, so they
+    compute the same bits.
 
     Args:
         w0: the original weight (any float dtype; the sum is formed in fp32).
@@ -122,7 +129,11 @@ def merge_from_base(
     dev = w0.device
     bs = torch.cat([b for b, _ in factors], dim=1).to(dev)
     as_ = torch.cat([a for _, a in factors], dim=0).to(dev)
-    return round_to_dtype(w0.to(torch.float32) + bs @ as_, dtype, "nearest", None)
+    # One fp32 temporary: the product, with W_0 added in place (the same bits as
+    # ``w0.float() + product``: fp32 addition commutes and W_0 is exact in fp32).
+    total = bs @ as_
+    total.add_(w0)
+    return round_to_dtype(total, dtype, "nearest", None)
 
 
 def safetensors_base_weights(model_dir: str | Path) -> Callable[[str], torch.Tensor]:
@@ -159,3 +170,45 @@ def safetensors_base_weights(model_dir: str | Path) -> Callable[[str], torch.Ten
             return fh.get_tensor(name)
 
     return read
+
+
+# A per-unload merge error above this (5% of the intended update, ||applied - intended||_F /
+# ||intended||_F) means the merges are small against the weights' rounding spacing: the trainer
+# warns once per run (``merge_error_warning``).
+MERGE_ERROR_WARN_THRESHOLD = 0.05
+
+
+def merge_error_warning(report: Mapping[str, Any], rounding: str) -> str | None:
+    """The warning for an unload whose merge error exceeds ``MERGE_ERROR_WARN_THRESHOLD``, or None.
+
+    What helps depends on the rounding: ``nearest`` drops merges below half a spacing and
+    ``stochastic`` lets the error random-walk over unloads, while ``from_base`` keeps the
+    backbone within one rounding of W_0 + Σ merges however many unloads there are (its
+    per-unload error stays large, but does not add up: see ``cumulative_rel_error``).
+
+    Args:
+        report: the unload's report (``UnloadReport.as_dict()``: ``index``, ``step``,
+            ``merge_rel_error``, ``cumulative_rel_error``).
+        rounding: ``plora.merge_rounding``.
+    """
+    error = float(report["merge_rel_error"])
+    if not error > MERGE_ERROR_WARN_THRESHOLD:
+        return None
+    head = (
+        f"plora.merge_rounding={rounding}: unload {report['index']} (step {report['step']}) "
+        f"applied its merge with a relative error of {error:.1%} (warning above "
+        f"{MERGE_ERROR_WARN_THRESHOLD:.0%}): the merged update is small against the rounding "
+        "spacing of the backbone's dtype"
+    )
+    if rounding == "from_base":
+        cum = report.get("cumulative_rel_error")
+        return head + (
+            "; from_base keeps the backbone within one rounding of W_0 + every merge "
+            f"(cumulative_rel_error {'n/a' if cum is None else f'{cum:.1%}'}), so the error does"
+            " not add up over unloads; a larger lr or a longer plora.unload_every makes each"
+            " merge larger"
+        )
+    return head + (
+        "; set plora.merge_rounding=from_base to keep the backbone within one rounding of "
+        "W_0 + every merge instead of one rounding per unload"
+    )

@@ -25,14 +25,20 @@ Unload semantics (per target layer, with ΔW = scaling * B @ A computed in fp32)
 Merge precision: the fp32 merge is rounded into the backbone's dtype (``plora.merge_rounding``:
 nearest, stochastic or from_base; what each costs and guarantees is in ``plora_ray.merge``).
 Each unload reports ``merge_rel_error`` = ||applied - intended||_F / ||intended||_F over all
-layers (applied = W_after - W_before in fp32, intended = (1-m)·ΔW) and ``cumulative_rel_error`` =
-||(W_now - W_0) - Σ intended||_F / ||Σ intended||_F over the tracked layers (those sampled for the
-rank metric, or every layer with ``track_all_layers=True``). The final export merges the last
-adapter the same way (``PLoRA.merge_adapter``).
+layers (applied = W_after - W_before, intended = (1-m)·ΔW; fp32 on the weights' device, every
+layer, formed in the merge's one fp32 temporary, ||intended||² from the factors' r x r Grams,
+one host read per unload) and ``cumulative_rel_error`` = ||(W_now - W_0) - Σ intended||_F
+/ ||Σ intended||_F over the tracked layers (those sampled for the rank metric, or every layer
+with ``track_all_layers=True``). A merge error above ``MERGE_ERROR_WARN_THRESHOLD`` (5%) gets a
+warning naming ``plora.merge_rounding`` (``merge_error_warning``). The final export merges the
+last adapter the same way (``PLoRA.merge_adapter``).
 
-Effective rank: ``effective_rank(M, thr)`` = the number of singular values of M above
-thr · σ_max (``plora.rank_threshold``), the one definition used everywhere; reported at each
-unload for W_now - W_0 of ``plora.rank_sample_layers`` evenly spaced layers.
+Effective rank (``plora_ray.effective_rank``, one definition everywhere): the number of singular
+values above ``plora.rank_threshold`` · σ_max, reported at each unload for the change Σ intended
+of ``plora.rank_sample_layers`` evenly spaced layers, computed from the merges' kept factors
+(``factor_effective_rank``: milliseconds, no dense SVD). What rounding into the backbone's dtype
+adds on top is the dense rank of W_now - W_0 (``PLoRA.delta_effective_rank``, for tests and
+benchmarks).
 
 Unload points: every ``unload_every`` optimizer steps or training samples (``unload_unit``).
 The points are the multiples of ``unload_every``; ``due`` is called after each optimizer step and
@@ -44,19 +50,19 @@ Randomness (A re-init, stochastic rounding) comes from torch.Generators seeded f
 (seed, unload index, layer index), so every rank computes identical bits without communication
 and a resumed run continues with the same bits.
 
-How an unload reads and writes parameters is the ``ParamAccess`` protocol, implemented here for
-plain torch (``TorchParamAccess``) and for DeepSpeed by ``plora_ray.engine.DeepSpeedParamAccess``.
+How an unload reads and writes parameters is the ``ParamAccess`` protocol
+(``plora_ray.param_access``, re-exported here with ``TorchParamAccess``, for plain torch);
+DeepSpeed's is ``plora_ray.engine.DeepSpeedParamAccess``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, cast, get_args
+from typing import Any, cast, get_args
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -65,16 +71,30 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from plora_ray.config import LoraConfig, Method, PLoRAConfig, check_section
+from plora_ray.effective_rank import (
+    FactorGrams,
+    effective_rank,
+    factor_effective_rank,
+    rank_of_spectrum,
+    sampled_layers,
+)
 from plora_ray.lr_schedule import RestartableLR
-from plora_ray.merge import merge_from_base, round_to_dtype
+from plora_ray.merge import (
+    MERGE_ERROR_WARN_THRESHOLD,
+    Factors,
+    merge_error_warning,
+    merge_from_base,
+    round_to_dtype,
+)
 from plora_ray.model import check_lora_targets
+from plora_ray.param_access import ParamAccess, TorchParamAccess
 
 # The choices come from the config's types, so a new one is added in one place.
 METHODS: tuple[str, ...] = get_args(Method)
-# One merge's low-rank factors (coef·B, A), fp32, as from_base keeps them.
-Factors = tuple[torch.Tensor, torch.Tensor]
 
 __all__ = [
+    "MERGE_ERROR_WARN_THRESHOLD",
+    "Factors",
     "LoraPair",
     "PLoRA",
     "ParamAccess",
@@ -84,10 +104,13 @@ __all__ = [
     "base_param_name",
     "derive_seed",
     "effective_rank",
+    "factor_effective_rank",
     "lora_init_A",
     "lora_pairs",
     "merge_coefficient",
+    "merge_error_warning",
     "next_stage_length",
+    "rank_of_spectrum",
     "sampled_layers",
     "unload_due",
 ]
@@ -210,13 +233,6 @@ def unload_due(counter: int, last_counter: int, every: int) -> bool:
     return counter // every > last_counter // every
 
 
-def sampled_layers(num_layers: int, count: int) -> list[int]:
-    """Indices of ``count`` layers evenly spaced through the depth (first and last included when
-    count >= 2): the layers whose effective rank is reported (``plora.rank_sample_layers``)."""
-    k = min(count, num_layers)
-    return sorted({round(j * (num_layers - 1) / max(1, k - 1)) for j in range(k)}) if k else []
-
-
 def next_stage_length(cfg: PLoRAConfig, global_batch: int, samples_seen: int) -> int:
     """Optimizer steps from an unload (or the start) to the next unload point.
 
@@ -234,27 +250,6 @@ def next_stage_length(cfg: PLoRAConfig, global_batch: int, samples_seen: int) ->
         return cfg.unload_every
     next_point = (samples_seen // cfg.unload_every + 1) * cfg.unload_every
     return -(-(next_point - samples_seen) // global_batch)
-
-
-def effective_rank(matrix: torch.Tensor, rel_threshold: float) -> int:
-    """Number of singular values of ``matrix`` above ``rel_threshold`` times the largest one.
-
-    A zero matrix has effective rank 0. Computed in fp32 (float64 input stays float64).
-
-    Raises:
-        ValueError: ``matrix`` is not 2-D, or ``rel_threshold`` is not in (0, 1).
-    """
-    if matrix.dim() != 2:
-        raise _bad("matrix", "a 2-D tensor", tuple(matrix.shape))
-    if not 0.0 < rel_threshold < 1.0:
-        raise _bad("plora.rank_threshold", "a number in (0, 1)", rel_threshold)
-    m = matrix.detach()
-    if m.dtype not in (torch.float32, torch.float64):
-        m = m.float()
-    s = torch.linalg.svdvals(m)
-    if s.numel() == 0 or not float(s[0]) > 0.0:
-        return 0
-    return int((s > rel_threshold * s[0]).sum())
 
 
 def merge_coefficient(momentum: float, scaling: float) -> float:
@@ -289,84 +284,6 @@ def lora_init_A(rank: int, in_features: int, generator: torch.Generator) -> torc
     return a
 
 
-# --------------------------------------------------------------------------- parameter access
-
-
-class ParamAccess(Protocol):
-    """How an unload reads and writes parameters (plain torch, or DeepSpeed ZeRO 0-3).
-
-    The unload calls every method below only inside ``gathered([pair.base, pair.A, pair.B])`` of
-    the pair it works on.
-    """
-
-    def gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager[None]:
-        """Make these full params visible in the module for reading and writing (ZeRO-3
-        GatheredParameters with a modifier rank; a no-op elsewhere)."""
-        ...
-
-    def read_trainable(self, p: nn.Parameter) -> torch.Tensor:
-        """The full fp32 value (the master copy if one exists); the caller may keep it."""
-        ...
-
-    def write_trainable(self, p: nn.Parameter, value: torch.Tensor) -> None:
-        """Write an fp32 value of p's full shape into the module param AND the master copy."""
-        ...
-
-    def read_frozen(self, p: nn.Parameter) -> torch.Tensor:
-        """The full value of a frozen backbone weight, in its own dtype."""
-        ...
-
-    def write_frozen(self, p: nn.Parameter, value: torch.Tensor) -> None:
-        """Write a value already in p's dtype, identical on every rank (seeded rounding)."""
-        ...
-
-    def reset_optimizer_state(self, params: list[nn.Parameter]) -> None:
-        """Reset Adam's state of these params: exp_avg, exp_avg_sq = 0, step = 0."""
-        ...
-
-
-class TorchParamAccess:
-    """ParamAccess for a plain torch model and optimizer (e.g. torch.optim.AdamW)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer | None) -> None:
-        self.optimizer = optimizer
-
-    def gathered(self, params: list[nn.Parameter]) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-    def read_trainable(self, p: nn.Parameter) -> torch.Tensor:
-        return p.detach().float().clone()
-
-    def write_trainable(self, p: nn.Parameter, value: torch.Tensor) -> None:
-        with torch.no_grad():
-            p.copy_(value.to(device=p.device, dtype=p.dtype))
-
-    def read_frozen(self, p: nn.Parameter) -> torch.Tensor:
-        return p.detach()
-
-    def write_frozen(self, p: nn.Parameter, value: torch.Tensor) -> None:
-        with torch.no_grad():
-            p.copy_(value)
-
-    def reset_optimizer_state(self, params: list[nn.Parameter]) -> None:
-        """Zero every tensor of each param's optimizer state (Adam moments) and its step count.
-
-        Zeroing in place (rather than deleting the state) keeps the allocations, so no memory
-        spike at the next step, and works for fused / capturable Adam whose step is a tensor.
-        """
-        if self.optimizer is None:
-            return
-        for p in params:
-            state = self.optimizer.state.get(p)
-            if not state:
-                continue
-            for key, value in list(state.items()):
-                if isinstance(value, torch.Tensor):
-                    value.zero_()
-                elif key == "step":
-                    state[key] = 0
-
-
 # --------------------------------------------------------------------------- the method
 
 
@@ -394,6 +311,13 @@ class PLoRA:
     (constructor argument or attribute), and resets the LoRA parameters' optimizer state through
     ``access``.
 
+    What an unload keeps, on the weights' device (a host copy is made only by ``state_dict``):
+    each merge's factors (coef·B, A), fp32, of every layer under ``from_base`` (its merge is
+    computed from them) and of the rank-sampled layers otherwise (their effective rank is
+    computed from them, ``factor_effective_rank``); and for the tracked layers W_0 and Σ
+    intended, for ``cumulative_rel_error``. The error bookkeeping is fp32 on the device, summed
+    without a host sync per layer, over every layer.
+
     Args:
         model: a model with peft LoRA layers (``attach_lora``).
         cfg: the ``plora`` section.
@@ -406,7 +330,9 @@ class PLoRA:
             Default: only the layers sampled for the effective rank.
         base_weights: for ``merge_rounding="from_base"``: base parameter name (e.g.
             ``model.layers.0.self_attn.q_proj.weight``, see ``base_param_name``) -> that weight's
-            original value W_0 (any float dtype, any device), e.g. ``safetensors_base_weights``.
+            original value W_0 (any float dtype, any device), e.g. ``safetensors_base_weights``;
+            pass the recorder the same source (``base_weights.base_weights_source`` keeps the
+            last layer read, so the unload and the recorder read each W_0 once).
 
     Raises:
         ValueError: a setting out of range (named ``plora.<key>`` with the value found), a model
@@ -437,8 +363,11 @@ class PLoRA:
                 cfg.merge_rounding,
             )
         self.base_weights = base_weights
-        # from_base: per layer, the factors (coef·B, A) of every unload so far (fp32, CPU).
-        self.base_factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # Per layer, the factors (coef·B, A) of every unload so far (fp32, weights' device):
+        # every layer under from_base, the rank-sampled layers otherwise (``factor_layers``).
+        self.base_factors: dict[str, list[Factors]] = {}
+        # Per rank-sampled layer, the Grams of its factors, extended by each unload's merge.
+        self.grams: dict[str, FactorGrams] = {}
         self.cfg = cfg
         self.global_batch = global_batch
         self.seed = int(seed)
@@ -454,37 +383,67 @@ class PLoRA:
         self.last_samples = 0
         self.sampled = sampled_layers(len(self.pairs), cfg.rank_sample_layers)
         self.tracked = list(range(len(self.pairs))) if track_all_layers else list(self.sampled)
-        # W_0 in the backbone's own dtype (exact) on CPU, and Σ intended in fp32, per tracked layer.
+        # W_0 in the backbone's own dtype (exact) and Σ intended in fp32, per tracked layer, on
+        # the weight's device.
         self.w0: dict[str, torch.Tensor] = {}
         self.intended_sum: dict[str, torch.Tensor] = {}
         for i in self.tracked:
             p = self.pairs[i]
             with access.gathered([p.base]):
-                self.w0[p.name] = access.read_frozen(p.base).detach().to("cpu", copy=True)
+                self.w0[p.name] = access.read_frozen(p.base).detach().clone()
             # W_0's shape, not p.base's: ZeRO-3 shows an empty placeholder outside gathered().
-            self.intended_sum[p.name] = torch.zeros(self.w0[p.name].shape, dtype=torch.float32)
+            self.intended_sum[p.name] = torch.zeros(
+                self.w0[p.name].shape, dtype=torch.float32, device=self.w0[p.name].device
+            )
+
+    def factor_layers(self) -> set[str]:
+        """The layers whose merged factors the unload keeps (see ``base_factors``)."""
+        if self.cfg.merge_rounding == "from_base":
+            return {p.name for p in self.pairs}
+        return {self.pairs[i].name for i in self.sampled}
 
     def _merged_weight(
-        self, i: int, p: LoraPair, coef: float, b: torch.Tensor, a: torch.Tensor, w: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, Factors | None]:
-        """Merge coef·B·A into w with the configured rounding: (new weight, intended = coef·B·A,
-        this merge's factors (coef·B, A) for ``from_base``, which an unload keeps).
+        self,
+        i: int,
+        p: LoraPair,
+        coef: float,
+        b: torch.Tensor,
+        a: torch.Tensor,
+        w: torch.Tensor,
+        track: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge coef·B·A into w with the configured rounding: (new weight in w's dtype, the
+        squared Frobenius error of applied vs intended as an fp32 scalar on w's device).
 
-        ``from_base``: round_nearest(W_0 + the earlier unloads' merges + this one).
+        One fp32 temporary of the layer's size: intended = coef·(b @ a) becomes the sum
+        w + intended in place (the same bits as ``w.float() + intended``, which is how
+        ``checkpoint.replay_layer`` replays it: fp32 addition commutes and w is exact in fp32),
+        then the rounding error total - new in place. ``from_base``: round_nearest(W_0 + the
+        earlier unloads' merges + this one), with this merge's factors already appended to
+        ``base_factors``. For a tracked layer (and ``track``), Σ intended is updated before the
+        sum overwrites intended.
         """
-        intended = coef * (b @ a)
+        intended = b @ a
+        intended.mul_(coef)
+        if track and p.name in self.intended_sum:
+            self.intended_sum[p.name] += intended.to(self.intended_sum[p.name].device)
         if self.cfg.merge_rounding == "from_base":
-            pair = ((coef * b).detach().float().cpu().clone(), a.detach().float().cpu().clone())
-            new = self._from_base(p, [*self.base_factors.get(p.name, []), pair], w)
-            return new, intended, pair
+            new = self._from_base(p, self.base_factors[p.name], w)
+            diff = new.to(torch.float32, copy=True)
+            diff.sub_(w)
+            diff.sub_(intended.to(w.device))
+            return new, torch.linalg.vector_norm(diff).square()
+        total = intended.to(w.device).add_(w)
         gen = _generator(w.device, self.seed, self.num_unloads, i, "merge")
-        total = w.float() + intended.to(w.device)
-        return round_to_dtype(total, w.dtype, self.cfg.merge_rounding, gen), intended, None
+        new = round_to_dtype(total, w.dtype, self.cfg.merge_rounding, gen)
+        if new.dtype == torch.float32:  # an fp32 backbone: no rounding, and new is total itself
+            return new, torch.zeros((), device=w.device)
+        return new, torch.linalg.vector_norm(total.sub_(new)).square()
 
     def _from_base(self, p: LoraPair, factors: list[Factors], w: torch.Tensor) -> torch.Tensor:
-        """round_nearest(W_0 + Σ factors) for one layer, W_0 re-read from the source."""
+        """round_nearest(W_0 + Σ factors) for one layer, W_0 read from the source."""
         assert self.base_weights is not None
-        w0 = self.base_weights(base_param_name(p.name)).to(device=w.device, dtype=torch.float32)
+        w0 = self.base_weights(base_param_name(p.name)).to(device=w.device)
         if w0.shape != w.shape:
             raise ValueError(
                 f"base_weights({base_param_name(p.name)!r}): expected shape "
@@ -511,28 +470,36 @@ class PLoRA:
     def unload(self, step: int, samples_seen: int) -> UnloadReport:
         """Merge (1-m)·ΔW into the backbone, keep m·ΔW in the adapter, reset optimizer and LR.
 
-        Layer by layer, so the extra memory is a few temporaries of one layer's size.
+        Layer by layer, so the extra memory is a few temporaries of one layer's size. The error
+        sums are fp32 on each layer's device, read once at the end.
         """
         t0 = time.perf_counter()
         cfg, m, k = self.cfg, float(self.cfg.momentum), self.num_unloads
-        err_sq = torch.zeros((), dtype=torch.float64)
-        int_sq = torch.zeros((), dtype=torch.float64)
-        cum_err_sq = 0.0
-        cum_int_sq = 0.0
-        ranks: dict[str, int] = {}
+        keep = self.factor_layers()
+        err_sq: list[torch.Tensor] = []
+        int_sq: list[torch.Tensor] = []
+        cum_err_sq: list[torch.Tensor] = []
+        cum_int_sq: list[torch.Tensor] = []
         for i, p in enumerate(self.pairs):
             with self.access.gathered([p.base, p.A, p.B]):
                 a = self.access.read_trainable(p.A)
                 b = self.access.read_trainable(p.B)
                 w = self.access.read_frozen(p.base)
-                w32 = w.float()
                 coef = merge_coefficient(m, p.scaling)
-                new, intended, factors = self._merged_weight(i, p, coef, b, a, w)
-                if factors is not None:
+                if p.name in keep:
+                    factors = ((coef * b).detach().float().clone(), a.detach().float().clone())
                     self.base_factors.setdefault(p.name, []).append(factors)
-                applied = new.float() - w32
-                err_sq += (applied - intended.to(w.device)).double().pow(2).sum().cpu()
-                int_sq += intended.double().pow(2).sum().cpu()
+                # ||intended||² from the factors: coef²·<BᵀB, AAᵀ> (r x r, fp64), no dense pass.
+                b64, a64 = b.double(), a.double()
+                int_sq.append((coef * coef * ((b64.T @ b64) * (a64 @ a64.T)).sum()).float())
+                new, layer_err_sq = self._merged_weight(i, p, coef, b, a, w)
+                err_sq.append(layer_err_sq)
+                if p.name in self.w0:
+                    drift = new.to(torch.float32, copy=True)
+                    drift.sub_(self.w0[p.name]).sub_(self.intended_sum[p.name])
+                    cum_err_sq.append(torch.linalg.vector_norm(drift).square())
+                    cum_int_sq.append(torch.linalg.vector_norm(self.intended_sum[p.name]).square())
+                    del drift
                 self.access.write_frozen(p.base, new)
                 if m == 0.0:
                     a_new = lora_init_A(
@@ -547,24 +514,20 @@ class PLoRA:
                 else:  # paper_literal
                     self.access.write_trainable(p.A, m * a)
                     self.access.write_trainable(p.B, m * b)
-                if p.name in self.w0:
-                    self.intended_sum[p.name] += intended.cpu()
-                    delta_now = new.float().cpu() - self.w0[p.name].float()
-                    cum_err_sq += float(
-                        (delta_now - self.intended_sum[p.name]).double().pow(2).sum()
-                    )
-                    cum_int_sq += float(self.intended_sum[p.name].double().pow(2).sum())
-                    if i in self.sampled:
-                        ranks[p.name] = effective_rank(delta_now, cfg.rank_threshold)
-                del a, b, intended, w32, new, applied
+                del a, b, new
+        ranks = self.effective_ranks()
         self.access.reset_optimizer_state(self.trainable_params())
         if self.scheduler is not None:
             self.scheduler.restart(next_stage_length(cfg, self.global_batch, samples_seen))
         self.num_unloads += 1
         self.last_step, self.last_samples = step, samples_seen
+        err, norm = _total(err_sq), _total(int_sq)
         # An all-zero intended update (e.g. an unload before any step) applies nothing: error 0.
-        rel = float(err_sq.sqrt() / int_sq.sqrt()) if float(int_sq) > 0 else 0.0
-        cum = (math.sqrt(cum_err_sq / cum_int_sq) if cum_int_sq > 0 else 0.0) if self.w0 else None
+        rel = math.sqrt(err / norm) if norm > 0 else 0.0
+        cum_norm = _total(cum_int_sq)
+        cum = (
+            (math.sqrt(_total(cum_err_sq) / cum_norm) if cum_norm > 0 else 0.0) if self.w0 else None
+        )
         return UnloadReport(
             index=k,
             step=step,
@@ -575,6 +538,22 @@ class PLoRA:
             seconds=time.perf_counter() - t0,
         )
 
+    def effective_ranks(self) -> dict[str, int]:
+        """Effective rank of the backbone's change Σ intended (every merge so far) for each
+        rank-sampled layer, from the kept factors (``factor_effective_rank``).
+
+        This is the rank of what the unloads merged; the rounding of each merge into the
+        backbone's dtype adds a full-rank perturbation on top, which ``delta_effective_rank``
+        (dense SVD of W_now - W_0) includes.
+        """
+        out = {}
+        for i in self.sampled:
+            name = self.pairs[i].name
+            grams = self.grams.setdefault(name, FactorGrams())
+            grams.extend(self.base_factors.get(name, []))
+            out[name] = grams.rank(self.cfg.rank_threshold)
+        return out
+
     def merge_adapter(self) -> None:
         """Merge the adapter's whole update, scaling·B·A, into the backbone, then zero B.
 
@@ -583,25 +562,37 @@ class PLoRA:
         change), from the fp32 masters of A and B, so the exported weights do not depend on how
         peft's ``merge_and_unload`` rounds the module's (bf16, under DeepSpeed) adapter copies.
         The model computes the same function after (the adapter is zero); export it dropping
-        the adapter layers (``checkpoint.export_model(..., merge_adapter=False)``). Counters,
-        records and the optimizer are untouched: call it once, when training is over.
+        the adapter layers (``model_export.export_model(..., merge_adapter=False)``). Counters,
+        records, kept factors and the optimizer are untouched: call it once, when training is
+        over.
         """
         for i, p in enumerate(self.pairs):
             with self.access.gathered([p.base, p.A, p.B]):
                 a = self.access.read_trainable(p.A)
                 b = self.access.read_trainable(p.B)
                 w = self.access.read_frozen(p.base)
-                new, _, _ = self._merged_weight(i, p, merge_coefficient(0.0, p.scaling), b, a, w)
+                coef = merge_coefficient(0.0, p.scaling)
+                if self.cfg.merge_rounding == "from_base":
+                    last = ((coef * b).detach().float().clone(), a.detach().float().clone())
+                    new = self._from_base(p, [*self.base_factors.get(p.name, []), last], w)
+                else:
+                    new, _ = self._merged_weight(i, p, coef, b, a, w, track=False)
                 self.access.write_frozen(p.base, new)
                 self.access.write_trainable(p.B, torch.zeros_like(b))
 
     def delta_effective_rank(self) -> dict[str, int]:
-        """Effective rank of W_now - W_0 for each tracked layer, now."""
+        """The dense check: effective rank of W_now - W_0 (``torch.linalg.svdvals`` of the whole
+        matrix) for each tracked layer, now.
+
+        Unlike ``effective_ranks`` it includes what rounding each merge into the backbone's
+        dtype added (with ``from_base`` at most one rounding of W_0 + Σ merges); for tests and
+        benchmarks: an SVD of out x in per layer.
+        """
         out = {}
         for i in self.tracked:
             p = self.pairs[i]
             with self.access.gathered([p.base]):
-                w = self.access.read_frozen(p.base).float().cpu()
+                w = self.access.read_frozen(p.base).float()
             out[p.name] = effective_rank(w - self.w0[p.name].float(), self.cfg.rank_threshold)
         return out
 
@@ -616,7 +607,7 @@ class PLoRA:
         for i in self.tracked:
             p = self.pairs[i]
             with self.access.gathered([p.base]):
-                w = self.access.read_frozen(p.base).float().cpu()
+                w = self.access.read_frozen(p.base).float()
             applied = (w - self.w0[p.name].float()).double()
             s = self.intended_sum[p.name].double()
             err += float((applied - s).pow(2).sum())
@@ -628,22 +619,24 @@ class PLoRA:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly (the generators derive from
-        seed + unload count + layer index, so they need no state of their own)."""
+        seed + unload count + layer index, so they need no state of their own); tensors are
+        host copies."""
         return {
             "num_unloads": self.num_unloads,
             "last_step": self.last_step,
             "last_samples": self.last_samples,
             "seed": self.seed,
             "layers": [p.name for p in self.pairs],
-            "w0": {k: v.clone() for k, v in self.w0.items()},
-            "intended_sum": {k: v.clone() for k, v in self.intended_sum.items()},
+            "w0": {k: v.cpu().clone() for k, v in self.w0.items()},
+            "intended_sum": {k: v.cpu().clone() for k, v in self.intended_sum.items()},
             "base_factors": {
-                k: [(b.clone(), a.clone()) for b, a in v] for k, v in self.base_factors.items()
+                k: [(b.cpu().clone(), a.cpu().clone()) for b, a in v]
+                for k, v in self.base_factors.items()
             },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``'s output.
+        """Restore ``state_dict()``'s output, onto each layer's device.
 
         Raises:
             ValueError: the state is from a run with other LoRA layers or another seed.
@@ -659,10 +652,26 @@ class PLoRA:
         self.num_unloads = int(state["num_unloads"])
         self.last_step = int(state["last_step"])
         self.last_samples = int(state["last_samples"])
-        self.w0 = {k: v.clone() for k, v in state["w0"].items()}
-        self.intended_sum = {k: v.clone() for k, v in state["intended_sum"].items()}
-        # Absent in states saved before from_base existed (they used an element-wise rounding).
+        self.w0 = {k: v.to(self._device(k), copy=True) for k, v in state["w0"].items()}
+        self.intended_sum = {
+            k: v.to(self._device(k), copy=True) for k, v in state["intended_sum"].items()
+        }
+        # Absent in states saved before from_base existed, and left out of checkpoints (the
+        # trainer rebuilds them from the backbone records: ``BackboneRecorder.merged_factors``).
         self.base_factors = {
-            k: [(b.clone(), a.clone()) for b, a in v]
+            k: [(b.to(self._device(k), copy=True), a.to(self._device(k), copy=True)) for b, a in v]
             for k, v in state.get("base_factors", {}).items()
         }
+        self.grams = {}
+
+    def _device(self, name: str) -> torch.device:
+        """Where the layer ``name``'s weight lives (ZeRO-3's placeholder is on the same device)."""
+        return next(p.base.device for p in self.pairs if p.name == name)
+
+
+def _total(parts: list[torch.Tensor]) -> float:
+    """Σ of per-layer fp32 scalars (on their devices), read with one host sync per device."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in parts:
+        by_device.setdefault(t.device, []).append(t)
+    return sum(float(torch.stack(ts).sum()) for ts in by_device.values())

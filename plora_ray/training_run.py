@@ -45,17 +45,15 @@ import torch.distributed as dist
 from plora_ray.base_weights import base_weights_source
 from plora_ray.checkpoint import (
     BackboneRecorder,
-    backbone_digests,
     capture_rng,
-    export_model,
     full_backbone_bytes,
     load_backbone,
     read_state,
     replay_backbone,
     restore_rng,
-    save_backbone,
     write_state,
 )
+from plora_ray.checkpoint_load import check_deepspeed_checkpoint, load_pickled_state
 from plora_ray.config import RunConfig, dump_config
 from plora_ray.data import Batcher, build_datasets
 from plora_ray.divergence import DivergenceGuard
@@ -69,20 +67,27 @@ from plora_ray.evaluate import evaluate_model
 from plora_ray.lr_schedule import make_lr_scheduler
 from plora_ray.merge import add_with_rounding
 from plora_ray.model import load_model, load_tokenizer
+from plora_ray.model_export import export_model
 from plora_ray.plora import (
     PLoRA,
     TorchParamAccess,
     attach_lora,
-    derive_seed,
     effective_rank,
     lora_pairs,
-    merge_coefficient,
     next_stage_length,
     sampled_layers,
     unload_due,
 )
 from plora_ray.preflight import FAULT_ENV, WorkerArgs
 from plora_ray.proxy import proxy_nll
+from plora_ray.recorded_unload import (
+    PLORA_STATE_FILE,
+    build_recorded_plora,
+    recorded_unload,
+    rounding_generator,
+    save_plora_checkpoint,
+)
+from plora_ray.run_phases import describe_engine, describe_evaluation, report_phase
 from plora_ray.shm import unlink_shm_names
 from plora_ray.store import METRICS_FILE, atomic_write, atomic_write_json, json_text
 
@@ -182,6 +187,7 @@ class TrainingRun:
         self.proxy_step = -1  # the step the proxy was last computed at
         self.restored_from: str | None = None
         self.backbone_delta_bytes = 0
+        self.merge_warning: str | None = None  # the first merge-error warning of the run
         # /dev/shm names unlinked right after the engine build (nothing to leak after that).
         self.shm_removed: list[str] = []
         self.t_start = time.perf_counter()
@@ -205,10 +211,13 @@ class TrainingRun:
         """Model, data, engine and PLoRA, in this order (the seeded draws depend on it)."""
         t0 = time.perf_counter()
         seed_everything(self.cfg.seed)
+        report_phase(self.out, self.rank, "loading the model and tokenizer")
         model = self.setup_model()
         t1 = time.perf_counter()
+        report_phase(self.out, self.rank, "reading and tokenizing the data")
         self.setup_data()
         t2 = time.perf_counter()
+        report_phase(self.out, self.rank, describe_engine(self.cfg))
         self.setup_engine(model)
         self.setup_plora()
         # Where a run's fixed cost goes (reported once, in the final report).
@@ -291,32 +300,19 @@ class TrainingRun:
         self.recorder: BackboneRecorder | None = None
         if cfg.method != "plora":
             return
-        names = {id(p): n for n, p in self.module.named_parameters()}
-        self.recorder = BackboneRecorder(
-            self.access,
-            lora_pairs(self.module),
-            names,
-            self.generator_for,
-            add_with_rounding,
-            coef_for=lambda pr: merge_coefficient(cfg.plora.momentum, pr.scaling),
-            rounding=cfg.plora.merge_rounding,
-            base_weights=self.base_weights,
-        )
-        self.plora = PLoRA(
+        self.plora, self.recorder = build_recorded_plora(
             self.module,
             cfg.plora,
             cfg.batch.global_batch,
             cfg.seed,
-            self.recorder,
-            scheduler=self.scheduler,
-            base_weights=self.base_weights,
+            self.access,
+            self.scheduler,
+            self.base_weights,
         )
 
     def generator_for(self, unload_index: int, layer_index: int, device: Any = "cpu") -> Any:
         """The generator PLoRA's unload uses for this layer's rounding (see plora.unload)."""
-        g = torch.Generator(device=device)
-        g.manual_seed(derive_seed(self.cfg.seed, unload_index, layer_index, "merge"))
-        return g
+        return rounding_generator(self.cfg.seed, unload_index, layer_index, device)
 
     # ---- the loop
 
@@ -415,16 +411,15 @@ class TrainingRun:
     def unload(self) -> None:
         """PLoRA unload with its backbone change recorded."""
         assert self.plora is not None and self.recorder is not None
-        t0 = time.perf_counter()
-        self.recorder.begin_unload(self.plora.num_unloads, self.step)
-        rep = self.plora.unload(self.step, self.batcher.samples_seen)
-        rec = self.recorder.end_unload()
-        # The whole unload as training pays it: the merge plus recording its backbone change.
-        self.last_unload = {
-            **rep.as_dict(),
-            "backbone_exceptions": rec.num_exceptions,
-            "unload_s": time.perf_counter() - t0,
-        }
+        self.last_unload = recorded_unload(
+            self.plora,
+            self.recorder,
+            self.step,
+            self.batcher.samples_seen,
+            warned=self.merge_warning is not None,
+        )
+        # Logged once per run; the first one goes in the final report (and the trial record).
+        self.merge_warning = self.merge_warning or self.last_unload.get("merge_warning")
 
     # ---- reports
 
@@ -455,6 +450,7 @@ class TrainingRun:
         ranks = self.last_unload.get("effective_rank") or {}
         return {
             "step": self.step,
+            "total_steps": self.total_steps,
             "samples": self.batcher.samples_seen,
             "tokens": self.batcher.tokens_seen,
             "epoch": round(self.batcher.epochs_done, 4),
@@ -507,16 +503,11 @@ class TrainingRun:
         torch.save(capture_rng(), directory / f"rng_rank{self.rank}.pt")
         stage3 = self.cfg.deepspeed.enabled and self.cfg.deepspeed.zero_stage == 3
         if self.plora is not None and self.recorder is not None and (self.rank == 0 or stage3):
-            # Digests of every weight an unload changed; gathering them is collective under ZeRO-3.
-            names = sorted({ld.name for rec in self.recorder.records for ld in rec.layers})
-            digests = backbone_digests(self.module, names, self.access)
-            if self.rank == 0:
-                self.backbone_delta_bytes = save_backbone(
-                    self.recorder.records, digests, directory / "backbone"
-                )
-                # base_factors duplicate the records' factors (rebuilt from them on restore).
-                state = {k: v for k, v in self.plora.state_dict().items() if k != "base_factors"}
-                torch.save(state, directory / "plora_state.pt")
+            # Digests of every weight an unload changed: collective under ZeRO-3.
+            size = save_plora_checkpoint(
+                directory, self.module, self.plora, self.recorder, self.access, self.rank == 0
+            )
+            self.backbone_delta_bytes = size if self.rank == 0 else self.backbone_delta_bytes
         if self.rank == 0:
             write_state(
                 directory,
@@ -527,6 +518,7 @@ class TrainingRun:
                     "divergence": self.guard.state_dict(),
                     "elapsed_s": self.elapsed(),
                     "last_unload": self.last_unload,
+                    "merge_warning": self.merge_warning,
                     "proxy": self.proxy,
                     "proxy_step": self.proxy_step,
                     "last_loss": self.last_loss,
@@ -551,7 +543,7 @@ class TrainingRun:
                 f"the checkpoint {directory}, found {self.world}"
             )
         if self.plora is not None and self.recorder is not None:
-            self.plora.load_state_dict(torch.load(directory / "plora_state.pt", weights_only=False))
+            plora_state = load_pickled_state(directory / PLORA_STATE_FILE)
             records, digests = load_backbone(directory / "backbone")
             replay_backbone(
                 self.module,
@@ -563,9 +555,11 @@ class TrainingRun:
                 base_weights=self.base_weights,
             )
             self.recorder.records = records
-            # from_base: the factors the unloads keep, stored once (in the records).
-            self.plora.base_factors = self.recorder.from_base_factors()
+            # The factors the unloads keep are stored once, in the records.
+            plora_state["base_factors"] = self.recorder.merged_factors(self.plora.factor_layers())
+            self.plora.load_state_dict(plora_state)
         if self.engine is not None:
+            check_deepspeed_checkpoint(directory / "deepspeed")  # DeepSpeed unpickles freely
             load_path, _ = self.engine.load_checkpoint(
                 str(directory / "deepspeed"),
                 tag="engine",
@@ -576,7 +570,7 @@ class TrainingRun:
             if load_path is None:
                 raise RuntimeError(f"resume: DeepSpeed could not load {directory / 'deepspeed'}")
         else:
-            blob = torch.load(directory / "trainable.pt", weights_only=False)
+            blob = load_pickled_state(directory / "trainable.pt")
             missing = self.module.load_state_dict(blob["model"], strict=False)
             if missing.unexpected_keys:
                 raise ValueError(f"resume: unexpected weights {missing.unexpected_keys[:3]}")
@@ -588,9 +582,10 @@ class TrainingRun:
         self.last_loss = state.get("last_loss")
         self.elapsed_before = float(state["elapsed_s"])
         self.last_unload = state.get("last_unload", {})
+        self.merge_warning = state.get("merge_warning")
         self.proxy = state.get("proxy", {})
         self.proxy_step = int(state.get("proxy_step", -1))
-        restore_rng(torch.load(directory / f"rng_rank{self.rank}.pt", weights_only=False))
+        restore_rng(load_pickled_state(directory / f"rng_rank{self.rank}.pt"))
         self.restored_from = str(directory)
         if self.rank == 0:
             truncate_metrics(self.metrics_path, self.step)
@@ -647,12 +642,14 @@ class TrainingRun:
         ranks = self.last_unload.get("effective_rank") or {}
         final["effective_rank"] = (sum(ranks.values()) / len(ranks)) if ranks else None
         final["effective_rank_layers"] = ranks
+        if self.merge_warning is not None:
+            final["merge_warning"] = self.merge_warning
         if diverged is not None:
             final.update(status="diverged", diverged_step=self.step, reason=diverged)
         else:
             final["status"] = "completed"
             if self.plora is not None:
-                ranks = self.plora.delta_effective_rank()
+                ranks = self.plora.effective_ranks()
             elif cfg.method == "lora":
                 ranks = self.adapter_effective_rank()
             if ranks:
@@ -662,6 +659,7 @@ class TrainingRun:
             if cfg.eval.at_end:
                 # Every rank calls it: with eval.sharded the documents are split across ranks,
                 # otherwise rank 0 scores them all and broadcasts.
+                report_phase(self.out, self.rank, describe_evaluation(cfg.eval))
                 with self.evaluable():
                     res = evaluate_model(
                         self.module, self.tokenizer, cfg.eval, rank=self.rank, world_size=self.world

@@ -14,7 +14,6 @@ from plora_ray.checkpoint import (
     backbone_digests,
     capture_rng,
     dir_bytes,
-    export_model,
     load_backbone,
     replay_backbone,
     restore_rng,
@@ -24,6 +23,7 @@ from plora_ray.checkpoint import (
 from plora_ray.config import LoraConfig, ModelConfig, PLoRAConfig, TinyModelConfig
 from plora_ray.merge import add_with_rounding
 from plora_ray.model import load_model, load_tokenizer
+from plora_ray.model_export import export_model
 from plora_ray.plora import PLoRA, TorchParamAccess, attach_lora, derive_seed
 
 TINY = ModelConfig(
@@ -53,8 +53,9 @@ def _base(seed: int = 0) -> torch.nn.Module:
     return attach_lora(model, LoraConfig(rank=RANK, alpha=4.0), "plora")
 
 
-def _trained(seed: int, coef_scale: float = 1.0, unloads: int = 2):
-    """A PLoRA model after ``unloads`` unloads of random adapters, with its recorder."""
+def _trained(seed: int, coef_scale: float = 1.0, unloads: int = 2, add=add_with_rounding):
+    """A PLoRA model after ``unloads`` unloads of random adapters, with its recorder (whose
+    replay check merges with ``add``)."""
     model = _base(seed)
     access = TorchParamAccess(None)
     momentum = 0.1
@@ -74,7 +75,7 @@ def _trained(seed: int, coef_scale: float = 1.0, unloads: int = 2):
         pairs,
         names,
         _generator_for(seed),
-        add_with_rounding,
+        add,
         coef_for=lambda pr: (1.0 - momentum) * pr.scaling * coef_scale,
         rounding="stochastic",
     )
@@ -90,6 +91,33 @@ def _trained(seed: int, coef_scale: float = 1.0, unloads: int = 2):
         plora.unload(k + 1, 4 * (k + 1))
         rec.end_unload()
     return model, rec, pairs
+
+
+def test_recorder_checks_every_layer_at_the_first_unload_then_one_per_unload(tmp_path):
+    # The replay check is a second merge: all layers at the first unload, then one in rotation.
+    merges: list[int] = []
+
+    def counted_add(weight, delta, rounding, generator):
+        merges.append(weight.numel())
+        add_with_rounding(weight, delta, rounding, generator)
+
+    model, rec, pairs = _trained(seed=7, unloads=3, add=counted_add)
+    assert len(merges) == len(pairs) + 2
+    assert [r.num_exceptions for r in rec.records] == [0, 0, 0]
+    names = sorted({ld.name for r in rec.records for ld in r.layers})
+    save_backbone(
+        rec.records, backbone_digests(model, names, TorchParamAccess(None)), tmp_path / "b"
+    )
+    records, digests = load_backbone(tmp_path / "b")
+    fresh = _base(seed=7)
+    replay_backbone(
+        fresh, records, TorchParamAccess(None), _generator_for(7), add_with_rounding, digests
+    )
+    # Once the check finds a difference, every layer is checked at every later unload.
+    merges.clear()
+    _, rec, pairs = _trained(seed=7, coef_scale=0.5, unloads=3, add=counted_add)
+    assert len(merges) == 3 * len(pairs)
+    assert all(r.num_exceptions > 0 for r in rec.records)
 
 
 def _backbone(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -476,3 +476,19 @@ def test_gpu_throughput_quick_runs_tiny_size_on_cpu(tmp_path):
     assert h["tokens_per_s"] > 0 and h["peak_memory_gb"] > 0 and h["unload_ms"] > 0
     assert result["flops_per_step"] > 0 and "6*N_lora" in result["flops_formula"]
     assert all(loss == loss for loss in result["losses"])  # finite, trained under DeepSpeed bf16
+    # What the shipped 7B search pays: its sequence, micro-batch, checkpointing, dropout and
+    # unload (from_base with the recorder and rank tracking); only depth and width shrink on CPU.
+    assert result["config"].endswith("search_spaces/llama7b_plora.yaml")
+    assert (result["seq_len"], result["micro_batch"], result["gradient_checkpointing"]) == (
+        512,
+        4,
+        True,
+    )
+    assert result["lora"]["dropout"] == 0.05 and result["zero_stage"] == 2
+    assert result["plora"] == {
+        "merge_rounding": "from_base",
+        "momentum": 0.1,
+        "rank_sample_layers": 2,
+    }
+    assert result["timed_steps"] >= 30 and h["checkpoint_at_unload_ms"] > 0
+    assert any("shrunk" in n for n in result["notes"])

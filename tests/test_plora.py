@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from plora_ray.base_weights import LastReadCache
 from plora_ray.config import (
     LLAMA_LINEAR_TARGETS,
     LoraConfig,
@@ -21,13 +23,16 @@ from plora_ray.lr_schedule import make_lr_scheduler
 from plora_ray.merge import round_to_dtype, safetensors_base_weights
 from plora_ray.model import load_model
 from plora_ray.plora import (
+    MERGE_ERROR_WARN_THRESHOLD,
     PLoRA,
     TorchParamAccess,
     attach_lora,
     effective_rank,
+    factor_effective_rank,
     lora_pairs,
     unload_due,
 )
+from plora_ray.recorded_unload import build_recorded_plora, recorded_unload
 
 VOCAB = 256
 # One block of hidden 32: the seven targets, real attention and MLP, at a fraction of the cost.
@@ -552,3 +557,92 @@ def test_state_dict_resume_continues_exactly() -> None:
     for (n, p), (_, q) in zip(model.state_dict().items(), model3.state_dict().items()):
         assert torch.equal(p, q), n
     assert plora3.delta_effective_rank() == plora.delta_effective_rank()
+
+
+# --------------------------------------------------------------------------- rank from factors
+
+
+def test_factor_rank_equals_dense_rank_on_random_and_rank_deficient_factors() -> None:
+    g = torch.Generator().manual_seed(7)
+    cases: list[list[tuple[torch.Tensor, torch.Tensor]]] = [
+        # full-rank merges: rank k·r
+        [(torch.randn(60, 3, generator=g), torch.randn(3, 40, generator=g)) for _ in range(4)],
+        # wider than tall: the rank is capped by out
+        [(torch.randn(5, 3, generator=g), torch.randn(3, 40, generator=g)) for _ in range(3)],
+    ]
+    shared_a = torch.randn(3, 40, generator=g)
+    # every merge in A's row space: rank 3, not 9
+    cases.append([(torch.randn(60, 3, generator=g), shared_a) for _ in range(3)])
+    b = torch.randn(60, 4, generator=g)
+    # a merge that cancels the first one: zero update, rank 0
+    cases.append([(b, shared_a[:2].repeat(2, 1)), (-b, shared_a[:2].repeat(2, 1))])
+    # a spectrum straddling the threshold: 1, 0.5, 0.02 (kept), 0.001 (dropped) of σ_max
+    u, _ = torch.linalg.qr(torch.randn(60, 4, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(40, 4, generator=g))
+    spectrum = torch.tensor([1.0, 0.5, 0.02, 0.001])
+    cases.append([(u[:, :2] * spectrum[:2], v[:, :2].T), (u[:, 2:] * spectrum[2:], v[:, 2:].T)])
+    for factors in cases:
+        dense = sum(bb @ aa for bb, aa in factors)
+        assert isinstance(dense, torch.Tensor)
+        assert factor_effective_rank(factors, 0.01) == effective_rank(dense, 0.01)
+    assert [factor_effective_rank(f, 0.01) for f in cases] == [12, 5, 3, 0, 3]
+    assert factor_effective_rank([], 0.01) == 0
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "from_base"])
+def test_unload_rank_from_factors_equals_dense_rank_of_merged_change(
+    rounding: str, bf16_base_dir: Path
+) -> None:
+    """With momentum (B kept at m·B, A unchanged: merges share A's row space) and from_base, the
+    reported rank is the dense rank of Σ intended, and of W_now - W_0 on an fp32 backbone."""
+    for dtype in ("float32", "bfloat16"):
+        if rounding == "from_base" and dtype == "float32":
+            continue
+        model = tiny_lora(dtype, rank=2)
+        cfg = PLoRAConfig(momentum=0.5, rank_sample_layers=3, merge_rounding=rounding)
+        src = safetensors_base_weights(bf16_base_dir) if rounding == "from_base" else None
+        plora = PLoRA(model, cfg, 24, 0, TorchParamAccess(None), base_weights=src)
+        for k in range(3):
+            randomise_B(model, 0.05, seed=200 + k)
+            report = plora.unload(k + 1, 24 * (k + 1))
+            dense = {n: effective_rank(s, 0.01) for n, s in plora.intended_sum.items()}
+            assert report.effective_rank == dense
+            assert set(report.effective_rank.values()) == {2}  # A's row space: rank r
+        if dtype == "float32":
+            assert plora.delta_effective_rank() == plora.effective_ranks()
+
+
+def test_merge_error_warning_names_the_rounding_once_per_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """bf16 with tiny merges (LR-1e-4 sizes): stochastic rounding misses most of each merge."""
+    model = tiny_lora("bfloat16")
+    cfg = PLoRAConfig(momentum=0.0, merge_rounding="stochastic")
+    plora, recorder = build_recorded_plora(model, cfg, 24, 0, TorchParamAccess(None), None, None)
+    reports = []
+    with caplog.at_level(logging.WARNING, logger="plora_ray.recorded_unload"):
+        for k in range(2):
+            randomise_B(model, 1e-4, seed=300 + k)
+            reports.append(
+                recorded_unload(plora, recorder, k + 1, 24 * (k + 1), warned=bool(reports))
+            )
+    assert all(r["merge_rel_error"] > MERGE_ERROR_WARN_THRESHOLD for r in reports)
+    warning = reports[0]["merge_warning"]
+    assert "plora.merge_rounding=stochastic" in warning and "from_base" in warning
+    assert f"{reports[0]['merge_rel_error']:.1%}" in warning
+    assert [r.getMessage() for r in caplog.records] == [warning]  # logged once
+    # A large merge passes without one.
+    randomise_B(model, 0.5, seed=400)
+    assert "merge_warning" not in recorded_unload(plora, recorder, 3, 72, warned=True)
+
+
+def test_from_base_unload_reads_each_base_weight_once(bf16_base_dir: Path) -> None:
+    model = tiny_lora("bfloat16")
+    src = LastReadCache(safetensors_base_weights(bf16_base_dir))
+    cfg = PLoRAConfig(momentum=0.0, merge_rounding="from_base")
+    plora, recorder = build_recorded_plora(model, cfg, 24, 0, TorchParamAccess(None), None, src)
+    for k in range(2):
+        randomise_B(model, 0.05, seed=500 + k)
+        recorded_unload(plora, recorder, k + 1, 24 * (k + 1), warned=False)
+        assert src.reads == len(plora.pairs) * (k + 1)  # the merge and the recorder's check
+    assert [r.num_exceptions for r in recorder.records] == [0, 0]
