@@ -166,6 +166,14 @@ def build_parser() -> CliParser:
         help=SET_HELP + "; search.* keys too, e.g. search.num_samples=16",
     )
     p.add_argument(
+        "--extend",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --resume: grow the search without changing it (only search.num_samples=N, "
+        "more than before); recorded in search.json and on the leaderboard",
+    )
+    p.add_argument(
         "-v",
         "--verbose",
         action="count",
@@ -306,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 resume=args.resume,
                 overrides=_overrides(args.set),
                 verbose=args.verbose,
+                extend=_overrides(args.extend),
             )
         if args.command == "leaderboard":
             from plora_ray.leaderboard import leaderboard_command

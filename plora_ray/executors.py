@@ -82,6 +82,7 @@ from plora_ray.shm import (
     shm_snapshot,
 )
 from plora_ray.store import METRICS_FILE, atomic_write_json, read_metrics
+from plora_ray.train_failures import infrastructure_loss
 from plora_ray.training_run import TrainingRun
 
 __all__ = [
@@ -90,6 +91,7 @@ __all__ = [
     "Trainer",
     "cleanup_run_shm",
     "holds_run",
+    "infrastructure_loss",
     "newest_checkpoint",
     "run_in_process",
     "run_training",
@@ -123,6 +125,9 @@ class RunResult:
     reason: str | None = None
     loss_curve: list[list[float]] = field(default_factory=list)
     shm_removed: list[str] = field(default_factory=list)
+    # What the run lost when it failed for a worker, its node or its worker group's start (a
+    # retry from the newest checkpoint may succeed), None otherwise (``infrastructure_loss``).
+    infrastructure_loss: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -384,7 +389,7 @@ def run_training(
         report({"phase": f"starting Ray ({where})", "elapsed_s": 0.0})
     started = _ensure_ray(cfg)
     shm_before = shm_snapshot()
-    reason, result = None, None
+    reason, result, lost = None, None, None
     removed: list[str] = []
     try:
         r = cfg.resources
@@ -412,12 +417,17 @@ def run_training(
                 result = trainer.fit()
             except Exception as exc:  # WorkerGroupError / ControllerError: the run failed
                 reason = f"{type(exc).__name__}: {exc}"
+                lost = infrastructure_loss(exc)
     finally:
         removed = cleanup_run_shm(out, shm_before)
         if started:
             ray.shutdown()
     ckpt_path = result.checkpoint.path if result is not None and result.checkpoint else None
-    return _collect_result(cfg, out, t0, reason, ckpt_path, removed, report)
+    res = _collect_result(cfg, out, t0, reason, ckpt_path, removed, report)
+    if lost is not None:
+        res.infrastructure_loss = lost
+        atomic_write_json(out / "result.json", res.as_dict(), indent=1)
+    return res
 
 
 # --------------------------------------------------------------------------- in process

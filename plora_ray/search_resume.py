@@ -8,6 +8,11 @@ relative paths resolved: what every trial is built from), and a resume compares 
 resolves now with it, key by key. Any difference is refused with the list of changed keys; a
 comment or a reordering in the YAML is no difference. A search from before this record is
 resumed with a warning.
+
+The one documented way to grow a search is ``--resume --extend KEY=VALUE`` with a key of
+``EXTENDABLE``: it adds trials without changing what a trial is or how the searcher samples. Each
+extension is kept in ``search.json`` (``extensions``: when, which key, old -> new), applied again
+by every later ``--resume``, and shown on the leaderboard.
 """
 
 from __future__ import annotations
@@ -20,12 +25,25 @@ from typing import Any
 from plora_ray.config import ConfigError
 from plora_ray.search_space import SearchSpace
 from plora_ray.store import SearchDir, json_text
+from plora_ray.trial_record import utc_now
 
-__all__ = ["STARTED_WITH_KEY", "check_resume", "config_diff", "started_config"]
+__all__ = [
+    "EXTENDABLE",
+    "EXTENSIONS_KEY",
+    "STARTED_WITH_KEY",
+    "check_extend",
+    "check_resume",
+    "config_diff",
+    "recorded_extensions",
+    "started_config",
+]
 
 # The key of search.json that holds the resolved mapping the search started with.
 STARTED_WITH_KEY = "started_with"
 _ABSENT = "(absent)"
+# Keys --extend may change on --resume: more of the same search, nothing else.
+EXTENDABLE = ("search.num_samples",)
+EXTENSIONS_KEY = "extensions"
 
 
 def _as_json(data: dict[str, Any]) -> Any:
@@ -78,13 +96,70 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return lines
 
 
-def check_resume(sdir: SearchDir, space: SearchSpace, file: str) -> None:
+def recorded_extensions(sdir: SearchDir) -> dict[str, Any]:
+    """Each extended key's newest value, from ``search.json``'s ``extensions``."""
+    meta = sdir.read_json("search.json") or {}
+    out: dict[str, Any] = {}
+    for ext in meta.get(EXTENSIONS_KEY) or []:
+        if isinstance(ext, dict) and ext.get("key") in EXTENDABLE:
+            out[str(ext["key"])] = ext.get("new")
+    return out
+
+
+def _started_value(sdir: SearchDir, key: str) -> Any:
+    meta = sdir.read_json("search.json") or {}
+    if key in recorded_extensions(sdir):
+        return recorded_extensions(sdir)[key]
+    value: Any = meta.get(STARTED_WITH_KEY) or {}
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None and key == "search.num_samples":
+        value = meta.get("num_samples")
+    return value
+
+
+def check_extend(sdir: SearchDir, extend: dict[str, Any], file: str) -> list[dict[str, Any]]:
+    """Check ``--extend KEY=VALUE`` of a ``--resume``; returns the extensions to record.
+
+    Args:
+        sdir: the search directory being resumed.
+        extend: the ``--extend`` keys and values.
+        file: the search-space YAML (for the messages).
+
+    Raises:
+        ConfigError: a key outside ``EXTENDABLE``, or a sample count that is not an integer
+            above the search's current one.
+    """
+    problems, out = [], []
+    for key, new in extend.items():
+        if key not in EXTENDABLE:
+            problems.append(
+                f"--extend {key}: expected one of {', '.join(EXTENDABLE)} (what grows a search "
+                f"without changing it), found {key}; other changes need a new search (--name)"
+            )
+            continue
+        old = _started_value(sdir, key)
+        if not isinstance(new, int) or isinstance(new, bool) or new <= (old or 0):
+            problems.append(
+                f"--extend {key}: expected an integer above the search's {old!r}, found {new!r}"
+            )
+            continue
+        out.append({"at": utc_now(), "key": key, "old": old, "new": new})
+    if problems:
+        raise ConfigError(problems, file)
+    return out
+
+
+def check_resume(
+    sdir: SearchDir, space: SearchSpace, file: str, extended: tuple[str, ...] = ()
+) -> None:
     """Refuse a ``--resume`` whose search differs from what the search started with.
 
     Args:
         sdir: the search directory being resumed.
-        space: the search space resolved now (file and ``--set``).
+        space: the search space resolved now (file, ``--set`` and extensions).
         file: the search-space YAML (for the messages).
+        extended: keys changed by ``--extend`` (now or by an earlier resume): not a difference.
 
     Raises:
         ConfigError: a key of the run config or of the search block differs; the message lists
@@ -100,7 +175,11 @@ def check_resume(sdir: SearchDir, space: SearchSpace, file: str) -> None:
             file=sys.stderr,
         )
         return
-    diff = config_diff(old, _as_json(space.data))
+    diff = [
+        line
+        for line in config_diff(old, _as_json(space.data))
+        if line.split(": ", 1)[0] not in extended
+    ]
     if diff:
         changes = "".join(f"\n      {line}" for line in diff)
         raise ConfigError(

@@ -10,7 +10,7 @@ A search space is a run config plus a ``search:`` block::
       time_budget_s: 900        # stop starting new trials after this many seconds (null: none)
       trial_executor: auto      # auto | train | actor: where a trial trains (see below)
       driver_cpus: 1            # train: CPUs of a trial's driver (the Tune trial); workers on top
-      max_retries: 0            # Ray FailureConfig(max_failures): re-runs of a crashed trial
+      max_retries: 0            # re-runs after lost infrastructure (worker, node, driver)
       storage: runs/search      # local path or s3:// / gs:// URI (Tune RunConfig.storage_path)
       study_storage: null       # null: SQLite file <search dir>/study.db; or a database URL
       objective:                # one of: metric+direction | weighted+direction | pareto

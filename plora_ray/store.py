@@ -134,6 +134,14 @@ class Store:
         with self.fs.open_input_stream(self.path(*parts)) as f:
             return bytes(f.read()).decode("utf-8")
 
+    def read_bytes(self, *parts: str) -> bytes:
+        """Raises: FileNotFoundError / OSError when it cannot be read."""
+        if self.fs is None:
+            with open(self.path(*parts), "rb") as f:
+                return f.read()
+        with self.fs.open_input_stream(self.path(*parts)) as f:
+            return bytes(f.read())
+
     def read_json(self, *parts: str) -> Any | None:
         """The parsed JSON file, or None when it is missing, unreadable or not JSON."""
         try:
@@ -306,6 +314,13 @@ class TrialRecord:
     run_dir: str | None = None
     # Wall-clock marks of the trial's life (benchmarks/search_overhead.py reads them).
     timeline: dict[str, Any] | None = None
+    # Times the trial's training was started again after losing a worker, a node or its own
+    # actor (search.max_retries), each with what was lost.
+    retries: int = 0
+    retry_reasons: list[str] = field(default_factory=list)
+    # The run's first merge-error warning (merge.MERGE_ERROR_WARN_THRESHOLD), naming
+    # plora.merge_rounding; None when every unload stayed under the threshold.
+    merge_warning: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -335,6 +350,11 @@ class TrialRecord:
         }
         if self.timeline is not None:
             out["timeline"] = self.timeline
+        if self.retries:
+            out["retries"] = self.retries
+            out["retry_reasons"] = self.retry_reasons
+        if self.merge_warning is not None:
+            out["merge_warning"] = self.merge_warning
         return out
 
     @classmethod
@@ -385,6 +405,7 @@ class TrialRecord:
         if lora_rank is None and isinstance(config, Mapping):
             lora_rank = (config.get("lora") or {}).get("rank")
         timeline = rec.get("timeline")
+        reasons = rec.get("retry_reasons")
         return cls(
             trial_id=str(tid),
             status=status,
@@ -410,6 +431,9 @@ class TrialRecord:
             diverged_step=_int(rec.get("diverged_step")),
             run_dir=_opt_str(rec.get("run_dir")),
             timeline=dict(timeline) if isinstance(timeline, Mapping) else None,
+            retries=_int(rec.get("retries")) or 0,
+            retry_reasons=[str(r) for r in reasons] if isinstance(reasons, list) else [],
+            merge_warning=_opt_str(rec.get("merge_warning")),
         )
 
 

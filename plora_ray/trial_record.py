@@ -101,6 +101,14 @@ def build_record(
     num_unloads = result.get("num_unloads")
     if num_unloads is None:
         num_unloads = sum(1 for m in metrics if m.get("unload"))
+    merge_warning = (result.get("metrics") or {}).get("merge_warning") or next(
+        (
+            m["merge_warning"]
+            for m in reversed(metrics)
+            if m.get("final") and m.get("merge_warning")
+        ),
+        None,
+    )
     ended = time.time()
     res = cfg.get("resources") or {}
     # Accelerator-hours: GPU-hours on GPU trials, CPU-core-hours of the workers on CPU trials.
@@ -132,6 +140,7 @@ def build_record(
         loss_curve=curve,
         diverged_step=result.get("diverged_step"),
         run_dir=run_dir,
+        merge_warning=merge_warning,
     )
 
 
@@ -174,4 +183,7 @@ def study_user_attrs(rec: TrialRecord) -> dict[str, Any]:
         "accelerator_hours": rec.accelerator_hours,
         "model_path": rec.model_path,
         "run_dir": rec.run_dir,
+        "retries": rec.retries,
+        "retry_reasons": list(rec.retry_reasons),
+        "merge_warning": rec.merge_warning,
     }

@@ -1,15 +1,13 @@
-"""Ray Tune glue of a search: the trial driver, the searcher and callback, the Tuner.
+"""Ray Tune glue of a search: the searcher and callback, the Tuner (the trial driver, what each
+Tune trial runs, is ``plora_ray.trial_driver``).
 
-One Tune trial is one run config: ``trial_driver`` overrides the search space's run config with the
-trial's sampled dotted keys and hands it to a trainer (``run_training``: a Ray Train run of its
-own; ``run_in_process``: the Tune trial actor trains itself). ``PLoRAOptunaSearch`` tells Optuna
-what became of each trial; ``SearchReporter`` records the trials that could not record themselves
-and sweeps what Ray leaves behind a stopped trial. ``connect_ray`` / ``free_trial_slots`` /
-``run_tuner`` start (or restore) and run the Tuner.
+``PLoRAOptunaSearch`` tells Optuna what became of each trial; ``SearchReporter`` records the trials
+that could not record themselves and sweeps what Ray leaves behind a stopped trial.
+``connect_ray`` / ``free_trial_slots`` / ``run_tuner`` start (or restore) and run the Tuner.
 
-Every import of Ray (but ``plora_ray.console``'s, the live table's Tune callback) and every call
-of a private Ray or Optuna API is in this module. The private ones were written against ray 2.60.0
-and optuna 5.0.0; each says so where it is made.
+Every import of Ray (but ``plora_ray.console``'s, the live table's Tune callback, and
+``plora_ray.trial_driver``'s) and every call of a private Ray or Optuna API is in this module. The
+private ones were written against ray 2.60.0 and optuna 5.0.0; each says so where it is made.
 """
 
 from __future__ import annotations
@@ -18,16 +16,18 @@ import functools
 import logging
 import math
 import os
+import shutil
+import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import optuna
 import ray
-from ray import tune
+from ray import cloudpickle, tune
 from ray.core.generated import gcs_pb2
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
@@ -35,188 +35,30 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-from plora_ray.config import ConfigError, RunConfig, config_from_dict
+from plora_ray.config import ConfigError, config_from_dict
 from plora_ray.console import QUIET_WORKER_ENV, LiveTable
-from plora_ray.executors import Trainer, cleanup_run_shm, holds_run
+from plora_ray.executors import cleanup_run_shm
 from plora_ray.objective import ObjectiveSpec
 from plora_ray.search_space import SearchSpec, TrialExecutor, grid_points, sample_params
-from plora_ray.store import TERMINAL_STATUSES, SearchDir, TrialRecord, TrialStatus
-from plora_ray.trial_record import build_record, study_user_attrs
+from plora_ray.store import SearchDir, TrialRecord, TrialStatus, atomic_write_json
+from plora_ray.trial_driver import TRIAL_TRAIN_ENV, TrialContext, trial_driver
+from plora_ray.trial_record import study_user_attrs, utc_now
 
 __all__ = [
     "TRIAL_TRAIN_ENV",
     "PLoRAOptunaSearch",
     "SearchReporter",
     "TrialContext",
+    "close_study_orphans",
     "connect_ray",
     "free_trial_slots",
     "remove_orphaned_placement_groups",
     "run_tuner",
+    "set_aside_dropped_runs",
+    "set_num_samples",
     "trial_driver",
+    "watch_local_ray",
 ]
-
-# Ray Train settings every trial driver puts in its environment, unless the job's environment sets
-# them already. Ray Train forwards them to the trial's Train controller and workers.
-# benchmarks/search_overhead.py measures them against Ray's defaults.
-TRIAL_TRAIN_ENV = {
-    # Train v2 workers hand each report over a queue of size 1 that the controller drains once
-    # per poll (Ray's default 2 s): every report could stall training that long, and the end of
-    # the run is noticed up to that late.
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    # A worker group that is slow to start on a loaded machine (imports, placement) waits longer
-    # instead of being torn down and started again after Ray's 60 s.
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
-    # One actor process less per trial: node preemption is a Tune-level failure for a search
-    # (search.max_retries re-runs the trial from its checkpoint).
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-}
-
-
-@dataclass
-class TrialContext:
-    """What every trial driver needs besides its sampled params (shipped once via the object
-    store by ``tune.with_parameters``)."""
-
-    base: dict[str, Any]  # the search space's run config (the YAML mapping without search:)
-    source: str
-    storage: str
-    name: str
-    objective: ObjectiveSpec
-    proxy_metric: str
-    # run_training (trial_executor train) or run_in_process (actor), unless a test or benchmark
-    # swaps it.
-    runner: Trainer
-    # Ray Train settings for the trial's training run (see TRIAL_TRAIN_ENV).
-    train_env: dict[str, str] = field(default_factory=lambda: dict(TRIAL_TRAIN_ENV))
-
-    def record(self, **fields: Any) -> TrialRecord:
-        """``build_record`` for a trial of this search."""
-        return build_record(
-            search=self.name, objective=self.objective, proxy_metric=self.proxy_metric, **fields
-        )
-
-
-# --------------------------------------------------------------------------- the trial driver
-
-
-def _final_metrics(rec: TrialRecord) -> dict[str, Any]:
-    """The last Tune result of a trial: objectives flat (for Pareto searches), ``objective`` (for
-    single/weighted), status and cost (for the summary line)."""
-    out: dict[str, Any] = {"status": rec.status, "wall_time_s": rec.wall_time_s, "trial_done": True}
-    if rec.status == "completed":
-        for m, v in rec.objectives.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[m] = float(v)
-        if rec.objective_value is not None:
-            out["objective"] = rec.objective_value
-    return out
-
-
-class _ReportClock:
-    """Wall-clock times of the trainer's reports as they land (metrics.jsonl carries only the
-    run's own elapsed seconds): the timeline benchmarks/search_overhead.py splits into fixed
-    overhead and work."""
-
-    def __init__(self) -> None:
-        self.seen: dict[str, float] = {}
-
-    def __call__(self, m: dict[str, Any]) -> None:
-        now = time.time()
-        if m.get("final"):
-            self.seen["final_report_at"] = now
-            return
-        if "first_report_at" not in self.seen and m.get("elapsed_s") is not None:
-            self.seen["first_report_at"] = now
-            self.seen["first_report_elapsed_s"] = float(m["elapsed_s"])
-        self.seen["last_step_at"] = now
-
-    def timeline(
-        self, driver_started: float, cfg: RunConfig, final: dict[str, Any]
-    ) -> dict[str, Any]:
-        seen = self.seen
-        return {
-            "driver_started_at": driver_started,
-            "driver_pid": os.getpid(),
-            # The training loop's start: the first report's arrival minus the loop time it
-            # reports.
-            "loop_started_at": (
-                seen["first_report_at"] - seen["first_report_elapsed_s"]
-                if "first_report_at" in seen
-                else None
-            ),
-            "last_step_at": seen.get("last_step_at"),
-            "final_report_at": seen.get("final_report_at"),
-            "driver_ended_at": time.time(),
-            "loop_s": final.get("elapsed_s"),
-            "eval_s": final.get("eval_seconds"),
-            "setup_s": final.get("setup_seconds"),
-            "num_workers": cfg.resources.num_workers,
-            "cpus_per_worker": cfg.resources.cpus_per_worker,
-        }
-
-
-def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
-    """One Tune trial: the run config with the sampled dotted keys, trained by ``ctx.runner``.
-
-    The record goes to ``trials/<id>.json`` *before* the final report, so a driver killed after it
-    and resumed finds the trial done (the re-run returns the record instead of training again).
-    """
-    driver_started = time.time()
-    for key, value in ctx.train_env.items():
-        os.environ.setdefault(key, value)
-    trial_id = tune.get_context().get_trial_id()
-    sdir = SearchDir(ctx.storage, ctx.name)
-    done = sdir.trial_record(trial_id)
-    if done is not None:
-        tune.report(_final_metrics(done))
-        return
-    started = time.time()
-    run_dir = sdir.run_dir(trial_id)
-    try:
-        cfg = config_from_dict(ctx.base, ctx.source, overrides=params)
-    except ConfigError as exc:
-        # Validation probed each value alone; a combination can still be invalid (batch sizes).
-        rec = ctx.record(
-            trial_id=trial_id,
-            params=params,
-            config=None,
-            status="failed",
-            reason=str(exc),
-            run_dir=run_dir,
-            started=started,
-        )
-        sdir.write_record(rec)
-        tune.report(_final_metrics(rec))
-        return
-    # A retried or resumed trial continues from its own newest checkpoint (Ray Train's snapshot
-    # in <run_dir>/ray; run_in_process keeps its checkpoints in the same place without it). The
-    # trainer forwards its reports to this Tune trial by itself (TuneReportCallback when it runs
-    # inside a Tune session).
-    clock = _ReportClock()
-    result = ctx.runner(cfg, run_dir, report=clock, resume=holds_run(run_dir)).as_dict()
-    status = str(result.get("status") or "completed")
-    if status not in TERMINAL_STATUSES:
-        status = "failed"
-    reason = result.get("reason")
-    if status == "diverged" and not reason:
-        reason = f"diverged at step {result.get('diverged_step')}"
-    rec = ctx.record(
-        trial_id=trial_id,
-        params=params,
-        config=cfg.to_dict(),
-        status=cast(TrialStatus, status),
-        reason=reason,
-        run_dir=run_dir,
-        started=started,
-        result=result,
-    )
-    rec.timeline = clock.timeline(driver_started, cfg, result.get("metrics") or {})
-    if sdir.trial_record(trial_id) is not None:
-        # Stopped by the scheduler while training: Tune killed this trial's actors (so the run
-        # "failed" on a dead controller) and the search driver has recorded it as early_stopped.
-        return
-    sdir.write_record(rec)
-    tune.report(_final_metrics(rec))
 
 
 # --------------------------------------------------------------------------- searcher, callback
@@ -512,9 +354,42 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _close_orphans(study_storage: str, name: str) -> None:
+# Why a study trial or a run directory of a search has no trial record.
+ORPHAN_REASON = (
+    "sampled by a search driver that was killed before Tune saved the trial; "
+    "Tune never ran it to the end"
+)
+DROPPED_DIR = "dropped"
+DROPPED_FILE = "DROPPED.json"
+
+
+def set_aside_dropped_runs(sdir: SearchDir) -> list[str]:
+    """Move the run directories of a finished search that have no trial record (trials a killed
+    driver launched after Tune's last snapshot: Tune no longer knows them, nothing will finish
+    them) to ``<search>/dropped/<trial id>/``, each with ``DROPPED.json`` saying why. Returns
+    their trial ids. Cloud searches keep their runs in node-local scratch: nothing to move."""
+    runs = Path(sdir.path, "runs") if sdir.is_local else None
+    if runs is None or not runs.is_dir():
+        return []
+    moved = []
+    for run in sorted(p for p in runs.iterdir() if p.is_dir()):
+        if sdir.trial_record(run.name) is not None:
+            continue
+        dest = Path(sdir.path, DROPPED_DIR, run.name)
+        dest.parent.mkdir(exist_ok=True)
+        if dest.exists():  # dropped twice under one id (cannot happen with Tune's ids)
+            shutil.rmtree(dest)
+        os.replace(run, dest)
+        atomic_write_json(
+            dest / DROPPED_FILE, {"trial_id": run.name, "reason": ORPHAN_REASON, "at": utc_now()}
+        )
+        moved.append(run.name)
+    return moved
+
+
+def close_study_orphans(study_storage: str, name: str) -> None:
     """Study trials left RUNNING by a killed driver (asked after its last snapshot) are marked
-    FAIL, so the study's history (and optuna-dashboard) matches what actually ran."""
+    FAIL with the reason, so the study's history (and optuna-dashboard) matches what ran."""
     try:
         study = optuna.load_study(study_name=name, storage=study_storage)
     except Exception:  # no study (the driver died before it asked a trial): nothing to close
@@ -523,12 +398,16 @@ def _close_orphans(study_storage: str, name: str) -> None:
         # The study's private storage and trial id (optuna 5.0.0): the public API cannot change
         # a finished driver's trials.
         study._storage.set_trial_user_attr(t._trial_id, "status", "orphaned")
+        study._storage.set_trial_user_attr(t._trial_id, "reason", ORPHAN_REASON)
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
 
 
 def connect_ray(cpus_per_trial: float, quiet: bool = False) -> None:
     """Attach to a running Ray (``RAY_ADDRESS``, a ``ray job submit`` entrypoint, or an
     ``ray.init`` done by the caller) or start a local one with at least one trial's CPUs.
+
+    A local Ray started here is stopped whole when this driver dies, however it dies
+    (``watch_local_ray``).
 
     Args:
         cpus_per_trial: CPUs one trial holds (a local Ray gets at least that many).
@@ -548,6 +427,29 @@ def connect_ray(cpus_per_trial: float, quiet: bool = False) -> None:
         num_cpus=None if address else max(os.cpu_count() or 1, math.ceil(cpus_per_trial)),
         # An attached job keeps the runtime env it was submitted with.
         runtime_env={"env_vars": dict(QUIET_WORKER_ENV)} if quiet and not address else None,
+    )
+    # Private (ray 2.60.0): the node this driver started or connected to; no public equivalent.
+    node = ray._private.worker._global_node
+    if node is not None and node.is_head():
+        # A Ray of this driver's own: stopped whole when the driver dies (ray_watchdog).
+        watch_local_ray(node.get_session_dir_path())
+
+
+def watch_local_ray(session_dir: str) -> subprocess.Popen[bytes]:
+    """Start ``plora_ray/ray_watchdog.py`` for this process and its local Ray session: it stops
+    every process of the session once this process is gone (a SIGKILL included)."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("ray_watchdog.py")),
+            f"--pid={os.getpid()}",
+            f"--session-dir={session_dir}",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        # Its own session: a Ctrl-C in the driver's terminal does not reach it.
+        start_new_session=True,
     )
 
 
@@ -623,6 +525,29 @@ def _new_tuner(
     )
 
 
+def set_num_samples(sdir: SearchDir, num_samples: int) -> bool:
+    """Make a restored search sample ``num_samples`` trials in all (``--resume --extend
+    search.num_samples=N``); returns whether a saved state said otherwise.
+
+    ``Tuner.restore`` takes the sample count from the experiment's snapshot, not from its
+    arguments: Tune's SearchGenerator saves ``total_samples`` (and ``finished``, set once it
+    handed out the last one) in ``search_gen_state-<session>.json``, a cloudpickle of a dict
+    (private format, ray 2.60.0). Every such file of the search is rewritten before the restore.
+    """
+    changed = False
+    for name in sdir.store.list_names():
+        if not (name.startswith("search_gen_state-") and name.endswith(".json")):
+            continue
+        state = cloudpickle.loads(sdir.store.read_bytes(name))
+        if state.get("total_samples") == num_samples:
+            continue
+        state["total_samples"] = num_samples
+        state["finished"] = state.get("counter", 0) >= num_samples
+        sdir.store.write_atomic(name, [cloudpickle.dumps(state)])
+        changed = True
+    return changed
+
+
 def run_tuner(
     *,
     spec: SearchSpec,
@@ -673,7 +598,9 @@ def run_tuner(
         resources = {"cpu": spec.driver_cpus}
     trainable = tune.with_resources(tune.with_parameters(trial_driver, ctx=ctx), resources)
     if resume:
-        # The callbacks, searcher and scheduler come back from the experiment's snapshot.
+        # The callbacks, searcher and scheduler come back from the experiment's snapshot; the
+        # sample count too, unless the search was extended (search_resume.EXTENDABLE).
+        set_num_samples(sdir, spec.num_samples)
         tuner = tune.Tuner.restore(
             sdir.uri,
             trainable=trainable,
@@ -694,5 +621,6 @@ def run_tuner(
     ids = [os.path.basename(p.rstrip("/")).removeprefix("trial_") for p in paths]
     interrupted = any(sdir.trial_record(t) is None for t in ids)
     if not interrupted:
-        _close_orphans(study_storage, ctx.name)
+        close_study_orphans(study_storage, ctx.name)
+        set_aside_dropped_runs(sdir)
     return interrupted

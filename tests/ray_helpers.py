@@ -136,7 +136,7 @@ def _wait_for_job_agent(dashboard: str, env: dict[str, str], timeout_s: float = 
         time.sleep(1.0)
 
 
-def _holds_files_under(pid_dir: Path, root: str) -> bool:
+def holds_files_under(pid_dir: Path, root: str) -> bool:
     """Whether a process has a file open under ``root`` (Ray workers keep their log files in the
     session directory open; their command line is only ``ray::ClassName``)."""
     try:
@@ -168,7 +168,7 @@ def stop_processes_of(root: str) -> None:
                 cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
             except OSError:
                 continue
-            if root in cmdline or _holds_files_under(d, root):
+            if root in cmdline or holds_files_under(d, root):
                 pids.append(int(d.name))
         return pids
 

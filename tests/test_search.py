@@ -747,3 +747,54 @@ def test_an_interrupted_search_prints_the_resume_command_that_finishes_it(tmp_pa
     (rec,) = _records(sdir).values()
     assert rec["status"] == "completed", rec
     assert f"[trial {rec['trial_id']}] completed" in out.stdout
+
+
+@pytest.mark.slow
+def test_resume_extend_num_samples_runs_the_extra_trials_and_refuses_other_keys(
+    tmp_path: Path,
+) -> None:
+    """A finished 2-sample search resumed with --extend search.num_samples=3 runs exactly one
+    more trial (Tune restores its old sample count unless told), records the extension in
+    search.json and shows it on the board; --extend of any other key is refused before Ray."""
+    import ray_helpers as helpers
+
+    sets = [
+        "search.num_samples=2",
+        "search.max_concurrent=1",
+        "search.scheduler=none",
+        "train.max_steps=2",
+        "eval.limit=2",
+        "eval.max_gen_toks=8",
+        "data.max_samples=64",
+    ]
+    storage = tmp_path / "st"
+    cli = [sys.executable, "-m", "plora_ray.cli", "search", str(SPACES / "smoke.yaml")]
+    cmd = [*cli, "--storage", str(storage), "--name", "x", "--set", *sets]
+    sdir = storage / "x"
+    with helpers.ray_head(num_cpus=2) as head:
+        env = {**helpers.ray_defaults_env(), "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": "token"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        assert len(_records(sdir)) == 2
+        refused = subprocess.run(
+            [*cmd, "--resume", "--extend", "lora.rank=16"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "--extend lora.rank: expected one of search.num_samples" in refused.stderr
+        out = subprocess.run(
+            [*cmd, "--resume", "--extend", "search.num_samples=3"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=400,
+        )
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert len(_records(sdir)) == 3
+    meta = json.loads((sdir / "search.json").read_text())
+    (ext,) = meta["extensions"]
+    assert (ext["key"], ext["old"], ext["new"]) == ("search.num_samples", 2, 3)
+    assert "search.num_samples 2 -&gt; 3" in (sdir / "leaderboard" / "index.html").read_text()

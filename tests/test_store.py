@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from plora_ray.objective import ObjectiveSpec
 from plora_ray.store import (
+    METRICS_FILE,
     RecordError,
     SearchDir,
     Store,
@@ -18,6 +20,7 @@ from plora_ray.store import (
     atomic_write_json,
     read_metrics,
 )
+from plora_ray.trial_record import build_record, study_user_attrs
 
 
 def test_atomic_write_respects_the_umask_so_team_storage_stays_readable(tmp_path: Path) -> None:
@@ -122,3 +125,37 @@ def test_search_dir_reads_back_finished_records_oldest_first(tmp_path: Path) -> 
     assert sdir.trial_record("a") == earlier
     assert sdir.trial_record("missing") is None
     assert sdir.run_dir("a") == str(tmp_path / "s" / "runs" / "a")
+
+
+def test_a_merge_warning_in_the_final_report_reaches_the_trial_record(tmp_path: Path) -> None:
+    """The trainer's final metrics line carries the run's merge-error warning; the trial record
+    (and so the leaderboard's JSON and the study's attrs) keeps it, and a record without one
+    reads back as None."""
+    warning = "merge error 0.77 per unload exceeds 0.05: set plora.merge_rounding: from_base"
+    lines = [
+        {"step": 2, "loss": 7.6, "unload": True, "merge_rel_error": 0.77},
+        {"final": True, "status": "completed", "merge_warning": warning},
+    ]
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in lines))
+
+    def record(trial_id: str) -> TrialRecord:
+        return build_record(
+            trial_id=trial_id,
+            search="s",
+            objective=ObjectiveSpec("single", ("final_loss",), ("minimize",)),
+            proxy_metric="gsm8k_nll",
+            params={},
+            config={"method": "plora"},
+            status="completed",
+            reason=None,
+            run_dir=str(tmp_path),
+            started=0.0,
+        )
+
+    rec = record("t1")
+    assert rec.merge_warning == warning
+    assert TrialRecord.from_dict(rec.to_dict(), "t1.json").merge_warning == warning
+    assert study_user_attrs(rec)["merge_warning"] == warning
+    (tmp_path / METRICS_FILE).write_text(json.dumps(lines[0]) + "\n")
+    quiet = record("t2")
+    assert quiet.merge_warning is None and "merge_warning" not in quiet.to_dict()

@@ -58,6 +58,8 @@ class SearchInfo:
     study_name: str | None = None
     storage_url: str | None = None
     num_records: int = 0
+    # ``--resume --extend`` of the search, each "key old -> new (when)" (search.json extensions).
+    extensions: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The search as listed in ``leaderboard.json``."""
@@ -258,6 +260,11 @@ def _read_search(store: Store, warnings: list[str]) -> tuple[SearchInfo, list[Ro
             or optuna_meta.get("storage")
         ),
     )
+    info.extensions = [
+        f"{e.get('key')} {e.get('old')} -> {e.get('new')} ({e.get('at')})"
+        for e in meta.get("extensions") or []
+        if isinstance(e, dict)
+    ]
     rows = [Row(rec, name) for rec in read_records(store, warnings)]
     info.num_records = len(rows)
     return info, rows

@@ -364,8 +364,11 @@ def _summary(board: Board) -> str:
         tally = (
             ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items()) or "no trials yet"
         )
+        extended = (
+            f" Extended on --resume: {escape('; '.join(s.extensions))}." if s.extensions else ""
+        )
         parts.append(
-            f"<li><b>{escape(s.name)}</b>: {escape(s.spec.describe())}; {tally}. "
+            f"<li><b>{escape(s.name)}</b>: {escape(s.spec.describe())}; {tally}.{extended} "
             f'<span class="path">{escape(s.path)}</span></li>'
         )
     best = board.best
