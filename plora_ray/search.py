@@ -31,7 +31,13 @@ from plora_ray.leaderboard import publish
 from plora_ray.leaderboard.publish import LEADERBOARD_DIR
 from plora_ray.objective import ObjectiveSpec
 from plora_ray.search_lock import take_search_lock
-from plora_ray.search_resume import check_resume, started_config
+from plora_ray.search_resume import (
+    EXTENSIONS_KEY,
+    check_extend,
+    check_resume,
+    recorded_extensions,
+    started_config,
+)
 from plora_ray.search_space import (
     SearchSpec,
     TrialExecutor,
@@ -40,6 +46,7 @@ from plora_ray.search_space import (
     search_name_problem,
     trial_resources,
 )
+from plora_ray.storage_check import check_storage_visible
 from plora_ray.store import SearchDir, TrialRecord
 from plora_ray.trial_record import summary_line, utc_now
 from plora_ray.tune_adapter import (
@@ -173,6 +180,7 @@ def run_search(
     runner: Trainer | None = None,
     verbose: int = 0,
     train_env: dict[str, str] | None = None,
+    extend: dict[str, Any] | None = None,
 ) -> SearchOutcome:
     """Run (or resume) the search of a search-space YAML on the current Ray cluster.
 
@@ -194,11 +202,14 @@ def run_search(
             (``-vv``): Tune's per-result output too.
         train_env: Ray Train settings for the trials (default ``TRIAL_TRAIN_ENV``; ``{}``: Ray's
             own defaults).
+        extend: ``--extend`` keys of a ``--resume`` that grow the search
+            (``search_resume.EXTENDABLE``: more samples), recorded in ``search.json``.
 
     Raises:
         ConfigError: problems in the file (all of them) or a search name that would leave the
             storage, before anything is written or Ray starts; or ``--resume`` of a search that
-            does not exist, or a new search over an existing one.
+            does not exist, or a new search over an existing one; or ``--extend`` of another key
+            or without ``--resume``.
     """
     t0 = time.time()
     overrides = overrides or {}
@@ -222,68 +233,88 @@ def run_search(
         # trial's record and run directory out of the search driver's sight.
         storage = os.path.abspath(os.path.expanduser(storage))
     sdir = _search_dir(file, storage, name, resume)
+    extensions: list[dict[str, Any]] = []
+    if extend and not resume:
+        raise ConfigError(["--extend: grows a search being resumed; pass --resume"], file)
     if resume:
-        check_resume(sdir, space, file)  # a changed search is refused (search_resume)
+        extensions = check_extend(sdir, extend or {}, file)
+        grown = {**recorded_extensions(sdir), **(extend or {})}
+        if grown:
+            # The file and --set as started, plus every extension so far.
+            space = load_search_space(file, {**overrides, **grown})
+            base, cfg, spec = space.base, space.config, space.spec
+        # A changed search is refused (search_resume).
+        check_resume(sdir, space, file, extended=tuple(grown))
     lock = take_search_lock(sdir, fresh=not resume)  # one driver per search (search_lock)
-    executor = resolve_trial_executor(spec, base)
-    if resume:
-        # A resumed search trains the way it started (searches from before the setting: train).
-        started_with = (sdir.read_json("search.json") or {}).get("trial_executor", "train")
-        executor = "actor" if started_with == "actor" else "train"
-    default_runner: Trainer = run_in_process if executor == "actor" else run_training
-    ctx = TrialContext(
-        base=base,
-        source=str(file),
-        storage=storage,
-        name=name,
-        objective=spec.objective,
-        proxy_metric=spec.proxy_metric,
-        runner=runner or default_runner,
-    )
-    if train_env is not None:
-        ctx.train_env = dict(train_env)
-    study_storage = spec.study_storage or default_study_storage(sdir)
-    if not resume:
-        sdir.write_json(
-            "search.json",
-            started_config(space)
-            | _search_json(
-                name=name,
-                spec=spec,
-                executor=executor,
-                file=file,
-                overrides=overrides,
-                study_storage=study_storage,
-                storage=storage,
+    try:
+        executor = resolve_trial_executor(spec, base)
+        if resume:
+            # A resumed search trains the way it started (searches from before the setting:
+            # train).
+            started_with = (sdir.read_json("search.json") or {}).get("trial_executor", "train")
+            executor = "actor" if started_with == "actor" else "train"
+        default_runner: Trainer = run_in_process if executor == "actor" else run_training
+        ctx = TrialContext(
+            base=base,
+            source=str(file),
+            storage=storage,
+            name=name,
+            objective=spec.objective,
+            proxy_metric=spec.proxy_metric,
+            runner=runner or default_runner,
+            max_retries=spec.max_retries,
+        )
+        if train_env is not None:
+            ctx.train_env = dict(train_env)
+        study_storage = spec.study_storage or default_study_storage(sdir)
+        if extensions:
+            meta = sdir.read_json("search.json") or {}
+            meta[EXTENSIONS_KEY] = [*(meta.get(EXTENSIONS_KEY) or []), *extensions]
+            meta["num_samples"] = spec.num_samples
+            sdir.write_json("search.json", meta)
+        if not resume:
+            sdir.write_json(
+                "search.json",
+                started_config(space)
+                | _search_json(
+                    name=name,
+                    spec=spec,
+                    executor=executor,
+                    file=file,
+                    overrides=overrides,
+                    study_storage=study_storage,
+                    storage=storage,
+                ),
+            )
+
+        per_cpu, per_gpu = trial_resources(spec, cfg, executor)
+        if verbose == 0:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+        connect_ray(per_cpu, quiet=verbose == 0)
+        check_storage_visible(storage, file)  # every node must see it (storage_check)
+        max_concurrent = spec.max_concurrent or free_trial_slots(per_cpu, per_gpu)
+        if not resume:
+            # What the search ran with (the benchmark's occupancy counts these slots).
+            meta = sdir.read_json("search.json") or {}
+            sdir.write_json("search.json", {**meta, "max_concurrent_used": max_concurrent})
+        interrupted = run_tuner(
+            spec=spec,
+            ctx=ctx,
+            sdir=sdir,
+            executor=executor,
+            trial_cpus_gpus=(per_cpu, per_gpu),
+            max_concurrent=max_concurrent,
+            study_storage=study_storage,
+            resume=resume,
+            verbose=verbose,
+            on_finished=functools.partial(
+                announce_trial, objective=spec.objective, search_dir=sdir.uri
             ),
         )
-
-    per_cpu, per_gpu = trial_resources(spec, cfg, executor)
-    if verbose == 0:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-    connect_ray(per_cpu, quiet=verbose == 0)
-    max_concurrent = spec.max_concurrent or free_trial_slots(per_cpu, per_gpu)
-    if not resume:
-        # What the search ran with (the benchmark's occupancy counts these slots).
-        meta = sdir.read_json("search.json") or {}
-        sdir.write_json("search.json", {**meta, "max_concurrent_used": max_concurrent})
-    interrupted = run_tuner(
-        spec=spec,
-        ctx=ctx,
-        sdir=sdir,
-        executor=executor,
-        trial_cpus_gpus=(per_cpu, per_gpu),
-        max_concurrent=max_concurrent,
-        study_storage=study_storage,
-        resume=resume,
-        verbose=verbose,
-        on_finished=functools.partial(
-            announce_trial, objective=spec.objective, search_dir=sdir.uri
-        ),
-    )
-    records = sdir.records()
-    publish_leaderboard(sdir.uri)
-    lock.release()
+        records = sdir.records()
+        publish_leaderboard(sdir.uri)
+    finally:
+        lock.release()  # also when the search raised: the next --resume is not refused
     return SearchOutcome(
         search_dir=sdir.uri,
         records=records,
@@ -335,6 +366,7 @@ def search_command(
     resume: bool = False,
     overrides: dict[str, Any] | None = None,
     verbose: int = 0,
+    extend: dict[str, Any] | None = None,
 ) -> int:
     """``plora-ray search FILE [--storage] [--name] [--resume] [--set k=v ...] [-v|-vv]``.
 
@@ -345,7 +377,13 @@ def search_command(
         ConfigError: problems in the file or the storage (printed by the CLI, exit 2).
     """
     out = run_search(
-        file, storage=storage, name=name, resume=resume, overrides=overrides, verbose=verbose
+        file,
+        storage=storage,
+        name=name,
+        resume=resume,
+        overrides=overrides,
+        verbose=verbose,
+        extend=extend,
     )
     by_status: dict[str, int] = {}
     for r in out.records:
