@@ -319,7 +319,13 @@ _SETTINGS = (
     _Setting("seed", "int", 0, lambda v: v >= 0, "an integer >= 0"),
     _Setting("max_concurrent", "int", None, lambda v: v >= 1, "an integer >= 1 or null"),
     _Setting("time_budget_s", "float", None, lambda v: v > 0, "a finite number > 0 or null"),
-    _Setting("driver_cpus", "float", 1.0, lambda v: v >= 0, "a finite number >= 0"),
+    _Setting(
+        "driver_cpus",
+        "float",
+        1.0,
+        lambda v: v > 0,
+        "a finite number > 0 (Tune refuses a trial with an empty resource bundle; e.g. 0.01)",
+    ),
     _Setting(
         "trial_executor",
         "str",

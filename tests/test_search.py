@@ -284,7 +284,13 @@ def test_non_finite_search_settings_are_refused() -> None:
         "space.yaml: search.time_budget_s: expected a finite number > 0 or null, found inf"
     ]
     probs = _problems(_base_search(driver_cpus=float("nan")))
-    assert probs == ["space.yaml: search.driver_cpus: expected a finite number >= 0, found nan"]
+    want = (
+        "space.yaml: search.driver_cpus: expected a finite number > 0 (Tune refuses a trial with "
+        "an empty resource bundle; e.g. 0.01), found {}"
+    )
+    assert probs == [want.format("nan")]
+    # 0 passed validation and then failed inside Tune (an empty bundle) once Ray had started.
+    assert _problems(_base_search(driver_cpus=0)) == [want.format(0)]
     s = _base_search()
     s["params"]["optim.lr"] = {"distribution": "choice", "values": [1e-4, float("inf")]}
     assert any("optim.lr: expected a finite number, found inf" in p for p in _problems(s))
