@@ -46,6 +46,7 @@ from transformers import AutoModelForCausalLM
 from benchmarks.common import parse_args, write_result
 from plora_ray.checkpoint import load_backbone
 from plora_ray.merge import safetensors_base_weights
+from plora_ray.ray_watchdog import holds_files_under, session_processes, stop_session
 from plora_ray.rehearsal_model import write_rehearsal_model
 from plora_ray.store import SearchDir
 
@@ -130,46 +131,6 @@ def ray_env() -> dict[str, str]:
     return env
 
 
-def _holds_files_under(pid_dir: Path, root: str) -> bool:
-    try:
-        fds = list((pid_dir / "fd").iterdir())
-    except OSError:
-        return False
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if os.readlink(fd).startswith(root):
-                return True
-    return False
-
-
-def processes_of(root: str) -> list[int]:
-    """Our processes whose command line names ``root`` or that hold a file under it (a Ray
-    node's services and workers, which keep their logs in the node's temp dir open)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
-        except OSError:
-            continue
-        if root in cmdline or _holds_files_under(d, root):
-            pids.append(int(d.name))
-    return pids
-
-
-def stop_processes_of(root: str) -> None:
-    """SIGTERM, then SIGKILL, the processes of one node we started (never ``ray stop``, which
-    stops every Ray on the machine)."""
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-        for pid in processes_of(root):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.time() + wait
-        while processes_of(root) and time.time() < deadline:
-            time.sleep(0.2)
-
-
 def _node_ports() -> list[str]:
     """Free ports for a node's services (other Rays run on this machine; no fixed defaults)."""
     return [
@@ -219,7 +180,7 @@ class TwoNodeCluster:
 
 def kill_node(temp: str) -> list[int]:
     """SIGKILL every process of one node (a node lost at once, no drain); the PIDs killed."""
-    pids = processes_of(temp)
+    pids = session_processes(temp)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
@@ -283,7 +244,7 @@ def two_node_cluster(
         yield cluster
     finally:
         for temp in reversed(cluster.temps):
-            stop_processes_of(temp)
+            stop_session(temp)
             shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -336,7 +297,7 @@ class PeakRss:
             except OSError:
                 continue
             hwm = next((ln for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
-            node = next((i for i, t in enumerate(self.temps) if _holds_files_under(d, t)), None)
+            node = next((i for i, t in enumerate(self.temps) if holds_files_under(d, t)), None)
             if hwm is None or node is None:
                 continue
             kib = int(hwm.split()[1])

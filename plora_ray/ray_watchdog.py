@@ -28,12 +28,15 @@ import signal
 import time
 from pathlib import Path
 
-__all__ = ["session_processes", "stop_session", "watch"]
+__all__ = ["holds_files_under", "session_processes", "stop_session", "watch"]
 
 POLL_S = 0.5
 
 
-def _holds_files_under(pid_dir: Path, root: str) -> bool:
+def holds_files_under(pid_dir: Path, root: str) -> bool:
+    """Whether the process of ``/proc/<pid>`` has a file open under ``root`` (Ray workers keep
+    their log files in the session directory open; their command line is only
+    ``ray::ClassName``)."""
     try:
         fds = list((pid_dir / "fd").iterdir())
     except OSError:
@@ -57,7 +60,7 @@ def session_processes(session_dir: str) -> list[int]:
             cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
         except OSError:
             continue
-        if session_dir in cmdline or _holds_files_under(d, root):
+        if session_dir in cmdline or holds_files_under(d, root):
             pids.append(int(d.name))
     return pids
 

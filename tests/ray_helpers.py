@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from plora_ray.ray_watchdog import stop_session
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SMOKE_YAML = ROOT / "search_spaces" / "smoke.yaml"
@@ -136,49 +138,11 @@ def _wait_for_job_agent(dashboard: str, env: dict[str, str], timeout_s: float = 
         time.sleep(1.0)
 
 
-def holds_files_under(pid_dir: Path, root: str) -> bool:
-    """Whether a process has a file open under ``root`` (Ray workers keep their log files in the
-    session directory open; their command line is only ``ray::ClassName``)."""
-    try:
-        fds = list((pid_dir / "fd").iterdir())
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(fd).startswith(root):
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def stop_processes_of(root: str) -> None:
     """SIGTERM, then SIGKILL, every process of ours whose command line names ``root`` or that
     has a file open under it: a Ray head's services and its workers, including a worker whose
     interpreter hangs at exit after Ray shut down (seen with a Train controller)."""
-    import signal
-    import time
-
-    def ours() -> list[int]:
-        pids = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit() or int(d.name) == os.getpid():
-                continue
-            try:
-                cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
-            except OSError:
-                continue
-            if root in cmdline or holds_files_under(d, root):
-                pids.append(int(d.name))
-        return pids
-
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-        for pid in ours():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.time() + wait
-        while ours() and time.time() < deadline:
-            time.sleep(0.2)
+    stop_session(root)
 
 
 @dataclass

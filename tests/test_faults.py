@@ -21,6 +21,7 @@ import optuna
 import pytest
 import ray_helpers as helpers
 
+from plora_ray.ray_watchdog import holds_files_under, session_processes
 from plora_ray.store import SearchDir, TrialRecord
 from plora_ray.tune_adapter import (
     DROPPED_DIR,
@@ -63,7 +64,7 @@ def _train_workers_of(temp_dir: str) -> list[int]:
             cmdline = (d / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"RayTrainWorker" in cmdline and helpers.holds_files_under(d, temp_dir):
+        if b"RayTrainWorker" in cmdline and holds_files_under(d, temp_dir):
             pids.append(int(d.name))
     return pids
 
@@ -187,21 +188,6 @@ def test_run_dirs_without_a_record_are_set_aside_and_study_orphans_closed(tmp_pa
     assert trial.user_attrs == {"status": "orphaned", "reason": ORPHAN_REASON}
 
 
-def _processes_under(root: str) -> list[str]:
-    """Command lines of the processes that name ``root`` or hold a file open under it."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
-        except OSError:
-            continue
-        if root in cmdline or helpers.holds_files_under(d, root):
-            found.append(f"{d.name}: {cmdline[:120]}")
-    return found
-
-
 @pytest.mark.slow
 def test_a_sigkilled_driver_leaves_no_process_of_its_own_local_ray(tmp_path: Path) -> None:
     """A search with no cluster to attach to starts a Ray of its own; SIGKILL its driver while a
@@ -233,13 +219,13 @@ def test_a_sigkilled_driver_leaves_no_process_of_its_own_local_ray(tmp_path: Pat
                     break
                 time.sleep(0.2)
             assert proc.poll() is None, "the search ended before the kill:\n" + log.read_text()
-            assert _processes_under(ray_tmp), "the search's Ray is not under RAY_TMPDIR"
+            assert session_processes(ray_tmp), "the search's Ray is not under RAY_TMPDIR"
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         deadline = time.time() + 30
-        while _processes_under(ray_tmp) and time.time() < deadline:
+        while session_processes(ray_tmp) and time.time() < deadline:
             time.sleep(0.5)
-        assert _processes_under(ray_tmp) == [], log.read_text()[-3000:]
+        assert session_processes(ray_tmp) == [], log.read_text()[-3000:]
     finally:
         helpers.stop_processes_of(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
