@@ -104,15 +104,28 @@ def _cut_off_by_stop(rec: TrialRecord | None, last: dict[str, Any]) -> bool:
     return rec is not None and rec.status == "failed" and not last.get("trial_done")
 
 
+def proxy_as_intermediate(objective: ObjectiveSpec, proxy: float) -> float:
+    """A trial's proxy as the study's intermediate value.
+
+    Every proxy (``search_space.PROXY_METRICS``: an NLL or the training loss) is minimised, and
+    Optuna keeps a PRUNED trial's last intermediate value as its value and ranks pruned trials by
+    it in the study's direction (TPE among them). So a maximised study (e.g. GSM8K accuracy, with
+    gsm8k_nll as the proxy) gets the proxy negated; the study's ``intermediate_values`` user attr
+    says which.
+    """
+    return -proxy if objective.scalar_direction == "maximize" else proxy
+
+
 class PLoRAOptunaSearch(OptunaSearch):
     """OptunaSearch whose study is a record of the search that optuna-dashboard can show.
 
     The study's metric names are the objective's; each trial's proxy (``ctx.proxy_metric``) is
     reported as an intermediate value at the trainer step of each proxy point, including the
-    point at which ASHA stopped it; a trial ends COMPLETE with its objective(s), PRUNED when Tune
-    stopped it (Optuna then keeps the last proxy as its value), FAIL when it diverged, failed or
-    crashed; and it carries its record's status, objectives, cost, run and model paths as user
-    attrs (``trial_record.study_user_attrs``). Tune's own reports of the objective at
+    point at which ASHA stopped it (negated in a maximised study: ``proxy_as_intermediate``); a
+    trial ends COMPLETE with its objective(s), PRUNED when Tune stopped it (Optuna then keeps the
+    last proxy as its value), FAIL when it diverged, failed or crashed; and it carries its
+    record's status, objectives, cost, run and model paths as user attrs
+    (``trial_record.study_user_attrs``). Tune's own reports of the objective at
     intermediate iterations are not passed on: only the proxy is an intermediate value.
 
     Args:
@@ -129,6 +142,9 @@ class PLoRAOptunaSearch(OptunaSearch):
         # OptunaSearch's private _ot_study (ray 2.60.0): the study it created in __init__.
         study = cast(optuna.Study, self._ot_study)
         study.set_metric_names(_study_metric_names(ctx.objective))
+        if not ctx.objective.pareto:
+            sign = "-" if proxy_as_intermediate(ctx.objective, 1.0) < 0 else ""
+            study.set_user_attr("intermediate_values", f"{sign}{ctx.proxy_metric}")
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         params = super().suggest(trial_id)
@@ -156,7 +172,7 @@ class PLoRAOptunaSearch(OptunaSearch):
                 # A resumed trial reports a point again from its checkpoint: Optuna keeps the
                 # first value and warns.
                 warnings.simplefilter("ignore")
-                ot_trial.report(float(value), step)
+                ot_trial.report(proxy_as_intermediate(self.ctx.objective, float(value)), step)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # told to the study by a driver killed after its last snapshot
 

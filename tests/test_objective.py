@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optuna
 import pytest
 
 from plora_ray.objective import (
@@ -9,6 +10,7 @@ from plora_ray.objective import (
     ObjectiveSpec,
     parse_objective_block,
 )
+from plora_ray.tune_adapter import proxy_as_intermediate
 
 
 def test_each_objective_form_parses_and_round_trips_through_search_json() -> None:
@@ -55,3 +57,20 @@ def test_search_json_of_older_versions_reads_max_min_words() -> None:
             {"metrics": ["gsm8k", "mmlu"], "weights": [1, 1], "directions": ["max", "min"]},
             "s.json",
         )
+
+
+def test_a_maximised_study_ranks_pruned_trials_by_the_negated_proxy() -> None:
+    """Every proxy is an NLL or a loss (lower is better); Optuna ranks PRUNED trials by their
+    last intermediate value in the study's direction. In a study that maximises GSM8K accuracy,
+    the raw gsm8k_nll would rank the worse-fitting pruned trial first."""
+    maximise = ObjectiveSpec("weighted", ("gsm8k", "mmlu"), ("maximize", "maximize"), (0.5, 0.5))
+    minimise = ObjectiveSpec("single", ("gsm8k_nll",), ("minimize",))
+    study = optuna.create_study(direction="maximize")
+    for nll in (2.0, 5.0):
+        trial = study.ask()
+        trial.report(proxy_as_intermediate(maximise, nll), step=2)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
+    best = max(pruned, key=lambda t: t.value)
+    assert best.intermediate_values == {2: -2.0}  # the lower NLL ranks first
+    assert proxy_as_intermediate(minimise, 2.0) == 2.0  # a minimised study keeps the raw proxy
