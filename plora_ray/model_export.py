@@ -31,6 +31,12 @@ def _maybe_gathered(access: Any, params: list[torch.nn.Parameter]) -> Iterator[N
             yield
 
 
+# The exported model's shard size: LLaMA-7B (13.5 GB in bf16) is written as 3 safetensors
+# shards and an index, as hub checkpoints are, instead of transformers 5's default of one
+# file up to 50 GB, which a hub upload or a partial read handles badly.
+EXPORT_SHARD_SIZE = "5GB"
+
+
 def export_model(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -39,6 +45,7 @@ def export_model(
     access: Any = None,
     write: bool = True,
     merge_adapter: bool = True,
+    max_shard_size: int | str = EXPORT_SHARD_SIZE,
 ) -> Path:
     """Save the merged model in the Hugging Face layout (safetensors, config, tokenizer).
 
@@ -55,6 +62,7 @@ def export_model(
             (then every rank calls this, and only one writes).
         write: whether this rank writes the files.
         merge_adapter: False: the adapter's update is in the backbone already; drop it.
+        max_shard_size: the largest safetensors file; a bigger model is sharded with an index.
     """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".partial")
@@ -66,7 +74,7 @@ def export_model(
             return out
         if tmp.exists():
             shutil.rmtree(tmp)
-        merged.save_pretrained(str(tmp), safe_serialization=True)
+        merged.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(tmp))
     if out.exists():
         shutil.rmtree(out)

@@ -456,6 +456,34 @@ def test_export_writes_a_merged_model_that_from_pretrained_loads(tmp_path):
     assert dir_bytes(out) > 0
 
 
+def test_export_is_sharded_with_an_index_above_the_shard_size(tmp_path):
+    """A model bigger than the shard size is written as safetensors shards plus the index that
+    from_pretrained follows (LLaMA-7B: 3 shards at EXPORT_SHARD_SIZE)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = ModelConfig(
+        tiny=TinyModelConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        ),
+        dtype="bfloat16",
+    )
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, seed=0, vocab_size=len(tok))
+    want = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = export_model(model, tok, tmp_path / "model", max_shard_size="64KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards), shards
+    assert not (out / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for n, p in loaded.named_parameters():
+        assert torch.equal(p, want[n]), n
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (replay with CUDA generators)"
