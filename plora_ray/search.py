@@ -272,7 +272,14 @@ def run_search(
             meta[EXTENSIONS_KEY] = [*(meta.get(EXTENSIONS_KEY) or []), *extensions]
             meta["num_samples"] = spec.num_samples
             sdir.write_json("search.json", meta)
+        per_cpu, per_gpu = trial_resources(spec, cfg, executor)
+        if verbose == 0:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+        connect_ray(per_cpu, quiet=verbose == 0)
+        check_storage_visible(storage, file)  # every node must see it (storage_check)
         if not resume:
+            # Written once the storage is known good: a refused storage leaves no search behind
+            # that only --resume could reuse.
             sdir.write_json(
                 "search.json",
                 started_config(space)
@@ -286,12 +293,6 @@ def run_search(
                     storage=storage,
                 ),
             )
-
-        per_cpu, per_gpu = trial_resources(spec, cfg, executor)
-        if verbose == 0:
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-        connect_ray(per_cpu, quiet=verbose == 0)
-        check_storage_visible(storage, file)  # every node must see it (storage_check)
         max_concurrent = spec.max_concurrent or free_trial_slots(per_cpu, per_gpu)
         if not resume:
             # What the search ran with (the benchmark's occupancy counts these slots).

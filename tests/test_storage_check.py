@@ -80,5 +80,7 @@ def test_storage_one_node_cannot_see_is_refused_before_any_trial_and_shared_is_a
     # Refused before any trial: no trial record, no trial run directory, no marker left behind.
     assert not list(local.glob("s/trials/*.json")) and not (local / "s" / "runs").exists()
     assert not list(local.glob(".plora-storage-check-*"))
+    # ... and no search.json, so the same command runs once the storage is fixed (no --resume).
+    assert not (local / "s" / "search.json").exists()
     assert accepted.returncode == 0, (accepted.stdout + accepted.stderr)[-3000:]
     assert "accepted by 2 nodes" in accepted.stdout
