@@ -115,7 +115,13 @@ def model_dir_problems(key: str, d: Path) -> list[str]:
     """
     if not d.is_dir():
         return [f"{key}: expected a model directory, found no directory at {str(d)!r}"]
-    return _directory_problems(key, d, tokenizer_too=True, tokenizer_only=False)
+    problems = _directory_problems(key, d, tokenizer_too=False, tokenizer_only=False)
+    if not any((d / f).is_file() for f in TOKENIZER_FILES):
+        problems.append(
+            f"{key}: expected a tokenizer ({' or '.join(TOKENIZER_FILES)}) in {str(d)!r}, "
+            "found none"
+        )
+    return problems
 
 
 def _directory_problems(key: str, d: Path, tokenizer_too: bool, tokenizer_only: bool) -> list[str]:
