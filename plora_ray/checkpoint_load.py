@@ -41,6 +41,10 @@ _STATE_GLOBALS: list[Any] = [
 # from their attribute dicts; none runs code of its own when unpickled.
 DEEPSPEED_CHECKPOINT_GLOBALS = frozenset(
     {
+        # DeepSpeed's BF16_Optimizer state (ZeRO 1 with fp32 gradient accumulation) pickles a
+        # getattr call; allowed here with the other names this scan accepts, so what it can
+        # reach is limited to those (a weaker guarantee than weights_only=True).
+        "builtins.getattr",
         "deepspeed.runtime.fp16.loss_scaler.LossScaler",
         "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
         "deepspeed.runtime.zero.config.ZeroStageEnum",

@@ -635,7 +635,12 @@ def run_tuner(
     # trial, left RUNNING for it).
     paths = [grid[i].path for i in range(len(grid))]
     ids = [os.path.basename(p.rstrip("/")).removeprefix("trial_") for p in paths]
-    interrupted = any(sdir.trial_record(t) is None for t in ids)
+    # A trial Tune never started (still pending when fit() ended) has no run directory and is
+    # no interruption.
+    interrupted = any(
+        sdir.trial_record(t) is None and (not sdir.is_local or os.path.isdir(sdir.run_dir(t)))
+        for t in ids
+    )
     if not interrupted:
         close_study_orphans(study_storage, ctx.name)
         set_aside_dropped_runs(sdir)
