@@ -19,6 +19,7 @@ from plora_ray.merge import Factors
 
 __all__ = [
     "FactorGrams",
+    "argument_error",
     "effective_rank",
     "factor_effective_rank",
     "rank_of_spectrum",
@@ -26,7 +27,8 @@ __all__ = [
 ]
 
 
-def _bad(key: str, expected: str, found: Any) -> ValueError:
+def argument_error(key: str, expected: str, found: Any) -> ValueError:
+    """A ValueError naming the argument, what was expected and what was found."""
     return ValueError(f"{key}: expected {expected}, found {found!r}")
 
 
@@ -39,7 +41,7 @@ def sampled_layers(num_layers: int, count: int) -> list[int]:
 
 def _check_threshold(rel_threshold: float) -> None:
     if not 0.0 < rel_threshold < 1.0:
-        raise _bad("plora.rank_threshold", "a number in (0, 1)", rel_threshold)
+        raise argument_error("plora.rank_threshold", "a number in (0, 1)", rel_threshold)
 
 
 def rank_of_spectrum(singular_values: torch.Tensor, rel_threshold: float) -> int:
@@ -71,7 +73,7 @@ def effective_rank(matrix: torch.Tensor, rel_threshold: float) -> int:
         ValueError: ``matrix`` is not 2-D, or ``rel_threshold`` is not in (0, 1).
     """
     if matrix.dim() != 2:
-        raise _bad("matrix", "a 2-D tensor", tuple(matrix.shape))
+        raise argument_error("matrix", "a 2-D tensor", tuple(matrix.shape))
     _check_threshold(rel_threshold)
     m = matrix.detach()
     if m.dtype not in (torch.float32, torch.float64):

@@ -73,6 +73,7 @@ from torch import nn
 from plora_ray.config import LoraConfig, Method, PLoRAConfig, check_section
 from plora_ray.effective_rank import (
     FactorGrams,
+    argument_error,
     effective_rank,
     factor_effective_rank,
     rank_of_spectrum,
@@ -116,10 +117,6 @@ __all__ = [
 ]
 
 
-def _bad(key: str, expected: str, found: Any) -> ValueError:
-    return ValueError(f"{key}: expected {expected}, found {found!r}")
-
-
 # --------------------------------------------------------------------------- LoRA attachment
 
 
@@ -141,7 +138,7 @@ def attach_lora(model: nn.Module, lora: LoraConfig, method: str = "plora") -> nn
             ``ConfigError`` for a value the ``lora`` section's own check rejects).
     """
     if method not in METHODS:
-        raise _bad("method", "one of " + ", ".join(METHODS), method)
+        raise argument_error("method", "one of " + ", ".join(METHODS), method)
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -229,7 +226,7 @@ def unload_due(counter: int, last_counter: int, every: int) -> bool:
         ValueError: ``every`` < 1 (named ``plora.unload_every``).
     """
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise _bad("plora.unload_every", "an integer >= 1", every)
+        raise argument_error("plora.unload_every", "an integer >= 1", every)
     return counter // every > last_counter // every
 
 
@@ -354,9 +351,9 @@ class PLoRA:
         # The plora section checks itself, as it does when loaded from YAML.
         check_section(cfg, "plora")
         if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
-            raise _bad("batch.global_batch", "an integer >= 1", global_batch)
+            raise argument_error("batch.global_batch", "an integer >= 1", global_batch)
         if cfg.merge_rounding == "from_base" and base_weights is None:
-            raise _bad(
+            raise argument_error(
                 "plora.merge_rounding",
                 "nearest or stochastic, or 'from_base' together "
                 "with PLoRA(base_weights=...) (a source of the original weights)",
