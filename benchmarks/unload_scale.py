@@ -16,7 +16,8 @@ trainer's own path (``plora_ray.recorded_unload``: ``build_recorded_plora``, ``r
   of every target), ``bookkeeping`` (merge error), ``rank`` (effective rank of the sampled
   layers from the factors), ``w0_read`` (one read of every target's W_0 from safetensors),
   ``record`` (the rest of the real unload: the recorder's copy of the factors and its replay
-  check of one layer, the sampled layers' cumulative error, the adapter's rewrite), the
+  check of one layer, the sampled layers' cumulative error (their drift gains the merge error
+  the merge formed anyway, one norm; ||Σ intended||² from the Grams), the adapter's rewrite), the
   ``merge before`` / ``bookkeeping before`` rows: the same merge as PLoRA computed it before it
   dropped its full-size fp32 copies (see ``merge_and_bookkeeping``),
   ``checkpoint`` (``save_plora_checkpoint``: digests of the changed weights, records, state).
@@ -82,7 +83,7 @@ def settings(quick: bool, tiny: bool) -> dict[str, Any]:
         "heads": 4 if tiny else 32,
         "layers": 1 if quick else 2,
         "rank": 8,
-        "nearest_unloads": 3,
+        "nearest_unloads": 5,
         "from_base_unloads": 20,
     }
 

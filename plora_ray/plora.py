@@ -29,9 +29,13 @@ layers (applied = W_after - W_before, intended = (1-m)·ΔW; fp32 on the weights
 layer, formed in the merge's one fp32 temporary, ||intended||² from the factors' r x r Grams,
 one host read per unload) and ``cumulative_rel_error`` = ||(W_now - W_0) - Σ intended||_F
 / ||Σ intended||_F over the tracked layers (those sampled for the rank metric, or every layer
-with ``track_all_layers=True``). A merge error above ``MERGE_ERROR_WARN_THRESHOLD`` (5%) gets a
-warning naming ``plora.merge_rounding`` (``merge_error_warning``). The final export merges the
-last adapter the same way (``PLoRA.merge_adapter``).
+with ``track_all_layers=True``). The cumulative error needs neither W_0 nor a dense Σ intended:
+(W_now - W_0) - Σ intended is the sum of the unloads' own errors (applied - intended), which each
+merge forms anyway, so a tracked layer keeps that sum (the drift, fp32 on its device) and
+||Σ intended||² comes from the kept factors' Grams. A merge error above
+``MERGE_ERROR_WARN_THRESHOLD`` (5%) gets a warning naming ``plora.merge_rounding``
+(``merge_error_warning``). The final export merges the last adapter the same way
+(``PLoRA.merge_adapter``).
 
 Effective rank (``plora_ray.effective_rank``, one definition everywhere): the number of singular
 values above ``plora.rank_threshold`` · σ_max, reported at each unload for the change Σ intended
@@ -310,10 +314,11 @@ class PLoRA:
 
     What an unload keeps, on the weights' device (a host copy is made only by ``state_dict``):
     each merge's factors (coef·B, A), fp32, of every layer under ``from_base`` (its merge is
-    computed from them) and of the rank-sampled layers otherwise (their effective rank is
-    computed from them, ``factor_effective_rank``); and for the tracked layers W_0 and Σ
-    intended, for ``cumulative_rel_error``. The error bookkeeping is fp32 on the device, summed
-    without a host sync per layer, over every layer.
+    computed from them) and of the tracked layers otherwise (the rank-sampled layers: their
+    effective rank, ``factor_effective_rank``, and ||Σ intended||² come from them); and for the
+    tracked layers the drift (W_now - W_0) - Σ intended, fp32, for ``cumulative_rel_error``.
+    The error bookkeeping is fp32 on the device, summed without a host sync per layer, over
+    every layer.
 
     Args:
         model: a model with peft LoRA layers (``attach_lora``).
@@ -322,8 +327,8 @@ class PLoRA:
         seed: the run's seed; every random bit of an unload derives from it.
         access: how parameters and optimizer state are read and written.
         scheduler: a ``RestartableLR`` to restart at each unload (optional).
-        track_all_layers: measure the cumulative merge error over every layer (keeps a W_0 copy
-            and an fp32 sum of every layer: backbone-sized, for tests and benchmarks only).
+        track_all_layers: measure the cumulative merge error over every layer (keeps an fp32
+            drift of every layer: backbone-sized, for tests and benchmarks only).
             Default: only the layers sampled for the effective rank.
         base_weights: for ``merge_rounding="from_base"``: base parameter name (e.g.
             ``model.layers.0.self_attn.q_proj.weight``, see ``base_param_name``) -> that weight's
@@ -363,7 +368,7 @@ class PLoRA:
         # Per layer, the factors (coef·B, A) of every unload so far (fp32, weights' device):
         # every layer under from_base, the rank-sampled layers otherwise (``factor_layers``).
         self.base_factors: dict[str, list[Factors]] = {}
-        # Per rank-sampled layer, the Grams of its factors, extended by each unload's merge.
+        # Per tracked layer, the Grams of its factors, extended by each unload's merge.
         self.grams: dict[str, FactorGrams] = {}
         self.cfg = cfg
         self.global_batch = global_batch
@@ -380,24 +385,16 @@ class PLoRA:
         self.last_samples = 0
         self.sampled = sampled_layers(len(self.pairs), cfg.rank_sample_layers)
         self.tracked = list(range(len(self.pairs))) if track_all_layers else list(self.sampled)
-        # W_0 in the backbone's own dtype (exact) and Σ intended in fp32, per tracked layer, on
-        # the weight's device.
-        self.w0: dict[str, torch.Tensor] = {}
-        self.intended_sum: dict[str, torch.Tensor] = {}
-        for i in self.tracked:
-            p = self.pairs[i]
-            with access.gathered([p.base]):
-                self.w0[p.name] = access.read_frozen(p.base).detach().clone()
-            # W_0's shape, not p.base's: ZeRO-3 shows an empty placeholder outside gathered().
-            self.intended_sum[p.name] = torch.zeros(
-                self.w0[p.name].shape, dtype=torch.float32, device=self.w0[p.name].device
-            )
+        # Per tracked layer, (W_now - W_0) - Σ intended in fp32 on the weight's device: the sum
+        # of every unload's applied - intended. Made at the first unload (the weight's shape:
+        # ZeRO-3 shows an empty placeholder outside gathered()).
+        self.drift: dict[str, torch.Tensor] = {}
 
     def factor_layers(self) -> set[str]:
         """The layers whose merged factors the unload keeps (see ``base_factors``)."""
         if self.cfg.merge_rounding == "from_base":
             return {p.name for p in self.pairs}
-        return {self.pairs[i].name for i in self.sampled}
+        return {self.pairs[i].name for i in self.tracked}
 
     def _merged_weight(
         self,
@@ -407,7 +404,7 @@ class PLoRA:
         b: torch.Tensor,
         a: torch.Tensor,
         w: torch.Tensor,
-        track: bool = True,
+        drift: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge coef·B·A into w with the configured rounding: (new weight in w's dtype, the
         squared Frobenius error of applied vs intended as an fp32 scalar on w's device).
@@ -417,25 +414,28 @@ class PLoRA:
         ``checkpoint.replay_layer`` replays it: fp32 addition commutes and w is exact in fp32),
         then the rounding error total - new in place. ``from_base``: round_nearest(W_0 + the
         earlier unloads' merges + this one), with this merge's factors already appended to
-        ``base_factors``. For a tracked layer (and ``track``), Σ intended is updated before the
-        sum overwrites intended.
+        ``base_factors``. ``drift`` (a tracked layer's (W - W_0) - Σ intended) gains this
+        merge's applied - intended, in place.
         """
         intended = b @ a
         intended.mul_(coef)
-        if track and p.name in self.intended_sum:
-            self.intended_sum[p.name] += intended.to(self.intended_sum[p.name].device)
         if self.cfg.merge_rounding == "from_base":
             new = self._from_base(p, self.base_factors[p.name], w)
             diff = new.to(torch.float32, copy=True)
             diff.sub_(w)
             diff.sub_(intended.to(w.device))
+            if drift is not None:
+                drift.add_(diff.to(drift.device))
             return new, torch.linalg.vector_norm(diff).square()
         total = intended.to(w.device).add_(w)
         gen = _generator(w.device, self.seed, self.num_unloads, i, "merge")
         new = round_to_dtype(total, w.dtype, self.cfg.merge_rounding, gen)
         if new.dtype == torch.float32:  # an fp32 backbone: no rounding, and new is total itself
             return new, torch.zeros((), device=w.device)
-        return new, torch.linalg.vector_norm(total.sub_(new)).square()
+        err = total.sub_(new)  # intended - applied
+        if drift is not None:
+            drift.sub_(err.to(drift.device))
+        return new, torch.linalg.vector_norm(err).square()
 
     def _from_base(self, p: LoraPair, factors: list[Factors], w: torch.Tensor) -> torch.Tensor:
         """round_nearest(W_0 + Σ factors) for one layer, W_0 read from the source."""
@@ -473,6 +473,7 @@ class PLoRA:
         t0 = time.perf_counter()
         cfg, m, k = self.cfg, float(self.cfg.momentum), self.num_unloads
         keep = self.factor_layers()
+        tracked = set(self.tracked)
         err_sq: list[torch.Tensor] = []
         int_sq: list[torch.Tensor] = []
         cum_err_sq: list[torch.Tensor] = []
@@ -489,14 +490,17 @@ class PLoRA:
                 # ||intended||² from the factors: coef²·<BᵀB, AAᵀ> (r x r, fp64), no dense pass.
                 b64, a64 = b.double(), a.double()
                 int_sq.append((coef * coef * ((b64.T @ b64) * (a64 @ a64.T)).sum()).float())
-                new, layer_err_sq = self._merged_weight(i, p, coef, b, a, w)
+                drift = None
+                if i in tracked:
+                    drift = self.drift.get(p.name)
+                    if drift is None:
+                        drift = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+                        self.drift[p.name] = drift
+                new, layer_err_sq = self._merged_weight(i, p, coef, b, a, w, drift)
                 err_sq.append(layer_err_sq)
-                if p.name in self.w0:
-                    drift = new.to(torch.float32, copy=True)
-                    drift.sub_(self.w0[p.name]).sub_(self.intended_sum[p.name])
+                if drift is not None:
                     cum_err_sq.append(torch.linalg.vector_norm(drift).square())
-                    cum_int_sq.append(torch.linalg.vector_norm(self.intended_sum[p.name]).square())
-                    del drift
+                    cum_int_sq.append(self._intended_norm_sq(p.name))
                 self.access.write_frozen(p.base, new)
                 if m == 0.0:
                     a_new = lora_init_A(
@@ -523,7 +527,9 @@ class PLoRA:
         rel = math.sqrt(err / norm) if norm > 0 else 0.0
         cum_norm = _total(cum_int_sq)
         cum = (
-            (math.sqrt(_total(cum_err_sq) / cum_norm) if cum_norm > 0 else 0.0) if self.w0 else None
+            (math.sqrt(_total(cum_err_sq) / cum_norm) if cum_norm > 0 else 0.0)
+            if self.tracked
+            else None
         )
         return UnloadReport(
             index=k,
@@ -543,13 +549,48 @@ class PLoRA:
         backbone's dtype adds a full-rank perturbation on top, which ``delta_effective_rank``
         (dense SVD of W_now - W_0) includes.
         """
+        return {
+            self.pairs[i].name: self._grams(self.pairs[i].name).rank(self.cfg.rank_threshold)
+            for i in self.sampled
+        }
+
+    def _grams(self, name: str) -> FactorGrams:
+        """The layer's factor Grams, brought up to its kept factors."""
+        grams = self.grams.setdefault(name, FactorGrams())
+        grams.extend(self.base_factors.get(name, []))
+        return grams
+
+    def _intended_norm_sq(self, name: str) -> torch.Tensor:
+        """||Σ intended||²_F of a tracked layer from its factors' Grams: ||B A||² = <BᵀB, A Aᵀ>
+        (fp64 on the factors' device, returned as an fp32 scalar there)."""
+        grams = self._grams(name)
+        if grams.count == 0:
+            return torch.zeros(())
+        return (grams.g_b * grams.g_a).sum().float()
+
+    @property
+    def intended_sum(self) -> dict[str, torch.Tensor]:
+        """Σ intended (every merge so far, dense fp32) per tracked layer, from the kept factors:
+        for tests and benchmarks (one out x in product per layer)."""
         out = {}
-        for i in self.sampled:
-            name = self.pairs[i].name
-            grams = self.grams.setdefault(name, FactorGrams())
-            grams.extend(self.base_factors.get(name, []))
-            out[name] = grams.rank(self.cfg.rank_threshold)
+        for i in self.tracked:
+            p = self.pairs[i]
+            factors = self.base_factors.get(p.name, [])
+            if factors:
+                out[p.name] = torch.cat([b for b, _ in factors], 1) @ torch.cat(
+                    [a for _, a in factors], 0
+                )
+            else:
+                out[p.name] = torch.zeros(
+                    p.B.shape[0], p.A.shape[1], dtype=torch.float32, device=p.B.device
+                )
         return out
+
+    def _applied(self, i: int, intended: torch.Tensor) -> torch.Tensor:
+        """W_now - W_0 of tracked layer i: its drift + Σ intended (fp32)."""
+        name = self.pairs[i].name
+        drift = self.drift.get(name)
+        return intended if drift is None else drift.to(intended.device) + intended
 
     def merge_adapter(self) -> None:
         """Merge the adapter's whole update, scaling·B·A, into the backbone, then zero B.
@@ -573,7 +614,7 @@ class PLoRA:
                     last = ((coef * b).detach().float().clone(), a.detach().float().clone())
                     new = self._from_base(p, [*self.base_factors.get(p.name, []), last], w)
                 else:
-                    new, _ = self._merged_weight(i, p, coef, b, a, w, track=False)
+                    new, _ = self._merged_weight(i, p, coef, b, a, w)
                 self.access.write_frozen(p.base, new)
                 self.access.write_trainable(p.B, torch.zeros_like(b))
 
@@ -585,13 +626,13 @@ class PLoRA:
         dtype added (with ``from_base`` at most one rounding of W_0 + Σ merges); for tests and
         benchmarks: an SVD of out x in per layer.
         """
-        out = {}
-        for i in self.tracked:
-            p = self.pairs[i]
-            with self.access.gathered([p.base]):
-                w = self.access.read_frozen(p.base).float()
-            out[p.name] = effective_rank(w - self.w0[p.name].float(), self.cfg.rank_threshold)
-        return out
+        intended = self.intended_sum
+        return {
+            self.pairs[i].name: effective_rank(
+                self._applied(i, intended[self.pairs[i].name]), self.cfg.rank_threshold
+            )
+            for i in self.tracked
+        }
 
     def cumulative_merge_stats(self) -> dict[str, float]:
         """Applied vs intended cumulative update over the tracked layers, now.
@@ -601,15 +642,15 @@ class PLoRA:
         along its own direction without bias; what is left of the error is orthogonal noise).
         """
         err = dot = norm = 0.0
+        intended = self.intended_sum
         for i in self.tracked:
             p = self.pairs[i]
-            with self.access.gathered([p.base]):
-                w = self.access.read_frozen(p.base).float()
-            applied = (w - self.w0[p.name].float()).double()
-            s = self.intended_sum[p.name].double()
-            err += float((applied - s).pow(2).sum())
+            s = intended[p.name].double()
+            applied = self._applied(i, intended[p.name]).double()
+            drift = self.drift.get(p.name)
+            err += 0.0 if drift is None else float(drift.double().pow(2).sum())
             dot += float((applied * s).sum())
-            norm += float(s.pow(2).sum())
+            norm += float(self._intended_norm_sq(p.name))
         if norm == 0.0:
             return {"cumulative_rel_error": 0.0, "retained_fraction": 1.0}
         return {"cumulative_rel_error": math.sqrt(err / norm), "retained_fraction": dot / norm}
@@ -624,8 +665,7 @@ class PLoRA:
             "last_samples": self.last_samples,
             "seed": self.seed,
             "layers": [p.name for p in self.pairs],
-            "w0": {k: v.cpu().clone() for k, v in self.w0.items()},
-            "intended_sum": {k: v.cpu().clone() for k, v in self.intended_sum.items()},
+            "drift": {k: v.cpu().clone() for k, v in self.drift.items()},
             "base_factors": {
                 k: [(b.cpu().clone(), a.cpu().clone()) for b, a in v]
                 for k, v in self.base_factors.items()
@@ -649,10 +689,6 @@ class PLoRA:
         self.num_unloads = int(state["num_unloads"])
         self.last_step = int(state["last_step"])
         self.last_samples = int(state["last_samples"])
-        self.w0 = {k: v.to(self._device(k), copy=True) for k, v in state["w0"].items()}
-        self.intended_sum = {
-            k: v.to(self._device(k), copy=True) for k, v in state["intended_sum"].items()
-        }
         # Absent in states saved before from_base existed, and left out of checkpoints (the
         # trainer rebuilds them from the backbone records: ``BackboneRecorder.merged_factors``).
         self.base_factors = {
@@ -660,6 +696,17 @@ class PLoRA:
             for k, v in state.get("base_factors", {}).items()
         }
         self.grams = {}
+        if "drift" in state:
+            self.drift = {k: v.to(self._device(k), copy=True) for k, v in state["drift"].items()}
+        else:  # saved by an earlier version: W_0 and Σ intended; the backbone is restored by now
+            self.drift = {}
+            for name, w0 in state["w0"].items():
+                p = next(pr for pr in self.pairs if pr.name == name)
+                with self.access.gathered([p.base]):
+                    w = self.access.read_frozen(p.base).float()
+                self.drift[name] = (
+                    w - w0.to(w.device).float() - state["intended_sum"][name].to(w.device)
+                )
 
     def _device(self, name: str) -> torch.device:
         """Where the layer ``name``'s weight lives (ZeRO-3's placeholder is on the same device)."""

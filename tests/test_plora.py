@@ -646,3 +646,67 @@ def test_from_base_unload_reads_each_base_weight_once(bf16_base_dir: Path) -> No
         recorded_unload(plora, recorder, k + 1, 24 * (k + 1), warned=False)
         assert src.reads == len(plora.pairs) * (k + 1)  # the merge and the recorder's check
     assert [r.num_exceptions for r in recorder.records] == [0, 0]
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "from_base"])
+def test_cumulative_error_matches_a_dense_recount_and_survives_a_resume(
+    rounding: str, bf16_base_dir: Path
+) -> None:
+    """The unload keeps no W_0 copy: its cumulative error (the drift of the sampled layers) must
+    equal ||(W_now - W_0) - Σ intended|| / ||Σ intended|| counted here from a W_0 copy and the
+    factors each unload merged, including across a state_dict round trip into a fresh PLoRA."""
+    model = tiny_lora("bfloat16")
+    pairs = lora_pairs(model)
+    w0 = {p.name: p.base.detach().float().clone() for p in pairs}
+    cfg = PLoRAConfig(momentum=0.2, merge_rounding=rounding, rank_sample_layers=3)
+    src = safetensors_base_weights(bf16_base_dir) if rounding == "from_base" else None
+    plora = PLoRA(model, cfg, 24, 0, TorchParamAccess(None), base_weights=src)
+    tracked = [pairs[i].name for i in plora.sampled]
+    intended = {n: torch.zeros_like(w0[n], dtype=torch.float64) for n in tracked}
+    for k in range(4):
+        if k == 2:  # resume: a fresh PLoRA on the same model, from the saved state
+            state = copy.deepcopy(plora.state_dict())
+            plora = PLoRA(model, cfg, 24, 0, TorchParamAccess(None), base_weights=src)
+            plora.load_state_dict(state)
+        randomise_B(model, 0.003, seed=300 + k)
+        for p in pairs:
+            if p.name in intended:
+                coef = (1 - cfg.momentum) * p.scaling
+                intended[p.name] += coef * (p.B.double() @ p.A.double())
+        report = plora.unload(k + 1, 24 * (k + 1))
+        err = sum(
+            float(((p.base.double() - w0[p.name].double()) - intended[p.name]).pow(2).sum())
+            for p in pairs
+            if p.name in intended
+        )
+        norm = sum(float(s.pow(2).sum()) for s in intended.values())
+        assert report.cumulative_rel_error == pytest.approx(math.sqrt(err / norm), rel=1e-3)
+        assert report.cumulative_rel_error > 0  # bf16: the merges were rounded
+
+
+def test_a_state_saved_with_w0_and_intended_sum_resumes_to_the_same_cumulative_error() -> None:
+    """Checkpoints written before the drift replaced W_0 + Σ intended still resume exactly."""
+    cfg = PLoRAConfig(momentum=0.1, rank_sample_layers=2)
+    reports = []
+    for legacy in (False, True):
+        model = tiny_lora("bfloat16")
+        pairs = lora_pairs(model)
+        w0 = {p.name: p.base.detach().clone() for p in pairs}
+        plora = PLoRA(model, cfg, 24, 0, TorchParamAccess(None))
+        for k in range(2):
+            randomise_B(model, 0.003, seed=400 + k)
+            plora.unload(k + 1, 24 * (k + 1))
+        state = copy.deepcopy(plora.state_dict())
+        if legacy:
+            drift = state.pop("drift")
+            state["w0"] = {n: w0[n] for n in drift}
+            state["intended_sum"] = {
+                n: p.base.float() - w0[n].float() - drift[n]
+                for n, p in ((q.name, q) for q in pairs)
+                if n in drift
+            }
+        plora = PLoRA(model, cfg, 24, 0, TorchParamAccess(None))
+        plora.load_state_dict(state)
+        randomise_B(model, 0.003, seed=402)
+        reports.append(plora.unload(3, 72).cumulative_rel_error)
+    assert reports[1] == pytest.approx(reports[0], rel=1e-5)
