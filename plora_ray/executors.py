@@ -12,6 +12,14 @@ they prepare the run directory, run ``training_run.TrainingRun`` on every worker
   Ray Train: what a one-worker search trial does inside its (reused) Tune trial actor
   (``search.trial_executor: actor``).
 
+Cloud storage (``sync``, a search trial on s3:// or gs://): DIR is the scratch copy of the run on
+the node at hand, and the run's home is ``sync.uri`` in the storage (``plora_ray.run_sync``).
+``run_training`` hands Ray Train that URI as its storage, so Train persists its checkpoints there
+and restores from there on any node; every worker writes into its own node's scratch copy, and
+rank 0 pushes the run's files (metrics, the exported model, ...) to the storage as it goes.
+``run_in_process`` pulls the newest complete checkpoint before it starts and pushes checkpoints and
+files as it goes. The returned ``RunResult`` then names the model and checkpoint by their URIs.
+
 Output directory layout (``DIR``)::
 
     config.yaml        the validated run config (all defaults filled in)
@@ -36,6 +44,7 @@ error, so an old run is never continued by accident. Inside one ``run_training``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -49,13 +58,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-import yaml
 
 # Ray 2.50-2.5x need this to select Train v2; from Ray 2.60 it is the default. Set before any
 # ray.train import, hence before the imports below.
@@ -70,10 +77,19 @@ from ray.tune.integration.ray_train import TuneReportCallback
 # Private (Ray 2.50-2.60): whether this code runs inside a Tune trial; no public equivalent.
 from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
-from plora_ray.checkpoint import dir_bytes
-from plora_ray.config import ConfigError, RunConfig, dump_config
+from plora_ray.config import ConfigError, RunConfig
 from plora_ray.preflight import WorkerArgs, check_run_config
+from plora_ray.run_directory import (
+    Report,
+    RunResult,
+    checkpoint_dirs,
+    collect_result,
+    holds_run,
+    newest_checkpoint,
+    prepare_output_dir,
+)
 from plora_ray.run_phases import PHASES_FILE
+from plora_ray.run_sync import RUN_CHECKPOINTS_DIR, RunSync
 from plora_ray.shm import (
     cleanup_run_shm,
     cleanup_shm,
@@ -81,7 +97,7 @@ from plora_ray.shm import (
     record_removed,
     shm_snapshot,
 )
-from plora_ray.store import METRICS_FILE, atomic_write_json, read_metrics
+from plora_ray.store import METRICS_FILE, atomic_write_json
 from plora_ray.train_failures import infrastructure_loss
 from plora_ray.training_run import TrainingRun
 
@@ -98,45 +114,15 @@ __all__ = [
     "train_loop_per_worker",
 ]
 
-RAY_RUN_NAME = "ray"
-
-Report = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class RunResult:
-    """What a training run produced; ``as_dict()`` is written to ``DIR/result.json``."""
-
-    status: str  # completed | diverged | failed
-    output_dir: str
-    metrics: dict[str, Any] = field(default_factory=dict)  # the final report
-    objectives: dict[str, float] = field(default_factory=dict)
-    metrics_path: str = ""
-    checkpoint_path: str | None = None
-    model_path: str | None = None
-    wall_time_s: float = 0.0
-    num_unloads: int = 0
-    delta_effective_rank: float | None = None
-    final_loss: float | None = None
-    checkpoint_bytes: int | None = None
-    backbone_delta_bytes: int | None = None
-    full_backbone_bytes: int | None = None
-    diverged_step: int | None = None
-    reason: str | None = None
-    loss_curve: list[list[float]] = field(default_factory=list)
-    shm_removed: list[str] = field(default_factory=list)
-    # What the run lost when it failed for a worker, its node or its worker group's start (a
-    # retry from the newest checkpoint may succeed), None otherwise (``infrastructure_loss``).
-    infrastructure_loss: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+RAY_RUN_NAME = RUN_CHECKPOINTS_DIR
 
 
 class Trainer(Protocol):
     """An executor: trains one run config into ``output_dir`` and says what it produced.
 
-    ``run_training`` and ``run_in_process`` are the two; a search picks one per trial.
+    ``run_training`` and ``run_in_process`` are the two; a search picks one per trial. With
+    ``sync`` (cloud storage) the run's home is ``sync.uri`` and ``output_dir`` this node's
+    scratch copy of it.
     """
 
     def __call__(
@@ -146,6 +132,7 @@ class Trainer(Protocol):
         *,
         report: Report | None = None,
         resume: bool = False,
+        sync: RunSync | None = None,
     ) -> RunResult: ...
 
 
@@ -230,55 +217,50 @@ class _ProcessSession:
             if final.exists():  # the same step written by an attempt that failed after it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in _checkpoint_dirs(self.ckpt_root)[: -self.keep]:
+            for old in checkpoint_dirs(self.ckpt_root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         if self.on_report is not None:
             self.on_report(metrics)
 
 
-def _checkpoint_dirs(root: Path) -> list[Path]:
-    """The complete ``step_NNNNNN`` checkpoint directories under ``root``, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
-
-
-def newest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint of a run directory written by ``run_in_process`` (None
-    when there is none). ``run_training``'s own checkpoints are Ray Train's to choose from."""
-    dirs = _checkpoint_dirs(Path(output_dir) / RAY_RUN_NAME)
-    return dirs[-1] if dirs else None
-
-
-def holds_run(output_dir: str | os.PathLike[str]) -> bool:
-    """Whether DIR holds a run to continue: Ray Train's checkpoint snapshot (``run_training``)
-    or a complete checkpoint directory (``run_in_process``)."""
-    out = Path(output_dir)
-    snapshot = out / RAY_RUN_NAME / "checkpoint_manager_snapshot.json"
-    return snapshot.exists() or newest_checkpoint(out) is not None
-
-
 # --------------------------------------------------------------------------- Ray Train
 
 
-def train_loop_per_worker(args: WorkerArgs) -> None:
+def train_loop_per_worker(args: WorkerArgs, sync: RunSync | None = None) -> None:
     """What every Ray Train worker runs: the training run, then its /dev/shm cleanup.
 
     Args:
         args: the run's config and directory (``functools.partial`` binds it for Ray Train).
+        sync: the run's home in cloud storage, or None (``args.output_dir`` is shared). With it,
+            every worker writes into its own node's scratch copy of the run; rank 0 first pulls
+            the run's reports so far (a resumed run continues them) and pushes its files to the
+            storage while it trains and at its end.
     """
     ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    mirror = sync.mirror() if sync is not None else None
+    if mirror is not None:
+        args = dataclasses.replace(args, output_dir=str(mirror.local))
+        mirror.local.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            mirror.pull_files(METRICS_FILE, PHASES_FILE, "config.yaml")
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     out = Path(args.output_dir)
-    if ctx.get_world_rank() == 0 and port:
+    if rank == 0 and port:
         record_process_group(out, addr, port)
     # What DeepSpeed's own launcher sets: all ranks of this node. With it, DeepSpeed's CPU
     # backend uses its shared-memory all-reduce when every rank is on one node.
     os.environ.setdefault("LOCAL_SIZE", str(ctx.get_local_world_size()))
+    pushing = (
+        mirror.mirrored(checkpoints=False)
+        if mirror is not None and rank == 0
+        else contextlib.nullcontext()
+    )
     run = None
     try:
-        run = TrainingRun(args, _RayTrainSession())
-        run.run()
+        with pushing:
+            run = TrainingRun(args, _RayTrainSession())
+            run.run()
     finally:
         if port:
             # Names left if the run failed before the engine build unlinked them (unlinking while
@@ -361,6 +343,7 @@ def run_training(
     report: Report | None = None,
     resume: bool = False,
     max_failures: int = 0,
+    sync: RunSync | None = None,
 ) -> RunResult:
     """Train one run on Ray Train and return what it produced.
 
@@ -375,13 +358,22 @@ def run_training(
             and with each phase (``run_phases``: ``{"phase": ...}``, never in metrics.jsonl).
         resume: continue from the newest checkpoint in DIR (from step 0 when there is none).
         max_failures: worker failures Ray Train recovers from (from the newest checkpoint).
+        sync: the run's home in cloud storage (a search trial on s3:// / gs://), with DIR this
+            node's scratch copy; None when DIR itself is on storage every node sees.
 
     Raises:
         ConfigError: a config the trainer cannot run (before Ray starts).
         FileExistsError: DIR already holds a run and ``resume`` is False.
     """
     check_run_config(cfg)
-    out = _prepare_output_dir(cfg, output_dir, resume)
+    mirror = sync.mirror() if sync is not None else None
+    if mirror is not None:
+        mirror.pull_files("config.yaml", METRICS_FILE)
+    out = prepare_output_dir(cfg, output_dir, resume, mirror)
+    if mirror is not None:
+        # What the workers (on any node) continue from: the checked config, the reports so far
+        # (none when there is no checkpoint to continue).
+        mirror.push_files("config.yaml", METRICS_FILE)
     args = WorkerArgs.from_environment(cfg, out)
     t0 = time.perf_counter()
     if report is not None and not ray.is_initialized():
@@ -399,14 +391,15 @@ def run_training(
             resources["GPU"] = r.gpus_per_worker
         callbacks: list[Any] = [TuneReportCallback()] if _in_tune_session() else []
         trainer = TorchTrainer(
-            functools.partial(train_loop_per_worker, args),
+            functools.partial(train_loop_per_worker, args, sync),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources
             ),
             run_config=ray.train.RunConfig(
                 name=RAY_RUN_NAME,
-                storage_path=str(out),
+                # Cloud storage: Train persists and restores the checkpoints there itself.
+                storage_path=sync.uri if sync is not None else str(out),
                 callbacks=callbacks,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
@@ -423,10 +416,15 @@ def run_training(
         if started:
             ray.shutdown()
     ckpt_path = result.checkpoint.path if result is not None and result.checkpoint else None
-    res = _collect_result(cfg, out, t0, reason, ckpt_path, removed, report)
+    if mirror is not None:
+        # What rank 0 wrote on its node (maybe another one) reaches this one through the storage.
+        mirror.pull(checkpoint=False)
+    res = collect_result(cfg, out, t0, reason, ckpt_path, removed, report, mirror)
     if lost is not None:
         res.infrastructure_loss = lost
         atomic_write_json(out / "result.json", res.as_dict(), indent=1)
+    if mirror is not None:
+        mirror.push_files(METRICS_FILE, "result.json")
     return res
 
 
@@ -471,6 +469,7 @@ def run_in_process(
     *,
     report: Report | None = None,
     resume: bool = False,
+    sync: RunSync | None = None,
 ) -> RunResult:
     """Train one single-worker run in this process (no Ray Train) and return what it produced.
 
@@ -492,6 +491,9 @@ def run_in_process(
         report: called with each report (a dict, as in metrics.jsonl) as it is made, and with
             each phase (``run_phases``: ``{"phase": ...}``, never in metrics.jsonl or to Tune).
         resume: continue from the newest checkpoint in DIR (from step 0 when there is none).
+        sync: the run's home in cloud storage, with DIR this node's scratch copy: the newest
+            complete checkpoint is pulled from there first (``resume``), and checkpoints and
+            files are pushed there as the run goes. None when DIR is on storage every node sees.
 
     Raises:
         ConfigError: a config the trainer cannot run, or ``resources.num_workers`` other than 1.
@@ -507,7 +509,10 @@ def run_in_process(
                 "use search.trial_executor: train for multi-worker trials"
             ]
         )
-    out = _prepare_output_dir(cfg, output_dir, resume)
+    mirror = sync.mirror() if sync is not None else None
+    if mirror is not None and resume:
+        mirror.pull(checkpoint=True)
+    out = prepare_output_dir(cfg, output_dir, resume, mirror)
     t0 = time.perf_counter()
     use_gpu = r.gpus_per_worker > 0
     tune_report = tune.report if _in_tune_session() else None
@@ -531,7 +536,10 @@ def run_in_process(
         _init_process_group(use_gpu)
         args = WorkerArgs.from_environment(cfg, out)
         session = _ProcessSession(out, cfg.checkpoint.keep, device, on_report)
-        with _MetricsTail(out / PHASES_FILE, report):
+        pushing = (
+            mirror.mirrored(checkpoints=True) if mirror is not None else contextlib.nullcontext()
+        )
+        with pushing, _MetricsTail(out / PHASES_FILE, report):
             TrainingRun(args, session).run()
     except Exception as exc:  # the run failed; the search goes on with the next trial
         traceback.print_exc()
@@ -542,128 +550,7 @@ def run_in_process(
         gc.collect()
         if use_gpu and torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return _collect_result(cfg, out, t0, reason, None, [], report)
-
-
-# --------------------------------------------------------------------------- the run directory
-
-# Settings a resumed run may change: how long it trains, how it reports, checkpoints and
-# evaluates. Anything else would make the continuation a different run than the checkpoint's.
-RESUME_MAY_CHANGE = (
-    "train.max_steps",
-    "train.epochs",
-    "train.log_every",
-    "eval.",
-    "checkpoint.",
-    "search",
-)
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def _check_resume_config(cfg: RunConfig, saved: Path) -> None:
-    """Refuse to resume a run with a config that changes what training computes.
-
-    Raises:
-        ConfigError: naming each changed key with the checkpoint's and the new value.
-    """
-    if not saved.is_file():
-        return
-    old = _flatten(yaml.safe_load(saved.read_text()) or {})
-    new = _flatten(cfg.to_dict())
-    problems = [
-        f"{k}: expected {old.get(k)!r} as in the run being resumed, found {new.get(k)!r}"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE)
-    ]
-    if problems:
-        raise ConfigError(problems, source=f"--resume of {saved.parent}")
-
-
-def _prepare_output_dir(cfg: RunConfig, output_dir: str | os.PathLike[str], resume: bool) -> Path:
-    """DIR made ready for a run: refused if it holds one and ``resume`` is False, the config
-    checked against the resumed run's, config.yaml written, and metrics.jsonl dropped when there
-    is nothing to continue from (the run starts at step 0)."""
-    out = Path(output_dir).resolve()
-    held = holds_run(out)
-    if held and not resume:
-        raise FileExistsError(
-            f"{out} already holds a run (checkpoints in {out / RAY_RUN_NAME}); "
-            "pass --resume to continue it or choose another --output"
-        )
-    if resume:
-        _check_resume_config(cfg, out / "config.yaml")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    metrics_path = out / METRICS_FILE
-    if metrics_path.exists() and not held:
-        metrics_path.unlink()
-    return out
-
-
-def _collect_result(
-    cfg: RunConfig,
-    out: Path,
-    t0: float,
-    reason: str | None,
-    ckpt_path: str | None,
-    removed: list[str],
-    report: Report | None,
-) -> RunResult:
-    """The RunResult of a finished run, from its metrics.jsonl; written to DIR/result.json.
-
-    A run that ended without its final report (or with ``reason``, an exception) gets a final
-    ``failed`` report appended to metrics.jsonl and passed to ``report``.
-    """
-    metrics_path = out / METRICS_FILE
-    records = read_metrics(metrics_path)
-    final = next((m for m in reversed(records) if m.get("final")), None)
-    if final is not None and reason is None:
-        status = final["status"]
-    else:
-        status = "failed"
-        final = {
-            "status": "failed",
-            "reason": reason or "the run ended without a final report",
-            "final": True,
-        }
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(final) + "\n")
-        if report is not None:
-            report(final)
-        reason = final["reason"]
-    losses = [[m["step"], m["loss"]] for m in records if m.get("status") == "running"]
-    if ckpt_path is None:
-        newest = newest_checkpoint(out)
-        ckpt_path = str(newest) if newest else None
-    res = RunResult(
-        status=status,
-        output_dir=str(out),
-        metrics=final,
-        objectives=final.get("objectives") or {},
-        metrics_path=str(metrics_path),
-        checkpoint_path=ckpt_path,
-        model_path=final.get("model_path"),
-        wall_time_s=time.perf_counter() - t0,
-        num_unloads=int(final.get("num_unloads") or 0),
-        delta_effective_rank=final.get("effective_rank"),
-        final_loss=losses[-1][1] if losses else None,
-        checkpoint_bytes=dir_bytes(ckpt_path) if ckpt_path else None,
-        backbone_delta_bytes=(
-            dir_bytes(Path(ckpt_path) / "backbone") if ckpt_path and cfg.method == "plora" else None
-        ),
-        full_backbone_bytes=final.get("full_backbone_bytes"),
-        diverged_step=final.get("diverged_step"),
-        reason=final.get("reason") if status != "completed" else None,
-        loss_curve=losses,
-        shm_removed=removed,
-    )
-    atomic_write_json(out / "result.json", res.as_dict(), indent=1)
+    res = collect_result(cfg, out, t0, reason, None, [], report, mirror)
+    if mirror is not None:
+        mirror.push_files(METRICS_FILE, "result.json")
     return res

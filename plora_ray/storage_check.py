@@ -26,6 +26,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from plora_ray.config import ConfigError
+from plora_ray.store import is_uri
 
 __all__ = ["NODE_FS_ROOT_TEST_ENV", "NodeView", "check_storage_visible", "storage_views"]
 
@@ -92,7 +93,7 @@ def check_storage_visible(storage: str, source: str | None = None) -> None:
         ConfigError: a node does not see the storage (it names the nodes and what to use
             instead), or the driver cannot write the marker into it.
     """
-    if "://" in storage and not storage.startswith("file://"):
+    if is_uri(storage):
         return
     alive = [n for n in ray.nodes() if n.get("Alive")]
     if len(alive) < 2:

@@ -43,6 +43,7 @@ __all__ = [
     "is_uri",
     "read_metrics",
     "read_records",
+    "scratch_dir",
 ]
 
 METRICS_FILE = "metrics.jsonl"
@@ -505,13 +506,25 @@ class SearchDir:
         return sorted(read_records(self.store), key=lambda r: (str(r.ended_at or ""), r.trial_id))
 
     def run_dir(self, trial_id: str) -> str:
-        """Where a trial's trainer writes metrics, checkpoints and the exported model. Local
-        storage: inside the search directory; cloud storage: a local scratch directory."""
+        """Where a trial's trainer writes metrics, checkpoints and the exported model on this
+        node. Local storage: inside the search directory; cloud storage: this node's scratch
+        directory, carried to and from ``run_uri`` by ``plora_ray.run_sync``."""
         if self.is_local:
             return os.path.join(self.path, "runs", trial_id)
         return os.path.join(self.scratch_dir(), trial_id)
 
+    def run_uri(self, trial_id: str) -> str:
+        """The trial's run directory as records and the leaderboard name it: in the storage
+        (``<search>/runs/<trial_id>``; the same as ``run_dir`` on local storage)."""
+        return f"{self.uri}/runs/{trial_id}" if not self.is_local else self.run_dir(trial_id)
+
     def scratch_dir(self) -> str:
         """A local directory for a cloud search's files that need a real filesystem."""
-        base = os.environ.get("PLORA_SCRATCH", os.path.join(tempfile.gettempdir(), "plora-ray"))
-        return os.path.join(base, self.uri.split("://", 1)[1].replace("/", "_"))
+        return scratch_dir(self.uri)
+
+
+def scratch_dir(search_uri: str) -> str:
+    """This node's scratch directory of the cloud search ``search_uri``: under ``PLORA_SCRATCH``
+    as the calling process sees it (each node may set its own), else ``<tmp>/plora-ray``."""
+    base = os.environ.get("PLORA_SCRATCH", os.path.join(tempfile.gettempdir(), "plora-ray"))
+    return os.path.join(base, search_uri.split("://", 1)[1].replace("/", "_"))

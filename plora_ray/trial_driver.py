@@ -11,6 +11,11 @@ kill, ``run_in_process``'s trainer with it) is retried by Tune's ``FailureConfig
 restarted driver notices it in ``attempts.jsonl``. A user-code error, a divergence or an invalid
 config ends the trial at once. Both kinds count against the one budget and land in the record
 (``retries``, ``retry_reasons``).
+
+On cloud storage the run directory is this node's scratch copy and the run's home is
+``<search>/runs/<trial_id>`` in the storage (``plora_ray.run_sync``): the attempts log is pulled
+from there before and pushed after each start, the trainer resumes from the storage's newest
+checkpoint and leaves its files there, and the record names the storage, never a scratch path.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ray import tune
 from plora_ray.config import ConfigError, RunConfig, config_from_dict
 from plora_ray.executors import Trainer, holds_run
 from plora_ray.objective import ObjectiveSpec
+from plora_ray.run_sync import RunMirror, RunSync
 from plora_ray.store import TERMINAL_STATUSES, SearchDir, TrialRecord, TrialStatus
 from plora_ray.trial_record import build_record
 
@@ -143,11 +149,14 @@ class _ReportClock:
         }
 
 
-def _earlier_retries(run_dir: str, session: str) -> list[str]:
+def _earlier_retries(run_dir: str, session: str, mirror: RunMirror | None) -> list[str]:
     """Log this start of a trial's training in ``attempts.jsonl`` and return the retries of
     this session so far: an earlier start of the same session means Tune restarted the trial
-    after losing its actor, which this start records as a retry."""
+    after losing its actor, which this start records as a retry. With ``mirror`` the log is the
+    storage's (the earlier start may have been on another node)."""
     path = Path(run_dir) / ATTEMPTS_FILE
+    if mirror is not None:
+        mirror.pull_files(ATTEMPTS_FILE)
     earlier: list[dict[str, Any]] = []
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -160,17 +169,19 @@ def _earlier_retries(run_dir: str, session: str) -> list[str]:
     reasons = [str(e["after"]) for e in earlier if e.get("after")]
     if earlier:
         reasons.append(TRIAL_LOST)
-        _log_attempt(path, session, TRIAL_LOST)
+        _log_attempt(path, session, TRIAL_LOST, mirror)
     else:
-        _log_attempt(path, session, None)
+        _log_attempt(path, session, None, mirror)
     return reasons
 
 
-def _log_attempt(path: Path, session: str, after: str | None) -> None:
+def _log_attempt(path: Path, session: str, after: str | None, mirror: RunMirror | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     entry = {"session": session, "started_at": time.time(), "pid": os.getpid(), "after": after}
     with open(path, "a") as fh:
         fh.write(json.dumps(entry) + "\n")
+    if mirror is not None:
+        mirror.push_files(ATTEMPTS_FILE)
 
 
 def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
@@ -192,6 +203,8 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
         return
     started = time.time()
     run_dir = sdir.run_dir(trial_id)
+    sync = None if sdir.is_local else RunSync(sdir.uri, trial_id)
+    mirror = sync.mirror() if sync is not None else None
     try:
         cfg = config_from_dict(ctx.base, ctx.source, overrides=params)
     except ConfigError as exc:
@@ -205,22 +218,24 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
             run_dir=run_dir,
             started=started,
         )
+        rec.run_dir = sdir.run_uri(trial_id)
         sdir.write_record(rec)
         tune.report(_final_metrics(rec))
         return
-    retries = _earlier_retries(run_dir, ctx.session)
+    retries = _earlier_retries(run_dir, ctx.session, mirror)
     # A retried or resumed trial continues from its own newest checkpoint (Ray Train's snapshot
-    # in <run_dir>/ray; run_in_process keeps its checkpoints in the same place without it). The
-    # trainer forwards its reports to this Tune trial by itself (TuneReportCallback when it runs
-    # inside a Tune session).
+    # in <run_dir>/ray; run_in_process keeps its checkpoints in the same place without it; on
+    # cloud storage both are in the storage's copy of the run). The trainer forwards its reports
+    # to this Tune trial by itself (TuneReportCallback when it runs inside a Tune session).
     clock = _ReportClock()
     while True:
-        result = ctx.runner(cfg, run_dir, report=clock, resume=holds_run(run_dir)).as_dict()
+        resume = holds_run(run_dir) or (mirror is not None and mirror.holds_run())
+        result = ctx.runner(cfg, run_dir, report=clock, resume=resume, sync=sync).as_dict()
         lost = result.get("infrastructure_loss")
         if not lost or len(retries) >= ctx.max_retries or sdir.trial_record(trial_id) is not None:
             break
         retries.append(str(lost))
-        _log_attempt(Path(run_dir) / ATTEMPTS_FILE, ctx.session, str(lost))
+        _log_attempt(Path(run_dir) / ATTEMPTS_FILE, ctx.session, str(lost), mirror)
     status = str(result.get("status") or "completed")
     if status not in TERMINAL_STATUSES:
         status = "failed"
@@ -239,6 +254,7 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
         started=started,
         result=result,
     )
+    rec.run_dir = sdir.run_uri(trial_id)
     rec.retries, rec.retry_reasons = len(retries), retries
     rec.timeline = clock.timeline(driver_started, cfg, result.get("metrics") or {})
     if sdir.trial_record(trial_id) is not None:

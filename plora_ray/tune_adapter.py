@@ -39,8 +39,9 @@ from plora_ray.config import ConfigError, config_from_dict
 from plora_ray.console import QUIET_WORKER_ENV, LiveTable
 from plora_ray.executors import cleanup_run_shm
 from plora_ray.objective import ObjectiveSpec
+from plora_ray.run_sync import RunSync
 from plora_ray.search_space import SearchSpec, TrialExecutor, grid_points, sample_params
-from plora_ray.store import SearchDir, TrialRecord, TrialStatus, atomic_write_json
+from plora_ray.store import METRICS_FILE, SearchDir, TrialRecord, TrialStatus, atomic_write_json
 from plora_ray.trial_driver import TRIAL_TRAIN_ENV, TrialContext, trial_driver
 from plora_ray.trial_record import study_user_attrs, utc_now
 
@@ -79,14 +80,22 @@ def stopped_trial_record(
     reason: str,
 ) -> TrialRecord:
     """The record of a trial whose driver could not write one (stopped by the scheduler or the
-    time budget, crashed), from its sampled params and its last report to Tune."""
+    time budget, crashed), from its sampled params and its last report to Tune.
+
+    On cloud storage the trial's reports come from the storage's copy of its run (pulled into
+    this node's scratch copy): the trial ran on whichever node Tune chose."""
     sdir = SearchDir(ctx.storage, ctx.name)
+    if not sdir.is_local:
+        try:
+            RunSync(sdir.uri, trial_id).mirror().pull_files(METRICS_FILE)
+        except OSError as exc:  # the record is still written, from the last report alone
+            print(f"warning: reading trial {trial_id}'s reports from the storage: {exc}")
     try:
         cfg = config_from_dict(ctx.base, ctx.source, overrides=params).to_dict()
     except ConfigError:
         cfg = None
     started = float(last.get("timestamp", time.time())) - float(last.get("time_total_s", 0.0))
-    return ctx.record(
+    rec = ctx.record(
         trial_id=trial_id,
         params=params,
         config=cfg,
@@ -96,6 +105,8 @@ def stopped_trial_record(
         started=started,
         last=last,
     )
+    rec.run_dir = sdir.run_uri(trial_id)
+    return rec
 
 
 def _cut_off_by_stop(rec: TrialRecord | None, last: dict[str, Any]) -> bool:
