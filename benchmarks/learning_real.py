@@ -4,7 +4,8 @@ What it measures: how much of full fine-tuning's gain on a real instruction-tuni
 recovers at rank r, against LoRA at the same rank, with everything else identical.
 
 Setup (CPU, fp32, seeded). A small LLaMA (``transformers`` ``LlamaForCausalLM`` from a config,
-the project's tiny tokenizer) is first *pretrained* as a plain language model on bundled text:
+the project's tiny tokenizer) is first *pretrained* as a plain language model on bundled text
+(the loop and the texts of ``plora_ray.tiny_base``, which makes the shipped ``bundled:tiny_base``):
 GSM8K questions and worked answers (a part of the train split that fine-tuning never sees), MMLU
 questions with their answers and ARC questions with their answers. That base is cached under
 ``$PLORA_BENCH_CACHE`` (default: the temp dir) keyed by a hash of its settings, so a rerun skips
@@ -42,7 +43,6 @@ The whole sweep (every run's validation and test NLL and LR) is in the JSON (``s
 from __future__ import annotations
 
 import copy
-import csv
 import hashlib
 import json
 import os
@@ -70,6 +70,7 @@ from plora_ray.config import (
 from plora_ray.data import IGNORE_INDEX, load_source, record_to_messages, tokenize_dialogue
 from plora_ray.model import TINY_TOKENIZER_DIR, load_model, load_tokenizer
 from plora_ray.plora import PLoRA, TorchParamAccess, attach_lora
+from plora_ray.tiny_base import PretrainSettings, pretrain, pretraining_texts, token_stream
 
 # (input_ids, labels) of one tokenized dialogue; labels are IGNORE_INDEX outside the answer.
 Example = tuple[list[int], list[int]]
@@ -115,27 +116,6 @@ class Corpus:
     test: list[Example]
 
 
-def pretraining_texts(gsm8k_rows: list[dict[str, str]]) -> list[str]:
-    """Plain-text documents: the given GSM8K rows, every MMLU test row and every ARC row, each a
-    question followed by its answer (no chat template: instruction-tuning teaches the format)."""
-    texts = [f"{r['question']}\n{r['answer']}" for r in gsm8k_rows]
-    for path in sorted((BUNDLED_DATA_DIR / "mmlu" / "test").glob("*.csv")):
-        with open(path, newline="") as fh:
-            for row in csv.DictReader(fh):
-                choices = [row[f"choice{i}"] for i in range(4)]
-                options = "\n".join(f"{'ABCD'[i]}. {c}" for i, c in enumerate(choices))
-                answer = int(row["answer"])
-                texts.append(
-                    f"{row['question']}\n{options}\nAnswer: {'ABCD'[answer]}. {choices[answer]}"
-                )
-    for name in ("arc_easy", "arc_challenge"):
-        with open(BUNDLED_DATA_DIR / "arc" / f"{name}.jsonl") as fh:
-            for line in fh:
-                rec = json.loads(line)
-                texts.append(f"{rec['query']}\nAnswer: {rec['choices'][rec['gold']]}")
-    return texts
-
-
 def tokenize_examples(
     tokenizer: PreTrainedTokenizerBase, dialogues: list[list[dict[str, str]]], max_length: int
 ) -> list[Example]:
@@ -168,11 +148,8 @@ def load_corpus(s: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> Corpus
     def msgs(rs: list[dict[str, str]]) -> list[list[dict[str, str]]]:
         return [record_to_messages(r, "gsm8k") for r in rs]
 
-    stream: list[int] = []
-    for text in pretraining_texts(pre_rows):
-        stream += [tokenizer.bos_token_id, *tokenizer(text)["input_ids"], tokenizer.eos_token_id]
     return Corpus(
-        pretrain_stream=torch.tensor(stream, dtype=torch.long),
+        pretrain_stream=token_stream(tokenizer, pretraining_texts(pre_rows)),
         finetune=tokenize_examples(
             tokenizer, [dialogues[i] for i in order[n_val : n_val + n_ft]], s["max_length"]
         ),
@@ -221,11 +198,8 @@ def cache_path(s: dict[str, Any]) -> Path:
 
 
 def pretrain_base(s: dict[str, Any], corpus: Corpus) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """The pretrained base: loaded from the cache, or trained (seeded) and cached.
-
-    Pretraining: random windows of ``pretrain.length`` tokens from the text stream, AdamW with a
-    linear warmup over the first 10% of steps and a cosine decay.
-    """
+    """The pretrained base: loaded from the cache, or trained (seeded, ``plora_ray.tiny_base``'s
+    ``pretrain`` loop) and cached."""
     p = s["pretrain"]
     model = load_model(model_config(s), seed=p["seed"])
     path = cache_path(s)
@@ -233,28 +207,7 @@ def pretrain_base(s: dict[str, Any], corpus: Corpus) -> tuple[PreTrainedModel, d
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), {"cached": True, "path": str(path)}
     t0 = time.perf_counter()
-    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], betas=(0.9, 0.95), weight_decay=0.1)
-    warm = max(1, p["steps"] // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(1.0, k / p["steps"]))),
-    )
-    g = torch.Generator().manual_seed(p["seed"])
-    stream, length = corpus.pretrain_stream, p["length"]
-    model.train()
-    losses = []
-    for step in range(p["steps"]):
-        starts = torch.randint(0, len(stream) - length, (p["batch"],), generator=g)
-        x = torch.stack([stream[i : i + length] for i in starts.tolist()])
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if (step + 1) % 100 == 0:
-            print(f"  pretrain step {step + 1}: loss {np.mean(losses[-100:]):.3f}", flush=True)
+    losses = pretrain(model, corpus.pretrain_stream, PretrainSettings(**p))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)
@@ -264,7 +217,7 @@ def pretrain_base(s: dict[str, Any], corpus: Corpus) -> tuple[PreTrainedModel, d
         "path": str(path),
         "seconds": round(time.perf_counter() - t0, 1),
         "final_loss": float(np.mean(losses[-50:])),
-        "stream_tokens": len(stream),
+        "stream_tokens": len(corpus.pretrain_stream),
     }
     return model.eval(), info
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from huggingface_hub import snapshot_download
 from safetensors.torch import save as safetensors_bytes
 
-from plora_ray.config import RunConfig
+from plora_ray.config import RunConfig, resolve_model_path
 from plora_ray.merge import safetensors_base_weights
 from plora_ray.plora import base_param_name, lora_pairs
 from plora_ray.store import atomic_write
@@ -117,7 +117,8 @@ def base_weights_source(
         ValueError: ``model.path`` holds no *.safetensors file.
     """
     if cfg.model.path is not None:
-        return LastReadCache(safetensors_base_weights(_safetensors_dir(cfg.model.path)))
+        model_dir = _safetensors_dir(resolve_model_path(cfg.model.path))
+        return LastReadCache(safetensors_base_weights(model_dir))
     path = output_dir / BASE_WEIGHTS_FILE
     # One writer per node; atomic, so a reader on another node sharing DIR never sees half a file.
     if local_rank == 0:

@@ -18,7 +18,8 @@ What is read:
   (``*.safetensors`` / ``*.bin``, or a sharded index whose every shard exists) and tokenizer
   files; a hub id must be in the local Hugging Face cache or, when the hub client is not offline
   (``HF_HUB_OFFLINE``), ``huggingface.co`` must answer within ``HUB_TIMEOUT_S``. The tiny model
-  built from ``model.tiny`` needs no file.
+  built from ``model.tiny`` needs no file; a ``bundled:`` name is checked as the shipped
+  directory it stands for.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from urllib.parse import urlparse
 
 from huggingface_hub import try_to_load_from_cache
 
-from plora_ray.config import ConfigError, RunConfig
+from plora_ray.config import ConfigError, RunConfig, resolve_model_path
 from plora_ray.data.sources import SAMPLE_BYTES, SAMPLE_ROWS, load_source
 from plora_ray.tasks import DataError, check_data
 
@@ -98,7 +99,7 @@ def model_problems(cfg: RunConfig) -> list[str]:
 def _source_problems(
     key: str, value: str, *, tokenizer_too: bool = True, tokenizer_only: bool = False
 ) -> list[str]:
-    local = Path(value).expanduser()
+    local = Path(resolve_model_path(value)).expanduser()
     if local.is_dir():
         return _directory_problems(key, local, tokenizer_too, tokenizer_only)
     problem = _hub_problem(key, value, "tokenizer_config.json" if tokenizer_only else "config.json")

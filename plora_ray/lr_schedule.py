@@ -2,7 +2,8 @@
 
 Each PLoRA stage (the steps between two unloads) runs the same schedule from its start: an unload
 merges the adapter into the backbone and resets the adapter's optimizer state, so the next stage
-starts its optimization afresh (warmup included). LoRA and full fine-tuning run one stage as long
+starts its optimization afresh (warmup included), with its own settings where ``plora.stages``
+changes them (``RestartableLR.use_settings``). LoRA and full fine-tuning run one stage as long
 as the whole run.
 """
 
@@ -61,6 +62,34 @@ class RestartableLR(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:  # type: ignore[override]
         f = self.factor(self.last_epoch - self.stage_start)
         return [float(base) * f for base in self.base_lrs]
+
+    def use_settings(self, optim: OptimConfig) -> None:
+        """Take a stage's optimizer settings (``plora.stages``), for the next ``restart``.
+
+        The schedule (name, warmup, min_lr_ratio), the base LR, and AdamW's betas, eps and weight
+        decay, which torch's AdamW reads from its param groups at every step (under DeepSpeed
+        too: it steps the torch optimizer this schedule was built on, ``engine.build_engine``).
+        The LR itself is set by ``restart`` (or ``resume_lr``).
+
+        Raises:
+            ValueError: a value the ``optim`` section's own check rejects (a ``ConfigError``).
+        """
+        check_section(optim, "optim")
+        self.schedule = optim.schedule
+        self.warmup_steps = optim.warmup_steps
+        self.min_lr_ratio = optim.min_lr_ratio
+        self.base_lrs = [optim.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = optim.lr
+            group["betas"] = (optim.betas[0], optim.betas[1])
+            group["eps"] = optim.eps
+            group["weight_decay"] = optim.weight_decay
+
+    def resume_lr(self) -> None:
+        """Put the LR this schedule last set back into the param groups (after restoring its
+        state: a DeepSpeed checkpoint loaded into another layout may not restore the groups)."""
+        for group, lr in zip(self.optimizer.param_groups, self.get_last_lr()):
+            group["lr"] = lr
 
     def restart(self, stage_length_steps: int | None = None) -> None:
         """Begin a new stage now: the next optimizer step uses factor(0).

@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from plora_ray.config import BUNDLED_DATA_DIR, ModelConfig, TinyModelConfig
+from plora_ray.config import BUNDLED_DATA_DIR, ModelConfig, TinyModelConfig, resolve_model_path
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_TOKENIZER_DIR = ASSETS / "tiny_tokenizer"
@@ -105,7 +105,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     Raises:
         FileNotFoundError: a local directory without tokenizer files.
     """
-    source = cfg.tokenizer or cfg.path or str(TINY_TOKENIZER_DIR)
+    source = resolve_model_path(cfg.tokenizer or cfg.path or str(TINY_TOKENIZER_DIR))
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -137,7 +137,8 @@ def tiny_llama_config(tiny: TinyModelConfig, vocab_size: int) -> LlamaConfig:
 
 
 def load_model(cfg: ModelConfig, seed: int = 0, vocab_size: int | None = None) -> PreTrainedModel:
-    """Load the base model: ``from_pretrained(model.path)`` or a seeded tiny LLaMA.
+    """Load the base model: ``from_pretrained(model.path)`` (a ``bundled:`` name is the shipped
+    directory) or a seeded tiny LLaMA.
 
     Args:
         cfg: the model section.
@@ -163,7 +164,7 @@ def load_model(cfg: ModelConfig, seed: int = 0, vocab_size: int | None = None) -
     assert cfg.path is not None
     try:
         return AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+            resolve_model_path(cfg.path), dtype=dtype, trust_remote_code=cfg.trust_remote_code
         )
     except OSError as exc:
         raise FileNotFoundError(

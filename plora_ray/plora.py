@@ -48,7 +48,11 @@ Unload points: every ``unload_every`` optimizer steps or training samples (``unl
 The points are the multiples of ``unload_every``; ``due`` is called after each optimizer step and
 fires when the counter has passed a point since the last unload. A sample-based point that falls
 inside a step fires at the first step boundary at or after it; several points passed within one
-step fire a single unload.
+step fire a single unload. With ``plora.stages`` (``StageSchedule``), the unload that ends stage k
+applies stage k+1's settings after its merge, before the optimizer reset and the LR restart; a
+stage that changes ``unload_every`` counts its points from the point that ended the stage before
+(``point_origin``: the last point of the old interval the counter passed), so they are that point
+plus multiples of the new interval.
 
 Randomness (A re-init, stochastic rounding) comes from torch.Generators seeded from
 (seed, unload index, layer index), so every rank computes identical bits without communication
@@ -74,7 +78,7 @@ from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from plora_ray.config import LoraConfig, Method, PLoRAConfig, check_section
+from plora_ray.config import LoraConfig, Method, PLoRAConfig, StageSchedule, check_section
 from plora_ray.effective_rank import (
     FactorGrams,
     argument_error,
@@ -327,6 +331,9 @@ class PLoRA:
         seed: the run's seed; every random bit of an unload derives from it.
         access: how parameters and optimizer state are read and written.
         scheduler: a ``RestartableLR`` to restart at each unload (optional).
+        stages: the run's per-stage settings (``plora.stages``; argument or attribute): each
+            unload takes the next stage's ``plora`` section, and gives the scheduler its
+            ``optim`` settings before the restart. None or empty: ``cfg`` throughout.
         track_all_layers: measure the cumulative merge error over every layer (keeps an fp32
             drift of every layer: backbone-sized, for tests and benchmarks only).
             Default: only the layers sampled for the effective rank.
@@ -350,6 +357,7 @@ class PLoRA:
         access: ParamAccess,
         *,
         scheduler: RestartableLR | None = None,
+        stages: StageSchedule | None = None,
         track_all_layers: bool = False,
         base_weights: Callable[[str], torch.Tensor] | None = None,
     ) -> None:
@@ -383,6 +391,9 @@ class PLoRA:
         self.num_unloads = 0
         self.last_step = 0
         self.last_samples = 0
+        self.stages = stages
+        # Where the current interval's unload points are counted from (0 without stages).
+        self.point_origin = 0
         self.sampled = sampled_layers(len(self.pairs), cfg.rank_sample_layers)
         self.tracked = list(range(len(self.pairs))) if track_all_layers else list(self.sampled)
         # Per tracked layer, (W_now - W_0) - Σ intended in fp32 on the weight's device: the sum
@@ -460,9 +471,37 @@ class PLoRA:
 
     def due(self, step: int, samples_seen: int) -> bool:
         """Whether to unload now; call after each optimizer step (see ``unload_due``)."""
+        o = self.point_origin
         if self.cfg.unload_unit == "steps":
-            return unload_due(step, self.last_step, self.cfg.unload_every)
-        return unload_due(samples_seen, self.last_samples, self.cfg.unload_every)
+            return unload_due(step - o, self.last_step - o, self.cfg.unload_every)
+        return unload_due(samples_seen - o, self.last_samples - o, self.cfg.unload_every)
+
+    def begin_stage(self, stage: int, counter: int) -> None:
+        """Take stage ``stage``'s settings (``stages``) at an unload, the counter (steps or
+        samples, ``plora.unload_unit``) at ``counter``: the next points are counted from the last
+        point of the old interval passed, and the scheduler gets the stage's ``optim``."""
+        assert self.stages is not None
+        every = self.cfg.unload_every
+        self.point_origin += (counter - self.point_origin) // every * every
+        settings = self.stages.settings(stage)
+        self.cfg = settings.plora
+        if self.scheduler is not None:
+            self.scheduler.use_settings(settings.optim)
+
+    def resume_stage(self) -> None:
+        """After a restore, give the scheduler the current stage's ``optim`` settings and its
+        last LR again (a DeepSpeed checkpoint loaded into another layout may not restore the
+        param groups). A no-op without ``stages``."""
+        if self.stages and self.scheduler is not None:
+            self.scheduler.use_settings(self.stages.settings(self.num_unloads).optim)
+            self.scheduler.resume_lr()
+
+    def stage_metrics(self) -> dict[str, Any]:
+        """``{"stage_settings": ...}``: each changeable setting in the current stage (with
+        ``stages``; empty without)."""
+        if not self.stages:
+            return {}
+        return {"stage_settings": self.stages.settings(self.num_unloads).as_dict()}
 
     def unload(self, step: int, samples_seen: int) -> UnloadReport:
         """Merge (1-m)·ΔW into the backbone, keep m·ΔW in the adapter, reset optimizer and LR.
@@ -517,9 +556,13 @@ class PLoRA:
                     self.access.write_trainable(p.B, m * b)
                 del a, b, new
         ranks = self.effective_ranks()
+        if self.stages:
+            self.begin_stage(k + 1, step if cfg.unload_unit == "steps" else samples_seen)
         self.access.reset_optimizer_state(self.trainable_params())
         if self.scheduler is not None:
-            self.scheduler.restart(next_stage_length(cfg, self.global_batch, samples_seen))
+            self.scheduler.restart(
+                next_stage_length(self.cfg, self.global_batch, samples_seen - self.point_origin)
+            )
         self.num_unloads += 1
         self.last_step, self.last_samples = step, samples_seen
         err, norm = _total(err_sq), _total(int_sq)
@@ -663,6 +706,7 @@ class PLoRA:
             "num_unloads": self.num_unloads,
             "last_step": self.last_step,
             "last_samples": self.last_samples,
+            "point_origin": self.point_origin,
             "seed": self.seed,
             "layers": [p.name for p in self.pairs],
             "drift": {k: v.cpu().clone() for k, v in self.drift.items()},
@@ -689,6 +733,9 @@ class PLoRA:
         self.num_unloads = int(state["num_unloads"])
         self.last_step = int(state["last_step"])
         self.last_samples = int(state["last_samples"])
+        self.point_origin = int(state.get("point_origin", 0))
+        if self.stages:  # the stage is the unload count (the optimizer's part: the trainer's)
+            self.cfg = self.stages.settings(self.num_unloads).plora
         # Absent in states saved before from_base existed, and left out of checkpoints (the
         # trainer rebuilds them from the backbone records: ``BackboneRecorder.merged_factors``).
         self.base_factors = {

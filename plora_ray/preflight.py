@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from plora_ray.base_weights import from_base_source_problem
-from plora_ray.config import ConfigError, RunConfig
+from plora_ray.config import ConfigError, RunConfig, resolve_model_path
 from plora_ray.ds_config import deepspeed_config
 
 __all__ = [
@@ -69,7 +69,7 @@ def check_run_config(cfg: RunConfig) -> None:
     """
     problems = []
     if cfg.method == "plora" and cfg.plora.merge_rounding == "from_base" and cfg.model.path:
-        problem = from_base_source_problem(cfg.model.path)
+        problem = from_base_source_problem(resolve_model_path(cfg.model.path))
         if problem:
             problems.append(problem)
     if not cfg.deepspeed.enabled and cfg.resources.num_workers != 1:

@@ -81,7 +81,8 @@ def build_recorded_plora(
         names,
         generator_for,
         add_with_rounding,
-        coef_for=lambda pr: merge_coefficient(cfg.momentum, pr.scaling),
+        # plora.cfg, not cfg: with plora.stages each stage's unload has its own momentum.
+        coef_for=lambda pr: merge_coefficient(plora.cfg.momentum, pr.scaling),
         rounding=cfg.merge_rounding,
         base_weights=base_weights,
     )

@@ -54,7 +54,7 @@ from plora_ray.checkpoint import (
     write_state,
 )
 from plora_ray.checkpoint_load import check_deepspeed_checkpoint, load_pickled_state
-from plora_ray.config import RunConfig, dump_config
+from plora_ray.config import RunConfig, StageSchedule, dump_config
 from plora_ray.data import Batcher, build_datasets
 from plora_ray.divergence import DivergenceGuard
 from plora_ray.engine import (
@@ -309,6 +309,7 @@ class TrainingRun:
             self.scheduler,
             self.base_weights,
         )
+        self.plora.stages = StageSchedule(cfg)  # plora.stages: empty for most runs
 
     def generator_for(self, unload_index: int, layer_index: int, device: Any = "cpu") -> Any:
         """The generator PLoRA's unload uses for this layer's rounding (see plora.unload)."""
@@ -341,9 +342,13 @@ class TrainingRun:
                 self.unload()
                 unload = True
             # The proxy points: the multiples of plora.unload_every, for every method (see the
-            # module docstring); for plora they are the unloads (PLoRA.due is the same test).
-            point = diverged is None and unload_due(
-                self.proxy_counter(), counter_before, cfg.plora.unload_every
+            # module docstring); for plora they are the unloads (the same test, PLoRA.due, with
+            # each stage's interval).
+            point = (
+                unload
+                if self.plora is not None
+                else diverged is None
+                and unload_due(self.proxy_counter(), counter_before, cfg.plora.unload_every)
             )
             if point and cfg.eval.proxy_samples > 0:
                 self.proxy = self.compute_proxy()
@@ -457,6 +462,7 @@ class TrainingRun:
             "loss": loss,
             "lr": lr,
             "stage": self.plora.num_unloads if self.plora is not None else 0,
+            **(self.plora.stage_metrics() if self.plora is not None else {}),
             "tokens_per_s": tokens_per_s,
             "merge_rel_error": self.last_unload.get("merge_rel_error"),
             "cumulative_rel_error": self.last_unload.get("cumulative_rel_error"),
@@ -576,6 +582,8 @@ class TrainingRun:
                 raise ValueError(f"resume: unexpected weights {missing.unexpected_keys[:3]}")
             self.optimizer.load_state_dict(blob["optimizer"])
             self.scheduler.load_state_dict(blob["scheduler"])
+        if self.plora is not None:  # plora.stages: the stage's optimizer settings
+            self.plora.resume_stage()
         self.batcher.load_state_dict(state["batcher"])
         self.guard.load_state_dict(state["divergence"])
         self.step = int(state["step"])

@@ -10,7 +10,8 @@ is touched. The package's modules, bottom up:
 
 - ``conversion``: YAML values -> the fields' types, a message per value that does not fit;
 - ``schema``: one dataclass per section, each checking its own values (``problems``);
-- ``loading``: files, dotted-key overrides, relative paths, ``dump_config``.
+- ``loading``: files, dotted-key overrides, relative paths, ``dump_config``;
+- ``stages``: ``plora.stages``, the settings that change at unloads (checked by the schema).
 """
 
 from plora_ray.config.conversion import ConfigError
@@ -25,6 +26,7 @@ from plora_ray.config.loading import (
 )
 from plora_ray.config.schema import (
     BUNDLED_DATA_DIR,
+    BUNDLED_MODELS,
     BUNDLED_SOURCES,
     EVAL_TASKS,
     LLAMA_LINEAR_TARGETS,
@@ -50,10 +52,13 @@ from plora_ray.config.schema import (
     UnloadUnit,
     UnloadVariant,
     check_section,
+    resolve_model_path,
 )
+from plora_ray.config.stages import STAGE_KEYS, StageSchedule, StageSettings, stage_problems
 
 __all__ = [
     "BUNDLED_DATA_DIR",
+    "BUNDLED_MODELS",
     "BUNDLED_SOURCES",
     "EVAL_TASKS",
     "LLAMA_LINEAR_TARGETS",
@@ -67,6 +72,7 @@ __all__ = [
     "EvalConfig",
     "LoraConfig",
     "LrSchedule",
+    "STAGE_KEYS",
     "MergeRounding",
     "Method",
     "ModelConfig",
@@ -75,6 +81,8 @@ __all__ = [
     "ResourcesConfig",
     "RunConfig",
     "Section",
+    "StageSchedule",
+    "StageSettings",
     "TinyModelConfig",
     "TrainConfig",
     "UnloadUnit",
@@ -86,5 +94,7 @@ __all__ = [
     "load_config",
     "load_yaml",
     "parse_override",
+    "resolve_model_path",
     "resolve_relative_paths",
+    "stage_problems",
 ]

@@ -76,7 +76,8 @@ def type_name(tp: Any) -> str:
     if origin is list:
         return f"a list of {type_name(get_args(tp)[0])}"
     if origin is dict:
-        return f"a mapping of {type_name(get_args(tp)[1])}"
+        values = get_args(tp)[1]
+        return "a mapping" if values is Any else f"a mapping of {type_name(values)}"
     if dataclasses.is_dataclass(tp):
         return "a mapping (section)"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from plora_ray.config.conversion import ConfigError, field_type_problems
+from plora_ray.config.stages import stage_problems
 
 # The choices of the string fields, named so that other modules derive their checks from these
 # types (``typing.get_args``) instead of repeating the strings.
@@ -38,6 +39,11 @@ BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "benchmark_data"
 # Training sources a data.sources entry can name instead of a file: name -> (file, row format).
 BUNDLED_SOURCES: dict[str, tuple[Path, str]] = {
     "bundled:gsm8k": (BUNDLED_DATA_DIR / "gsm8k" / "train.jsonl", "gsm8k"),
+}
+# Models shipped in the package that model.path (or model.tokenizer) can name: name -> its
+# directory in Hugging Face layout. Made by ``python -m plora_ray.tiny_base`` (see its MANIFEST).
+BUNDLED_MODELS: dict[str, Path] = {
+    "bundled:tiny_base": Path(__file__).resolve().parent.parent / "assets" / "tiny_base",
 }
 # Benchmarks plora_ray.evaluate scores on the bundled data.
 EVAL_TASKS = ("gsm8k", "mmlu", "arc_easy", "arc_challenge")
@@ -61,6 +67,16 @@ class _Checks:
         if not ok:
             value = getattr(self.section, name) if found is _FIELD_VALUE else found
             self.problems.append(f"{self.key(name)}: expected {expected}, found {value!r}")
+
+
+def resolve_model_path(value: str) -> str:
+    """The directory a ``bundled:`` model name stands for; any other value unchanged.
+
+    Every place that opens ``model.path`` or ``model.tokenizer`` goes through this, so a config
+    (and a trial's stored config) keeps the portable name rather than this machine's path.
+    """
+    bundled = BUNDLED_MODELS.get(value)
+    return str(bundled) if bundled is not None else value
 
 
 def _looks_local(path: str) -> bool:
@@ -106,8 +122,9 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    # A local directory or a hub id, loaded with from_pretrained. At most one of path / tiny; with
-    # neither, the tiny model with default fields is used (the embedded default).
+    # A local directory, a hub id or a shipped model (bundled:tiny_base), loaded with
+    # from_pretrained. At most one of path / tiny; with neither, the tiny model with default
+    # fields and random weights is used.
     path: str | None = None
     tiny: TinyModelConfig | None = None
     # Tokenizer directory or hub id; default: model.path, or the bundled offline tokenizer for tiny.
@@ -136,7 +153,17 @@ class ModelConfig:
             c.problems += self.tiny.problems(c.key("tiny"))
         for name in ("path", "tokenizer"):
             value = getattr(self, name)
-            if value is not None and _looks_local(value) and not Path(value).expanduser().is_dir():
+            if value is not None and value.startswith("bundled:"):
+                if value not in BUNDLED_MODELS:
+                    hint = difflib.get_close_matches(value, BUNDLED_MODELS, n=1)
+                    extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+                    c.problems.append(
+                        f"{c.key(name)}: expected a local directory, a hub id or one of the "
+                        f"shipped models ({', '.join(BUNDLED_MODELS)}), found {value!r}{extra}"
+                    )
+            elif (
+                value is not None and _looks_local(value) and not Path(value).expanduser().is_dir()
+            ):
                 c.problems.append(
                     f"{c.key(name)}: expected an existing directory or a hub id, found "
                     f"{value!r} (no such directory)"
@@ -278,6 +305,11 @@ class PLoRAConfig:
     rank_threshold: float = 0.01
     # How many target layers to sample for the effective-rank metric (0 = none).
     rank_sample_layers: int = 2
+    # Settings that change at unloads: [{at: 2, optim.lr: 5.0e-5, plora.momentum: 0.3}, ...].
+    # An entry holds from stage `at` on (stage k starts right after unload k); a stage's momentum
+    # is the one of the unload ending it, its unload_every its length. Which keys may change,
+    # and why the others cannot: plora_ray/config/stages.py.
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
     def problems(self, prefix: str) -> list[str]:
         """Every problem of this section, keys under ``prefix``."""
@@ -506,6 +538,7 @@ class RunConfig:
             c.need(not unknown, "lora.targets", f"names of LLaMA linear layers ({names})", unknown)
         c.problems += self.plora.problems(c.key("plora"))
         c.problems += self.optim.problems(c.key("optim"))
+        c.problems += stage_problems(self, prefix)
         c.problems += self.batch.problems(c.key("batch"))
         c.problems += self.resources.problems(c.key("resources"))
         b, workers = self.batch, self.resources.num_workers
