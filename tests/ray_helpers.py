@@ -40,6 +40,9 @@ SMOKE_SETS = [
     "eval.max_gen_toks=8",
     "data.max_samples=64",
     "plora.unload_every=16",
+    # 16-sample intervals so a 4-step trial of batch 8 unloads; the shipped space offers 32 and 64.
+    "search.params.plora.unload_every={distribution: choice, values: [16, 32], "
+    "when: {method: plora}}",
     "search.scheduler.grace_period=64",
     "search.points=[{method: plora, optim.lr: 0.001, lora.rank: 8, plora.momentum: 0.1, "
     "plora.unload_every: 16}, {method: lora, optim.lr: 0.001, lora.rank: 8}]",

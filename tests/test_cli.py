@@ -124,7 +124,8 @@ def test_a_step_line_shows_step_of_total_and_an_eta_and_a_phase_its_name() -> No
 
 @pytest.mark.slow
 def test_train_prints_its_phases_and_step_of_total_with_an_eta(tmp_path, capsys) -> None:
-    sets = ["train.max_steps=4", "eval.tasks=[gsm8k]", "eval.limit=2", "eval.max_gen_toks=8"]
+    sets = ["train.max_steps=4", "train.log_every=2", "eval.tasks=[gsm8k]", "eval.limit=2"]
+    sets += ["eval.max_gen_toks=8"]
     argv = ["train", str(SMOKE), "--output", str(tmp_path / "run"), "--set", *sets]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out

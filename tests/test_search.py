@@ -505,6 +505,8 @@ def test_search_survives_sigkill_of_its_driver_and_resume_loses_nothing(
         # but a decoupled weight decay of 1e30 blows the LoRA weights up to inf in one step,
         # so step 2's loss is NaN (seeded; checked with build_engine outside Ray).
         "search.params.optim.weight_decay={distribution: choice, values: [0.0, 1.0e+30]}",
+        "search.params.plora.unload_every={distribution: choice, values: [16, 32], "
+        "when: {method: plora}}",
         "search.points=[{method: plora, optim.lr: 1.0e-3, lora.rank: 8, plora.momentum: 0.1, "
         "plora.unload_every: 16, optim.weight_decay: 1.0e+30}, "
         "{method: lora, optim.lr: 0.001, lora.rank: 4, optim.weight_decay: 0.0}]",
