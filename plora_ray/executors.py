@@ -102,7 +102,6 @@ from plora_ray.train_failures import infrastructure_loss
 from plora_ray.training_run import TrainingRun
 
 __all__ = [
-    "RAY_RUN_NAME",
     "RunResult",
     "Trainer",
     "cleanup_run_shm",
@@ -113,8 +112,6 @@ __all__ = [
     "run_training",
     "train_loop_per_worker",
 ]
-
-RAY_RUN_NAME = RUN_CHECKPOINTS_DIR
 
 
 class Trainer(Protocol):
@@ -197,7 +194,7 @@ class _ProcessSession:
     local_rank = 0
 
     def __init__(self, out: Path, keep: int, device: Any, on_report: Report | None) -> None:
-        self.ckpt_root = out / RAY_RUN_NAME
+        self.ckpt_root = out / RUN_CHECKPOINTS_DIR
         self.keep = keep
         self.device = device
         self.on_report = on_report
@@ -397,7 +394,7 @@ def run_training(
                 num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources
             ),
             run_config=ray.train.RunConfig(
-                name=RAY_RUN_NAME,
+                name=RUN_CHECKPOINTS_DIR,
                 # Cloud storage: Train persists and restores the checkpoints there itself.
                 storage_path=sync.uri if sync is not None else str(out),
                 callbacks=callbacks,

@@ -41,7 +41,7 @@ from plora_ray.store import Store, scratch_dir
 
 __all__ = ["CHECKPOINT_COMPLETE", "RUN_CHECKPOINTS_DIR", "RunMirror", "RunSync"]
 
-# The run directory's checkpoint folder (executors.RAY_RUN_NAME: Ray Train's run name).
+# The run directory's checkpoint folder (also Ray Train's run name, executors.run_training).
 RUN_CHECKPOINTS_DIR = "ray"
 # Uploaded last into a pushed checkpoint: a checkpoint counts only with it.
 CHECKPOINT_COMPLETE = "COMPLETE"
