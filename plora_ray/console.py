@@ -19,6 +19,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from plora_ray.pbt import split_trial_config
 from plora_ray.search_space import SearchSpec
 
 __all__ = ["QUIET_WORKER_ENV", "LiveTable", "print_above_table"]
@@ -101,7 +102,8 @@ class LiveTable(Callback):
 
     def _row(self, trial: Any) -> dict[str, Any]:
         return self.rows.setdefault(
-            trial.trial_id, {"status": "pending", "params": dict(trial.config or {})}
+            trial.trial_id,
+            {"status": "pending", "params": split_trial_config(dict(trial.config or {}))[0]},
         )
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:

@@ -333,6 +333,15 @@ def _ensure_ray(cfg: RunConfig) -> bool:
     return True
 
 
+def _seeded_checkpoint(out: Path) -> ray.train.Checkpoint | None:
+    """A checkpoint put into DIR/ray by hand, with no Ray Train snapshot to restore it from (a
+    ``pbt_unload`` fork, ``trial_driver.seed_fork``): what Ray Train starts the run from."""
+    if (out / RUN_CHECKPOINTS_DIR / "checkpoint_manager_snapshot.json").exists():
+        return None  # Ray Train restores its own newest checkpoint
+    seeded = newest_checkpoint(out)
+    return ray.train.Checkpoint.from_directory(str(seeded)) if seeded is not None else None
+
+
 def run_training(
     cfg: RunConfig,
     output_dir: str | os.PathLike[str],
@@ -401,6 +410,7 @@ def run_training(
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
             ),
+            resume_from_checkpoint=_seeded_checkpoint(out) if resume and mirror is None else None,
         )
         with _MetricsTail(out / METRICS_FILE, report), _MetricsTail(out / PHASES_FILE, report):
             try:

@@ -488,12 +488,35 @@ class PLoRA:
         if self.scheduler is not None:
             self.scheduler.use_settings(settings.optim)
 
-    def resume_stage(self) -> None:
+    def resume_stage(self, at_boundary: bool = False) -> None:
         """After a restore, give the scheduler the current stage's ``optim`` settings and its
         last LR again (a DeepSpeed checkpoint loaded into another layout may not restore the
-        param groups). A no-op without ``stages``."""
-        if self.stages and self.scheduler is not None:
-            self.scheduler.use_settings(self.stages.settings(self.num_unloads).optim)
+        param groups). A no-op without ``stages``.
+
+        ``at_boundary``: restored from the checkpoint of the unload that began the stage, before
+        any step of it. The stage then begins again under this run's settings, which may differ
+        from those of the run that wrote the checkpoint (a ``pbt_unload`` fork adds a stage entry
+        there): the next unload point is counted from the unload's point with this stage's
+        interval, and the LR schedule restarts with this stage's settings. For the run that wrote
+        the checkpoint this is what its unload did, so its resume is unchanged."""
+        if not self.stages:
+            return
+        settings = self.stages.settings(self.num_unloads)
+        if at_boundary and self.num_unloads > 0:
+            counter = self.last_step if self.cfg.unload_unit == "steps" else self.last_samples
+            # Where begin_stage put the origin; a run without stages never moved it (the same
+            # unload points, as multiples of one interval).
+            every = self.stages.settings(self.num_unloads - 1).plora.unload_every
+            self.point_origin += (counter - self.point_origin) // every * every
+            self.cfg = settings.plora
+            if self.scheduler is not None:
+                self.scheduler.use_settings(settings.optim)
+                self.scheduler.restart(
+                    next_stage_length(self.cfg, self.global_batch, counter - self.point_origin)
+                )
+            return
+        if self.scheduler is not None:
+            self.scheduler.use_settings(settings.optim)
             self.scheduler.resume_lr()
 
     def stage_metrics(self) -> dict[str, Any]:

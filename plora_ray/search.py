@@ -263,6 +263,7 @@ def run_search(
             proxy_metric=spec.proxy_metric,
             runner=runner or default_runner,
             max_retries=spec.max_retries,
+            pbt=spec.scheduler.type == "pbt_unload",
         )
         if train_env is not None:
             ctx.train_env = dict(train_env)
@@ -294,6 +295,10 @@ def run_search(
                 ),
             )
         max_concurrent = spec.max_concurrent or free_trial_slots(per_cpu, per_gpu)
+        if spec.scheduler.type == "pbt_unload":
+            # The whole population exists from the start (Tune's PBT pauses and resumes its
+            # trials in turn when the cluster fits fewer; a trial waits for its resources).
+            max_concurrent = spec.num_samples
         if not resume:
             # What the search ran with (the benchmark's occupancy counts these slots).
             meta = sdir.read_json("search.json") or {}

@@ -16,7 +16,7 @@ A search space is a run config plus a ``search:`` block::
       objective:                # one of: metric+direction | weighted+direction | pareto
         metric: gsm8k
         direction: maximize
-      scheduler:                # ASHA on the cheap proxy at the trainer's report points, or none
+      scheduler:                # ASHA, pbt_unload or none: see plora_ray.search_scheduler
         type: asha
         metric: gsm8k_nll
         direction: minimize
@@ -52,7 +52,6 @@ what was found, before Ray is imported (``plora-ray validate`` runs ``validate_s
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import itertools
 from collections.abc import Callable
@@ -69,7 +68,7 @@ from plora_ray.config import (
     resolve_relative_paths,
 )
 from plora_ray.config.conversion import yaml_number
-from plora_ray.objective import DIRECTIONS, ObjectiveSpec, parse_objective_block
+from plora_ray.objective import ObjectiveSpec, parse_objective_block
 from plora_ray.search_params import (
     ParamSpec,
     dotted_value,
@@ -77,6 +76,14 @@ from plora_ray.search_params import (
     parse_params,
     read_conditions,
     suggest,
+)
+from plora_ray.search_scheduler import (
+    PROXY_METRICS,
+    TIME_ATTRS,
+    SchedulerSpec,
+    check_pbt,
+    check_scheduler_direction,
+    parse_scheduler,
 )
 
 __all__ = [
@@ -100,10 +107,6 @@ __all__ = [
     "validate_search_block",
 ]
 
-# Metrics the trainer reports *during* training, usable by the early-stopping scheduler.
-PROXY_METRICS = ("gsm8k_nll", "mmlu_nll", "loss")
-# Progress counters in the trainer's reports, usable as ASHA's time axis.
-TIME_ATTRS = ("samples", "step", "training_iteration")
 ALGORITHMS = ("tpe", "nsga2", "motpe", "random", "grid")
 TRIAL_EXECUTORS = ("auto", "train", "actor")
 TrialExecutor = Literal["train", "actor"]
@@ -113,19 +116,6 @@ _PLACEHOLDER_OBJECTIVE = ObjectiveSpec("single", ("gsm8k",), ("maximize",))
 
 
 # --------------------------------------------------------------------------- spec objects
-
-
-@dataclass
-class SchedulerSpec:
-    """The early-stopping scheduler: ASHA on a proxy metric the trainer reports, or none."""
-
-    type: Literal["asha", "none"] = "none"
-    metric: str = "gsm8k_nll"
-    direction: str = "minimize"
-    time_attr: str = "samples"
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-    max_t: int = 10**12
 
 
 @dataclass
@@ -151,7 +141,7 @@ class SearchSpec:
     @property
     def proxy_metric(self) -> str:
         """The cheap metric a trial's record keeps as ``proxy`` (ASHA's, else the GSM8K NLL)."""
-        return self.scheduler.metric if self.scheduler.type == "asha" else "gsm8k_nll"
+        return self.scheduler.metric if self.scheduler.ranks_trials else "gsm8k_nll"
 
 
 def run_config_part(data: dict[str, Any]) -> dict[str, Any]:
@@ -182,109 +172,6 @@ _TOP_KEYS = {
 
 
 # --------------------------------------------------------------------------- parsing: the rest
-
-
-def _parse_scheduler(raw: Any, problems: list[str]) -> SchedulerSpec:
-    where = "search.scheduler"
-    if raw is None or raw == "none":
-        return SchedulerSpec(type="none")
-    if not isinstance(raw, dict):
-        problems.append(f"{where}: expected a mapping (type: asha | none), found {raw!r}")
-        return SchedulerSpec(type="none")
-    names = [f.name for f in dataclasses.fields(SchedulerSpec)]
-    for k in raw:
-        if k not in names:
-            hint = difflib.get_close_matches(str(k), names, n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            problems.append(f"{where}.{k}: unknown key{extra}; expected one of {', '.join(names)}")
-    spec = SchedulerSpec(type=raw.get("type", "asha"))
-    if spec.type not in ("asha", "none"):
-        problems.append(f"{where}.type: expected asha or none, found {spec.type!r}")
-        return SchedulerSpec(type="none")
-    if spec.type == "none":
-        return spec
-    spec.metric = raw.get("metric", spec.metric)
-    if spec.metric not in PROXY_METRICS:
-        problems.append(
-            f"{where}.metric: expected a metric the trainer reports during training "
-            f"({', '.join(PROXY_METRICS)}), found {spec.metric!r}"
-        )
-    spec.direction = raw.get("direction", spec.direction)
-    if spec.direction not in DIRECTIONS:
-        problems.append(
-            f"{where}.direction: expected maximize or minimize, found {spec.direction!r}"
-        )
-    spec.time_attr = raw.get("time_attr", spec.time_attr)
-    if spec.time_attr not in TIME_ATTRS:
-        problems.append(
-            f"{where}.time_attr: expected one of {', '.join(TIME_ATTRS)}, found {spec.time_attr!r}"
-        )
-    for k, lo in (("grace_period", 1), ("max_t", 1)):
-        v = raw.get(k, getattr(spec, k))
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            problems.append(f"{where}.{k}: expected an integer >= {lo}, found {v!r}")
-        else:
-            setattr(spec, k, v)
-    rf = yaml_number(raw.get("reduction_factor", spec.reduction_factor))
-    if rf is None or rf < 2:
-        problems.append(
-            f"{where}.reduction_factor: expected a finite number >= 2, found "
-            f"{raw.get('reduction_factor')!r}"
-        )
-    else:
-        spec.reduction_factor = rf
-    if spec.grace_period > spec.max_t:
-        problems.append(
-            f"{where}: expected grace_period <= max_t, found grace_period="
-            f"{spec.grace_period} > max_t={spec.max_t}"
-        )
-    return spec
-
-
-# The objective metrics each proxy tracks: those it rises and falls with, and those it moves
-# against (an NLL falls as the accuracy it stands for rises).
-_PROXY_TRACKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "gsm8k_nll": (("gsm8k_nll",), ("gsm8k", "gsm8k_flexible")),
-    "mmlu_nll": (
-        ("mmlu_nll",),
-        ("mmlu", "mmlu_humanities", "mmlu_stem", "mmlu_social_sciences", "mmlu_other"),
-    ),
-    "loss": (("final_loss",), ()),
-}
-
-
-def _opposite(direction: str) -> str:
-    return "minimize" if direction == "maximize" else "maximize"
-
-
-def _check_scheduler_direction(
-    scheduler: SchedulerSpec, objective: ObjectiveSpec | None, problems: list[str]
-) -> None:
-    """ASHA must favour the trials the objective favours: a scheduler metric that tracks an
-    objective metric needs the direction that metric implies (maximizing gsm8k means minimizing
-    gsm8k_nll); otherwise ASHA stops the best trials and keeps the worst."""
-    if objective is None or scheduler.type != "asha" or scheduler.direction not in DIRECTIONS:
-        return
-    same, against = _PROXY_TRACKS.get(scheduler.metric, ((), ()))
-    weights = objective.weights or (1.0,) * len(objective.metrics)
-    implied: dict[str, tuple[str, str]] = {}  # objective metric -> (its direction, ASHA's)
-    for metric, direction, weight in zip(objective.metrics, objective.directions, weights):
-        if weight == 0:
-            continue
-        sense = direction if weight > 0 else _opposite(direction)
-        if metric in same:
-            implied[metric] = (sense, sense)
-        elif metric in against:
-            implied[metric] = (sense, _opposite(sense))
-    wanted = {asha for _, asha in implied.values()}
-    if len(wanted) == 1 and scheduler.direction not in wanted:
-        (expected,) = wanted
-        tracked = ", ".join(f"{m} ({d})" for m, (d, _) in implied.items())
-        problems.append(
-            f"search.scheduler.direction: ASHA ranks trials by {scheduler.metric}, which tracks "
-            f"the objective's {tracked}, so it would stop the best trials; expected "
-            f"{expected}, found {scheduler.direction!r}"
-        )
 
 
 @dataclass(frozen=True)
@@ -543,8 +430,8 @@ def parse_search_block(data: dict[str, Any], source: str | None = None) -> Searc
             )
 
     objective = parse_objective_block(raw.get("objective"), problems)
-    scheduler = _parse_scheduler(raw.get("scheduler"), problems)
-    _check_scheduler_direction(scheduler, objective, problems)
+    scheduler = parse_scheduler(raw.get("scheduler"), problems)
+    check_scheduler_direction(scheduler, objective, problems)
     params, flat = parse_params(raw.get("params"), problems)
     spec = SearchSpec(
         objective=objective or _PLACEHOLDER_OBJECTIVE, params=params, scheduler=scheduler
@@ -565,6 +452,24 @@ def parse_search_block(data: dict[str, Any], source: str | None = None) -> Searc
         problems.append(
             f"search.num_samples: expected at least the {len(spec.points)} fixed "
             f"points, found {spec.num_samples}"
+        )
+    check_pbt(scheduler, params, base, spec.num_samples, problems)
+    if (
+        scheduler.type == "pbt_unload"
+        and spec.max_concurrent is not None
+        and spec.max_concurrent < spec.num_samples
+    ):
+        problems.append(
+            f"search.max_concurrent: pbt_unload starts its whole population at once (the "
+            f"cluster's free CPUs/GPUs decide how many train together; Tune's PBT pauses and "
+            f"resumes the rest in turn); expected null or at least search.num_samples "
+            f"({spec.num_samples}), found {spec.max_concurrent}"
+        )
+    if scheduler.type == "pbt_unload" and "://" in spec.storage:
+        problems.append(
+            f"search.storage: pbt_unload copies unload checkpoints between trials' run "
+            f"directories, which needs storage every node sees as a filesystem path (a shared "
+            f"filesystem); found {spec.storage!r}"
         )
     if problems:
         raise ConfigError(problems, source)

@@ -322,6 +322,9 @@ class TrialRecord:
     # The run's first merge-error warning (merge.MERGE_ERROR_WARN_THRESHOLD), naming
     # plora.merge_rounding; None when every unload stayed under the threshold.
     merge_warning: str | None = None
+    # A pbt_unload trial's history, one entry per stage whose settings were set (its start, and
+    # each fork at an unload): ``lineage_entry``'s fields. Empty for every other scheduler.
+    lineage: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -356,6 +359,8 @@ class TrialRecord:
             out["retry_reasons"] = self.retry_reasons
         if self.merge_warning is not None:
             out["merge_warning"] = self.merge_warning
+        if self.lineage:
+            out["lineage"] = self.lineage
         return out
 
     @classmethod
@@ -407,6 +412,7 @@ class TrialRecord:
             lora_rank = (config.get("lora") or {}).get("rank")
         timeline = rec.get("timeline")
         reasons = rec.get("retry_reasons")
+        lineage = rec.get("lineage")
         return cls(
             trial_id=str(tid),
             status=status,
@@ -435,6 +441,9 @@ class TrialRecord:
             retries=_int(rec.get("retries")) or 0,
             retry_reasons=[str(r) for r in reasons] if isinstance(reasons, list) else [],
             merge_warning=_opt_str(rec.get("merge_warning")),
+            lineage=[dict(e) for e in lineage if isinstance(e, Mapping)]
+            if isinstance(lineage, list)
+            else [],
         )
 
 

@@ -583,7 +583,7 @@ class TrainingRun:
             self.optimizer.load_state_dict(blob["optimizer"])
             self.scheduler.load_state_dict(blob["scheduler"])
         if self.plora is not None:  # plora.stages: the stage's optimizer settings
-            self.plora.resume_stage()
+            self.plora.resume_stage(at_boundary=int(state["step"]) == self.plora.last_step)
         self.batcher.load_state_dict(state["batcher"])
         self.guard.load_state_dict(state["divergence"])
         self.step = int(state["step"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,16 +34,26 @@ from ray import tune
 from plora_ray.config import ConfigError, RunConfig, config_from_dict
 from plora_ray.executors import Trainer, holds_run
 from plora_ray.objective import ObjectiveSpec
+from plora_ray.pbt import split_trial_config, trial_lineage
 from plora_ray.run_sync import RunMirror, RunSync
-from plora_ray.store import TERMINAL_STATUSES, SearchDir, TrialRecord, TrialStatus
+from plora_ray.store import METRICS_FILE, TERMINAL_STATUSES, SearchDir, TrialRecord, TrialStatus
 from plora_ray.trial_record import build_record
 
-__all__ = ["ATTEMPTS_FILE", "TRIAL_TRAIN_ENV", "TrialContext", "trial_driver"]
+__all__ = [
+    "ATTEMPTS_FILE",
+    "FORK_FILE",
+    "TRIAL_TRAIN_ENV",
+    "TrialContext",
+    "seed_fork",
+    "trial_driver",
+]
 
 # One line per start of a trial's training in a run directory (which driver session, when, and
 # what was lost before it): how a driver restarted by Tune knows it is a retry.
 ATTEMPTS_FILE = "attempts.jsonl"
 TRIAL_LOST = "the trial's actor was lost (its process or node died); restarted by Tune"
+# In a run directory started from another trial's unload checkpoint (pbt_unload): which fork.
+FORK_FILE = "fork.json"
 
 # Ray Train settings every trial driver puts in its environment, unless the job's environment sets
 # them already. Ray Train forwards them to the trial's Train controller and workers.
@@ -79,6 +90,8 @@ class TrialContext:
     train_env: dict[str, str] = field(default_factory=lambda: dict(TRIAL_TRAIN_ENV))
     # search.max_retries: restarts after lost infrastructure, per trial.
     max_retries: int = 0
+    # search.scheduler.type pbt_unload: trials fork at unloads and their records keep a lineage.
+    pbt: bool = False
     # One search driver's run (a --resume is another): a second start of a trial's training in
     # the same session is a retry, a start in a new session is the resume's.
     session: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -184,7 +197,50 @@ def _log_attempt(path: Path, session: str, after: str | None, mirror: RunMirror 
         mirror.push_files(ATTEMPTS_FILE)
 
 
-def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
+def seed_fork(run_dir: str, fork: dict[str, Any]) -> bool:
+    """Start a trial's run directory from the parent's unload checkpoint a ``pbt_unload`` fork
+    copied (``pbt_scheduler.copy_fork``), once per fork; returns whether it did now.
+
+    The run's files from before the fork (its earlier stages, now replaced) are moved to
+    ``<run>/before_fork_<n>/``, its checkpoints and export deleted; the copied checkpoint
+    becomes the run's newest one and the parent's reports up to the fork its
+    ``metrics.jsonl`` (cut at the fork step on restore).
+    The trainer then continues from there like any resumed run.
+
+    Raises:
+        FileNotFoundError: the fork's checkpoint copy is missing.
+    """
+    run = Path(run_dir)
+    marker = run / FORK_FILE
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()).get("checkpoint") == fork["checkpoint"]:
+                return False  # seeded already: the run continues from its own checkpoints
+        except (OSError, json.JSONDecodeError):
+            pass
+    ckpt = Path(fork["checkpoint"])
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"pbt_unload fork: the checkpoint copy {ckpt} is missing")
+    if run.is_dir() and any(run.iterdir()):
+        n = len(list(run.glob("before_fork_*"))) + 1
+        keep = run / f"before_fork_{n}"
+        keep.mkdir()
+        for item in list(run.iterdir()):
+            if item.name in ("ray", "model"):
+                # Its checkpoints and export: the trial never goes back to them.
+                shutil.rmtree(item, ignore_errors=True)
+            elif not item.name.startswith("before_fork_"):
+                os.replace(item, keep / item.name)
+    ray_dir = run / "ray"
+    ray_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ckpt, ray_dir / ckpt.name)
+    if (ckpt.parent / METRICS_FILE).is_file():
+        shutil.copyfile(ckpt.parent / METRICS_FILE, run / METRICS_FILE)
+    marker.write_text(json.dumps(fork, indent=1))
+    return True
+
+
+def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
     """One Tune trial: the run config with the sampled dotted keys, trained by ``ctx.runner``.
 
     The record goes to ``trials/<id>.json`` *before* the final report, so a driver killed after it
@@ -193,8 +249,14 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
     to ``ctx.max_retries`` times in all (see the module docstring).
     """
     driver_started = time.time()
+    params, pbt_state = split_trial_config(config)
     for key, value in ctx.train_env.items():
         os.environ.setdefault(key, value)
+    # A trial Tune pauses (pbt_unload) or stops while its run trains in this actor's thread
+    # (run_in_process) ends at its next report, up to a few steps later; Tune reuses the actor
+    # only once that thread has ended and waits TUNE_FUNCTION_THREAD_TIMEOUT_S for it (2 s by
+    # default, then the trial errors). Read in this process by FunctionTrainable.reset_config.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "600")
     trial_id = tune.get_context().get_trial_id()
     sdir = SearchDir(ctx.storage, ctx.name)
     done = sdir.trial_record(trial_id)
@@ -222,6 +284,9 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
         sdir.write_record(rec)
         tune.report(_final_metrics(rec))
         return
+    fork = (pbt_state or {}).get("fork")
+    if isinstance(fork, dict):
+        seed_fork(run_dir, fork)
     retries = _earlier_retries(run_dir, ctx.session, mirror)
     # A retried or resumed trial continues from its own newest checkpoint (Ray Train's snapshot
     # in <run_dir>/ray; run_in_process keeps its checkpoints in the same place without it; on
@@ -257,6 +322,8 @@ def trial_driver(params: dict[str, Any], ctx: TrialContext) -> None:
     rec.run_dir = sdir.run_uri(trial_id)
     rec.retries, rec.retry_reasons = len(retries), retries
     rec.timeline = clock.timeline(driver_started, cfg, result.get("metrics") or {})
+    if ctx.pbt:
+        rec.lineage = trial_lineage(trial_id, config)
     if sdir.trial_record(trial_id) is not None:
         # Stopped by the scheduler while training: Tune killed this trial's actors (so the run
         # "failed" on a dead controller) and the search driver has recorded it as early_stopped.

@@ -39,6 +39,8 @@ from plora_ray.config import ConfigError, config_from_dict
 from plora_ray.console import QUIET_WORKER_ENV, LiveTable
 from plora_ray.executors import cleanup_run_shm
 from plora_ray.objective import ObjectiveSpec
+from plora_ray.pbt import split_trial_config, trial_lineage
+from plora_ray.pbt_scheduler import UnloadPBT
 from plora_ray.run_sync import RunSync
 from plora_ray.search_space import SearchSpec, TrialExecutor, grid_points, sample_params
 from plora_ray.store import METRICS_FILE, SearchDir, TrialRecord, TrialStatus, atomic_write_json
@@ -90,6 +92,8 @@ def stopped_trial_record(
             RunSync(sdir.uri, trial_id).mirror().pull_files(METRICS_FILE)
         except OSError as exc:  # the record is still written, from the last report alone
             print(f"warning: reading trial {trial_id}'s reports from the storage: {exc}")
+    config = params
+    params, _ = split_trial_config(config)
     try:
         cfg = config_from_dict(ctx.base, ctx.source, overrides=params).to_dict()
     except ConfigError:
@@ -106,6 +110,8 @@ def stopped_trial_record(
         last=last,
     )
     rec.run_dir = sdir.run_uri(trial_id)
+    if ctx.pbt:
+        rec.lineage = trial_lineage(trial_id, config)
     return rec
 
 
@@ -515,8 +521,10 @@ def _new_tuner(
         study_name=ctx.name,
         storage=optuna.storages.RDBStorage(study_storage),
     )
-    scheduler = None
-    if spec.scheduler.type == "asha":
+    scheduler: ASHAScheduler | UnloadPBT | None = None
+    if spec.scheduler.type == "pbt_unload":
+        scheduler = UnloadPBT(spec.scheduler, spec.params, ctx.storage, ctx.name, spec.seed)
+    elif spec.scheduler.type == "asha":
         s = spec.scheduler
         scheduler = ASHAScheduler(
             time_attr=s.time_attr,

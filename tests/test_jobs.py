@@ -16,7 +16,7 @@ TERMINAL = {"completed", "early_stopped", "diverged", "failed"}
 
 
 def test_job_scripts_are_valid_bash_and_name_their_space() -> None:
-    for space in ("smoke", "paper_table1", "llama7b_plora"):
+    for space in ("smoke", "smoke_pbt", "paper_table1", "llama7b_plora"):
         script = ROOT / "jobs" / f"{space}.sh"
         assert os.access(script, os.X_OK), script
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

@@ -45,7 +45,7 @@ def test_shipped_yaml_opens_with_the_command_that_runs_it_and_its_time(path):
 # --------------------------------------------------------------------------- PLoRA stages
 
 # The shipped 7B searches: every PLoRA trial must have about as many stages as the paper's ~12.
-SEVEN_B = ["paper_table1.yaml", "llama7b_plora.yaml"]
+SEVEN_B = ["paper_table1.yaml", "llama7b_plora.yaml", "llama7b_pbt.yaml"]
 MIN_STAGES = 8
 STAGE_KEYS = ("train.epochs", "batch.global_batch", "plora.unload_every", "data.held_out")
 
