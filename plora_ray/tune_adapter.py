@@ -164,7 +164,11 @@ class PLoRAOptunaSearch(OptunaSearch):
             study.set_user_attr("intermediate_values", f"{sign}{ctx.proxy_metric}")
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        params = super().suggest(trial_id)
+        with warnings.catch_warnings():
+            # OptunaSearch warns when sampling takes over a second (it validates each sample
+            # against the run config, slower on a loaded machine); nothing for a user to do.
+            warnings.filterwarnings("ignore", message="Define-by-run function passed in")
+            params = super().suggest(trial_id)
         if params is not None:
             self.sampled[trial_id] = dict(params)
             # OptunaSearch's private _ot_trials (ray 2.60.0): the Optuna trial of a Tune trial.

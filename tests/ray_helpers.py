@@ -2,12 +2,14 @@
 of a pytest session, submitted with `ray job submit` (jobs/smoke.sh) the way users submit it.
 
 The jobs test checks the submission itself; the leaderboard tests build their boards from the
-same finished search, so CI pays for one smoke search, not two.
+same finished search, so CI pays for one smoke search, not two (nor one per pytest-xdist
+worker: the workers share it through their common base temp directory and a file lock).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -159,11 +161,21 @@ def smoke_job_search(tmp_path_factory: pytest.TempPathFactory) -> SmokeJob:
     """Submit the (shrunk) smoke search with jobs/smoke.sh to a loopback head of our own, once
     per pytest session; later callers get the cached result (the log and exit code are kept in
     the session's base temp directory)."""
-    storage = tmp_path_factory.getbasetemp() / "smoke-job"
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the session's xdist workers (popen-gw0, popen-gw1, ...)
+    storage = base / "smoke-job"
+    storage.mkdir(parents=True, exist_ok=True)
+    with open(base / "smoke-job.lock", "w") as lock:
+        # The first worker to get here runs the search; the others wait for its result.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _smoke_job_search(storage)
+
+
+def _smoke_job_search(storage: Path) -> SmokeJob:
     log_file, rc_file = storage / "job.log", storage / "RETURNCODE"
     if rc_file.exists():
         return SmokeJob(storage / "smoke", int(rc_file.read_text()), log_file.read_text())
-    storage.mkdir(parents=True, exist_ok=True)
     with ray_head(num_cpus=4) as head:
         # Submitted as README says, with Ray's defaults: no RAY_AUTH_MODE (jobs/submit_env.sh
         # finds the token), the venv not activated (the script finds .venv/bin/ray).

@@ -41,6 +41,9 @@ ONE_TRAIN_TRIAL = [
     "train.log_every=2",
     "checkpoint.every_steps=2",
     "eval.limit=2",
+    # GSM8K only (the objective): MMLU's 57 subjects would cost more than the training.
+    "eval.tasks=[gsm8k]",
+    "eval.num_fewshot={gsm8k: 0}",
     "eval.max_gen_toks=8",
     "data.max_samples=64",
     "search.points=[{method: plora, optim.lr: 0.001, lora.rank: 4, plora.momentum: 0.1, "

@@ -46,6 +46,9 @@ ONE_LONG_TRAIN_TRIAL = [
     "train.epochs=100",
     "train.log_every=2",
     "eval.limit=2",
+    # GSM8K only (the objective): MMLU's 57 subjects would cost more than the training.
+    "eval.tasks=[gsm8k]",
+    "eval.num_fewshot={gsm8k: 0}",
     "eval.max_gen_toks=8",
     "data.max_samples=64",
     "plora.unload_every=16",
