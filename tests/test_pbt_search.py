@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import ray_helpers as helpers  # tests/ is on sys.path (rootdir conftest-less layout)
 import yaml
 
@@ -37,7 +38,13 @@ def _records(sdir: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((sdir / "trials").glob("*.json"))}
 
 
-def test_pbt_unload_search_forks_resumes_after_a_kill_and_replays(tmp_path: Path) -> None:
+# With search.trial_executor: train (a Ray Train run per trial: a fork's run starts from the
+# copied checkpoint through TorchTrainer's resume_from_checkpoint) in the full suite only.
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["actor", pytest.param("train", marks=pytest.mark.full)])
+def test_pbt_unload_search_forks_resumes_after_a_kill_and_replays(
+    tmp_path: Path, executor: str
+) -> None:
     storage = tmp_path / "st"
     cmd = [
         sys.executable,
@@ -51,6 +58,7 @@ def test_pbt_unload_search_forks_resumes_after_a_kill_and_replays(tmp_path: Path
         "pbt",
         "--set",
         *PBT_SETS,
+        f"search.trial_executor={executor}",
     ]
     sdir = storage / "pbt"
     with helpers.ray_head(num_cpus=2) as head:
