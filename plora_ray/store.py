@@ -212,6 +212,28 @@ class Store:
             raise
         return target
 
+    def move_dir(self, src: str, dst: str) -> None:
+        """Move the directory ``src`` to ``dst`` (both relative, '/'-separated; ``dst`` must not
+        exist). Cloud storage has no rename of a directory: a copy, then a delete.
+
+        Raises:
+            OSError: it cannot be moved.
+        """
+        if self.fs is None:
+            target = self.path(*dst.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(self.path(*src.split("/")), target)
+            return
+        source, target = self.path(*src.split("/")), self.path(*dst.split("/"))
+        self.fs.create_dir(target, recursive=True)
+        pafs.copy_files(
+            source,
+            target,
+            source_filesystem=self.fs,
+            destination_filesystem=self.fs,
+        )
+        self.fs.delete_dir(source)
+
     def write_json(self, rel: str, obj: Any) -> str:
         """``write_atomic`` of ``obj`` as indented JSON."""
         return self.write_atomic(rel, [json_text(obj).encode("utf-8")])

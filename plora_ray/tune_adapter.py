@@ -5,8 +5,10 @@ Tune trial runs, is ``plora_ray.trial_driver``).
 that could not record themselves and sweeps what Ray leaves behind a stopped trial.
 ``connect_ray`` / ``free_trial_slots`` / ``run_tuner`` start (or restore) and run the Tuner.
 
-Every import of Ray (but ``plora_ray.console``'s, the live table's Tune callback, and
-``plora_ray.trial_driver``'s) and every call of a private Ray or Optuna API is in this module. The
+The scheduler is ASHA, ``pbt_scheduler.UnloadPBT`` (``search.scheduler.type: pbt_unload``) or
+none. Every import of Ray (but ``plora_ray.console``'s, the live table's Tune callback,
+``plora_ray.pbt_scheduler``'s and ``plora_ray.trial_driver``'s) and every call of a private Ray or
+Optuna API is in this module or those. The
 private ones were written against ray 2.60.0 and optuna 5.0.0; each says so where it is made.
 """
 
@@ -16,7 +18,6 @@ import functools
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -43,7 +44,7 @@ from plora_ray.pbt import split_trial_config, trial_lineage
 from plora_ray.pbt_scheduler import UnloadPBT
 from plora_ray.run_sync import RunSync
 from plora_ray.search_space import SearchSpec, TrialExecutor, grid_points, sample_params
-from plora_ray.store import METRICS_FILE, SearchDir, TrialRecord, TrialStatus, atomic_write_json
+from plora_ray.store import METRICS_FILE, SearchDir, TrialRecord, TrialStatus
 from plora_ray.trial_driver import TRIAL_TRAIN_ENV, TrialContext, trial_driver
 from plora_ray.trial_record import study_user_attrs, utc_now
 
@@ -404,23 +405,21 @@ def set_aside_dropped_runs(sdir: SearchDir) -> list[str]:
     """Move the run directories of a finished search that have no trial record (trials a killed
     driver launched after Tune's last snapshot: Tune no longer knows them, nothing will finish
     them) to ``<search>/dropped/<trial id>/``, each with ``DROPPED.json`` saying why. Returns
-    their trial ids. Cloud searches keep their runs in node-local scratch: nothing to move."""
-    runs = Path(sdir.path, "runs") if sdir.is_local else None
-    if runs is None or not runs.is_dir():
-        return []
+    their trial ids. On cloud storage these are the runs' homes in the storage
+    (``<search>/runs/<trial id>``); node-local scratch copies are left to their nodes."""
+    store = sdir.store
     moved = []
-    for run in sorted(p for p in runs.iterdir() if p.is_dir()):
-        if sdir.trial_record(run.name) is not None:
+    for name in store.list_names("runs"):
+        if not store.is_dir("runs", name) or sdir.trial_record(name) is not None:
             continue
-        dest = Path(sdir.path, DROPPED_DIR, run.name)
-        dest.parent.mkdir(exist_ok=True)
-        if dest.exists():  # dropped twice under one id (cannot happen with Tune's ids)
-            shutil.rmtree(dest)
-        os.replace(run, dest)
-        atomic_write_json(
-            dest / DROPPED_FILE, {"trial_id": run.name, "reason": ORPHAN_REASON, "at": utc_now()}
+        dest = f"{DROPPED_DIR}/{name}"
+        if store.exists(DROPPED_DIR, name):  # dropped twice under one id (not with Tune's ids)
+            dest = f"{dest}-{int(time.time())}"
+        store.move_dir(f"runs/{name}", dest)
+        store.write_json(
+            f"{dest}/{DROPPED_FILE}", {"trial_id": name, "reason": ORPHAN_REASON, "at": utc_now()}
         )
-        moved.append(run.name)
+        moved.append(name)
     return moved
 
 

@@ -163,26 +163,30 @@ def test_a_killed_train_worker_without_retries_fails_the_trial_with_the_reason(
 # --------------------------------------------------------------------------- a killed driver
 
 
-def test_run_dirs_without_a_record_are_set_aside_and_study_orphans_closed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("uri", [False, True], ids=["local", "uri"])
+def test_run_dirs_without_a_record_are_set_aside_and_study_orphans_closed(
+    tmp_path: Path, uri: bool
+) -> None:
     """What a SIGKILLed driver leaves (a trial launched after Tune's last snapshot: a run
     directory without a record, a RUNNING study trial) is closed with a reason at the end of the
-    resumed search; a finished trial's run stays where it is."""
-    sdir = SearchDir(str(tmp_path), "s")
+    resumed search; a finished trial's run stays where it is. On URI storage (pyarrow's local
+    filesystem through ``local://``, handled like s3://) the runs are their homes in the storage."""
+    sdir = SearchDir(f"local://{tmp_path}" if uri else str(tmp_path), "s")
     sdir.write_json("search.json", {"name": "s"})
     for tid in ("done", "lost"):
-        run = Path(sdir.run_dir(tid))
-        run.mkdir(parents=True)
-        (run / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0, "status": "running"}\n')
+        sdir.store.write_atomic(
+            f"runs/{tid}/metrics.jsonl", [b'{"step": 2, "loss": 1.0, "status": "running"}\n']
+        )
     sdir.write_record(
-        TrialRecord(trial_id="done", status="completed", run_dir=sdir.run_dir("done"))
+        TrialRecord(trial_id="done", status="completed", run_dir=sdir.run_uri("done"))
     )
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="s", storage=storage)
     study.ask()
     assert set_aside_dropped_runs(sdir) == ["lost"]
     close_study_orphans(storage, "s")
-    assert Path(sdir.run_dir("done"), "metrics.jsonl").is_file()
-    assert not Path(sdir.run_dir("lost")).exists()
+    assert (tmp_path / "s" / "runs" / "done" / "metrics.jsonl").is_file()
+    assert not (tmp_path / "s" / "runs" / "lost").exists()
     dropped = tmp_path / "s" / DROPPED_DIR / "lost"
     assert (dropped / "metrics.jsonl").is_file()
     assert json.loads((dropped / DROPPED_FILE).read_text())["reason"] == ORPHAN_REASON
