@@ -144,8 +144,9 @@ class Trainer(Protocol):
 class _RayTrainSession:
     """A Ray Train worker: rank, device and checkpoints come from Ray Train's context."""
 
-    def __init__(self) -> None:
+    def __init__(self, seeded: str | None = None) -> None:
         ctx = ray.train.get_context()
+        self.seeded = seeded
         self.rank: int = ctx.get_world_rank()
         self.world: int = ctx.get_world_size()
         self.local_rank: int = ctx.get_local_rank()
@@ -157,7 +158,7 @@ class _RayTrainSession:
         """The newest checkpoint Ray Train restores this run from, as a directory (or None)."""
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            yield None
+            yield Path(self.seeded) if self.seeded else None
             return
         with ckpt.as_directory() as d:
             yield Path(d)
@@ -223,7 +224,9 @@ class _ProcessSession:
 # --------------------------------------------------------------------------- Ray Train
 
 
-def train_loop_per_worker(args: WorkerArgs, sync: RunSync | None = None) -> None:
+def train_loop_per_worker(
+    args: WorkerArgs, sync: RunSync | None = None, seeded: str | None = None
+) -> None:
     """What every Ray Train worker runs: the training run, then its /dev/shm cleanup.
 
     Args:
@@ -232,6 +235,8 @@ def train_loop_per_worker(args: WorkerArgs, sync: RunSync | None = None) -> None
             every worker writes into its own node's scratch copy of the run; rank 0 first pulls
             the run's reports so far (a resumed run continues them) and pushes its files to the
             storage while it trains and at its end.
+        seeded: a checkpoint directory put into the run by hand (a ``pbt_unload`` fork) to start
+            from when Ray Train restores none.
     """
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -256,7 +261,7 @@ def train_loop_per_worker(args: WorkerArgs, sync: RunSync | None = None) -> None
     run = None
     try:
         with pushing:
-            run = TrainingRun(args, _RayTrainSession())
+            run = TrainingRun(args, _RayTrainSession(seeded))
             run.run()
     finally:
         if port:
@@ -333,13 +338,15 @@ def _ensure_ray(cfg: RunConfig) -> bool:
     return True
 
 
-def _seeded_checkpoint(out: Path) -> ray.train.Checkpoint | None:
+def _seeded_checkpoint(out: Path) -> str | None:
     """A checkpoint put into DIR/ray by hand, with no Ray Train snapshot to restore it from (a
-    ``pbt_unload`` fork, ``trial_driver.seed_fork``): what Ray Train starts the run from."""
+    ``pbt_unload`` fork, ``trial_driver.seed_fork``): what the workers start the run from when
+    Ray Train gives them none (TorchTrainer's own ``resume_from_checkpoint`` is deprecated in
+    Train v2, ray 2.60.0)."""
     if (out / RUN_CHECKPOINTS_DIR / "checkpoint_manager_snapshot.json").exists():
         return None  # Ray Train restores its own newest checkpoint
     seeded = newest_checkpoint(out)
-    return ray.train.Checkpoint.from_directory(str(seeded)) if seeded is not None else None
+    return str(seeded) if seeded is not None else None
 
 
 def run_training(
@@ -397,7 +404,12 @@ def run_training(
             resources["GPU"] = r.gpus_per_worker
         callbacks: list[Any] = [TuneReportCallback()] if _in_tune_session() else []
         trainer = TorchTrainer(
-            functools.partial(train_loop_per_worker, args, sync),
+            functools.partial(
+                train_loop_per_worker,
+                args,
+                sync,
+                _seeded_checkpoint(out) if resume and mirror is None else None,
+            ),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -410,7 +422,6 @@ def run_training(
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
             ),
-            resume_from_checkpoint=_seeded_checkpoint(out) if resume and mirror is None else None,
         )
         with _MetricsTail(out / METRICS_FILE, report), _MetricsTail(out / PHASES_FILE, report):
             try:

@@ -170,6 +170,29 @@ def _search_dir(file: str, storage: str, name: str, resume: bool) -> SearchDir:
     return sdir
 
 
+def check_population_fits(population: int, per_cpu: float, per_gpu: float, file: str) -> None:
+    """pbt_unload with ``trial_executor: train`` needs its whole population on the cluster at
+    once: each trial's driver holds a CPU while its Ray Train workers wait for theirs, so
+    drivers of a population larger than the cluster would hold the CPUs every worker waits for
+    (the actor executor's trials hold their whole share and simply wait their turn).
+
+    Raises:
+        ConfigError: the cluster's free CPUs/GPUs fit fewer trials than the population.
+    """
+    fits = free_trial_slots(per_cpu, per_gpu)
+    if fits < population:
+        raise ConfigError(
+            [
+                f"search.num_samples: pbt_unload with search.trial_executor train runs its whole "
+                f"population at once ({per_cpu:g} CPUs and {per_gpu:g} GPUs per trial, driver "
+                f"included); expected at most {fits}, what this cluster has free, found "
+                f"{population} (add nodes, lower search.num_samples, or use "
+                "search.trial_executor actor for one-worker trials)"
+            ],
+            file,
+        )
+
+
 def run_search(
     file: str,
     *,
@@ -278,6 +301,8 @@ def run_search(
             optuna.logging.set_verbosity(optuna.logging.WARNING)
         connect_ray(per_cpu, quiet=verbose == 0)
         check_storage_visible(storage, file)  # every node must see it (storage_check)
+        if spec.scheduler.type == "pbt_unload" and executor == "train":
+            check_population_fits(spec.num_samples, per_cpu, per_gpu, file)
         if not resume:
             # Written once the storage is known good: a refused storage leaves no search behind
             # that only --resume could reuse.

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ray import tune
+from ray.train._internal.session import get_session
 
 from plora_ray.config import ConfigError, RunConfig, config_from_dict
 from plora_ray.executors import Trainer, holds_run
@@ -197,6 +198,14 @@ def _log_attempt(path: Path, session: str, after: str | None, mirror: RunMirror 
         mirror.push_files(ATTEMPTS_FILE)
 
 
+def _stopped_by_tune(session: Any) -> bool:
+    """Whether Tune is stopping this trial: its function-trainable session was told to stop
+    (``stop_event``) or already shut down (``FunctionTrainable.cleanup``; private, ray 2.60.0)."""
+    if session is None:
+        return False
+    return bool(session.stop_event.is_set()) or get_session() is not session
+
+
 def seed_fork(run_dir: str, fork: dict[str, Any]) -> bool:
     """Start a trial's run directory from the parent's unload checkpoint a ``pbt_unload`` fork
     copied (``pbt_scheduler.copy_fork``), once per fork; returns whether it did now.
@@ -287,6 +296,7 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
     fork = (pbt_state or {}).get("fork")
     if isinstance(fork, dict):
         seed_fork(run_dir, fork)
+    session = get_session()
     retries = _earlier_retries(run_dir, ctx.session, mirror)
     # A retried or resumed trial continues from its own newest checkpoint (Ray Train's snapshot
     # in <run_dir>/ray; run_in_process keeps its checkpoints in the same place without it; on
@@ -296,6 +306,11 @@ def trial_driver(config: dict[str, Any], ctx: TrialContext) -> None:
     while True:
         resume = holds_run(run_dir) or (mirror is not None and mirror.holds_run())
         result = ctx.runner(cfg, run_dir, report=clock, resume=resume, sync=sync).as_dict()
+        if _stopped_by_tune(session):
+            # Paused or stopped by the scheduler (Tune removed this trial's resources, and with
+            # them its Train controller): no record. ASHA's stop is recorded by the search
+            # driver; a paused trial (pbt_unload) runs again, from its checkpoint or a fork.
+            return
         lost = result.get("infrastructure_loss")
         if not lost or len(retries) >= ctx.max_retries or sdir.trial_record(trial_id) is not None:
             break

@@ -61,7 +61,9 @@ def test_pbt_unload_search_forks_resumes_after_a_kill_and_replays(
         f"search.trial_executor={executor}",
     ]
     sdir = storage / "pbt"
-    with helpers.ray_head(num_cpus=2) as head:
+    # actor: 2 CPUs for 3 trials, so Tune's PBT pauses and resumes them in turn; train: the whole
+    # population at once (a driver CPU and a worker CPU per trial), which pbt_unload requires.
+    with helpers.ray_head(num_cpus=2 if executor == "actor" else 6) as head:
         env = {**helpers.ray_defaults_env(), "RAY_ADDRESS": head["gcs"], "RAY_AUTH_MODE": "token"}
         log1 = tmp_path / "run1.log"
         with open(log1, "w") as fh:
