@@ -893,3 +893,69 @@ def test_leaderboard_json_is_version_2_and_every_field_is_documented(tmp_path: P
     assert sorted(set(documented) - written) == []  # and every documented key is written
     p1 = next(r for r in data["rows"] if r["trial_id"] == "p1")
     assert p1["metrics_path"] == str(tmp_path / "r2" / "beta" / "runs" / "p1" / "metrics.jsonl")
+
+
+# --------------------------------------------------------------------------- pbt_unload lineage
+
+
+def _pbt_search(root: Path, parent: str = "p2") -> Path:
+    """A pbt_unload search: the winner w1 forked from ``parent`` (p2) at stage 2 with a perturbed
+    LR; p2 never forked."""
+    start = {"optim.lr": 1e-3, "plora.momentum": 0.1, "lora.rank": 8}
+    stages = [{"at": 2, "optim.lr": 0.0036}]
+    lineage = [
+        {"stage": 0, "step": 0, "samples": 0, "trial": parent, "parent": None,
+         "parent_proxy": None, "proxy": None, "settings": dict(start), "changes": {}},
+        {"stage": 2, "step": 16, "samples": 128, "trial": "w1", "parent": parent,
+         "parent_proxy": 3.41, "proxy": 3.87, "settings": {"optim.lr": 0.0036},
+         "changes": {"optim.lr": "* 1.2"}},
+    ]  # fmt: skip
+    winner = record("w1", gsm8k=0.3, params={**start, "plora.stages": stages}, lineage=lineage)
+    p2 = record("p2", gsm8k=0.2, params=dict(start), lineage=[dict(lineage[0])])
+    return make_search_dir(root, "pbt", [winner, p2], study=False)
+
+
+def test_pbt_board_shows_the_lineage_in_every_format_and_best_config_replays_the_stages(
+    tmp_path: Path,
+) -> None:
+    out = lb.publish(_pbt_search(tmp_path))
+    data = json.loads((out / "leaderboard.json").read_text())
+    rows = {r["trial_id"]: r for r in data["rows"]}
+    assert [e["parent"] for e in rows["w1"]["lineage"]] == [None, "p2"]
+    assert rows["p2"]["lineage"][0]["trial"] == "p2"
+    page = (out / "index.html").read_text()
+    assert "<h2>Lineage</h2>" in page
+    section = page.split("<h2>Lineage</h2>", 1)[1].split("<h2>", 1)[0]
+    assert section.index("w1") < section.index("p2")  # the board's order: the winner first
+    assert "optim.lr=0.0036 (* 1.2)" in section and "3.41" in section and "(start)" in section
+    md = (out / "leaderboard.md").read_text()
+    assert "## Lineage" in md and "took the unload checkpoint of p2 (proxy 3.41)" in md
+    with open(out / "leaderboard.csv", newline="") as f:
+        csv_rows = {r["trial_id"]: r for r in csv.DictReader(f)}
+    assert csv_rows["w1"]["lineage"] == "s0 p2; s2 w1<-p2 optim.lr=0.0036 (* 1.2)"
+    text = (out / "best_config.yaml").read_text()
+    assert "# lineage (pbt_unload)" in text and "#   stage 2 (step 16, 128 samples)" in text
+    cfg = load_config(out / "best_config.yaml")
+    assert cfg.optim.lr == 1e-3
+    assert cfg.plora.stages == [{"at": 2, "optim.lr": 0.0036}]
+
+
+def test_a_board_without_forks_has_no_lineage_section(tmp_path: Path) -> None:
+    out = lb.publish(small_search(tmp_path))
+    assert "Lineage" not in (out / "index.html").read_text()
+    assert "## Lineage" not in (out / "leaderboard.md").read_text()
+    assert "lineage" not in (out / "best_config.yaml").read_text()
+    with open(out / "leaderboard.csv", newline="") as f:
+        assert "lineage" not in next(csv.reader(f))
+
+
+@pytest.mark.parametrize("brk", ["\u2028", "\n"])
+def test_lineage_text_is_escaped_and_cannot_break_out_of_its_comment(
+    tmp_path: Path, brk: str
+) -> None:
+    evil = f"<script>window.__pwned=1</script>{brk}seed: 99"
+    out = lb.publish(_pbt_search(tmp_path, parent=evil))
+    page = (out / "index.html").read_text()
+    assert "<script>window" not in page and page.count("<script") == 2
+    assert load_config(out / "best_config.yaml").seed == 0
+    assert "<script>window" not in (out / "leaderboard.md").read_text()

@@ -8,6 +8,7 @@ its ``version``) are documented in ``docs/leaderboard_json.md``.
 - ``rank``: a trial's score, Pareto fronts, the board order, the gain over the baselines.
 - ``board``: reading search directories (one or several) into one ranked ``Board``.
 - ``tables``: cell formatting, CSV, Markdown and ``best_config.yaml``.
+- ``lineage``: a ``pbt_unload`` trial's forks, stage by stage, as text for every format.
 - ``plots``: the inline SVG plots.
 - ``html``: the HTML page.
 - ``publish``: writing the files (``publish``, called by the search) and the CLI command.

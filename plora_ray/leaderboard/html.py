@@ -25,6 +25,7 @@ from typing import Any
 
 from plora_ray.config.conversion import is_finite_number
 from plora_ray.leaderboard.board import Board, jsonable
+from plora_ray.leaderboard.lineage import LINEAGE_TOP, describe_settings, lineage_rows
 from plora_ray.leaderboard.plots import (
     plot_gsm8k_vs_mmlu,
     plot_importances,
@@ -400,6 +401,63 @@ def _summary(board: Board) -> str:
     return f'<ul class="searches">{"".join(parts)}</ul>{best_html}<p class="note">{scope}</p>'
 
 
+def _lineage(board: Board) -> str:
+    """The lineage of the top ``pbt_unload`` trials: a table per trial, one row per stage (empty
+    for boards without forks)."""
+    top = lineage_rows(board)
+    if not top:
+        return ""
+
+    def proxy(v: Any) -> str:
+        return escape(fmt_value(v)) if v is not None else ""
+
+    parts = [
+        "<h2>Lineage</h2>",
+        f'<p class="note">The top {min(LINEAGE_TOP, len(top))} trial(s) of this population-based '
+        "search, stage by stage: at an unload a trial behind the others took a better trial's "
+        "unload checkpoint (its merged backbone, adapter and optimizer state) and went on with "
+        "perturbed settings for the next stage. <code>best_config.yaml</code> replays the "
+        "winner's schedule from step 0 (<code>plora.stages</code>).</p>",
+    ]
+    for r in top:
+        rows = []
+        for e in r.record.lineage:
+            forked = e.get("parent") is not None
+            rows.append(
+                "<tr>"
+                f'<td class="num">{escape(e.get("stage"))}</td>'
+                f'<td class="num">{escape(e.get("step"))}</td>'
+                f'<td class="num">{escape(e.get("samples"))}</td>'
+                f'<td class="mono">{escape(e.get("trial"))}</td>'
+                f'<td class="mono">{escape(e.get("parent")) if forked else "(start)"}</td>'
+                f'<td class="num">{proxy(e.get("parent_proxy"))}</td>'
+                f'<td class="num">{proxy(e.get("proxy"))}</td>'
+                f"<td>{escape(describe_settings(e))}</td>"
+                "</tr>"
+            )
+        head = "".join(
+            f'<th scope="col" title="{escape(tip)}">{escape(h)}</th>'
+            for h, tip in [
+                ("stage", "the stage these settings start"),
+                ("step", "optimizer step of the unload"),
+                ("samples", "training samples seen at the unload"),
+                ("trial", "the trial that ran this stage (an ancestor for inherited stages)"),
+                ("forked from", "whose unload checkpoint it continued"),
+                ("parent proxy", "the parent's proxy at the unload (lower is better)"),
+                ("own proxy", "the forking trial's proxy when it was replaced"),
+                ("settings", "the stage's settings and how each was perturbed"),
+            ]
+        )
+        parts.append(
+            f"<h3>#{escape(r.rank)} {escape(r.label)} "
+            f'<span class="status {escape(r.record.status)}">'
+            f"{escape(r.record.status.replace('_', ' '))}</span></h3>"
+            f'<div class="tablewrap"><table class="lineage"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table></div>"
+        )
+    return "\n".join(parts)
+
+
 # The page around the board: styles, the sorting script, {{placeholders}}; shipped as package data.
 _TEMPLATE = resources.files("plora_ray").joinpath("assets/leaderboard.html")
 _SCRIPT_RE = re.compile(r"<script>(.*?)</script>", re.S)
@@ -434,6 +492,7 @@ def render_html(board: Board, board_dir: str | None = None) -> str:
         "summary": _summary(board),
         "warnings": f'<ul class="warnings">{warnings}</ul>' if warnings else "",
         "table": _table(board, board_dir),
+        "lineage": _lineage(board),
         "plots": "\n".join(f"<figure>{p}</figure>" for p in plots),
         "data_json": json_for_script(jsonable(board.to_dict())),
         "count": str(len(board.rows)),

@@ -126,6 +126,9 @@ class Row:
             "ended_at": rec.ended_at,
             "loss_curve": rec.loss_curve,
             "config": rec.config,
+            # pbt_unload: stage by stage, which trial's checkpoint this one continued and with
+            # which settings (plora_ray.pbt); empty for every other scheduler.
+            "lineage": rec.lineage,
         }
 
 

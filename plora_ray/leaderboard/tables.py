@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from plora_ray.leaderboard.board import Board, Cost
+from plora_ray.leaderboard.lineage import compact_lineage, describe_entry, lineage_rows
 from plora_ray.leaderboard.rank import Row
 from plora_ray.objective import OBJECTIVE_METRICS
 
@@ -153,6 +154,7 @@ def _csv_safe(v: Any) -> Any:
 def render_csv(board: Board) -> str:
     """One line per trial, in board order; params and objectives as their own columns."""
     pkeys, mkeys, gkeys = param_keys(board.rows), metric_keys(board, True), gain_keys(board)
+    has_lineage = any(r.record.lineage for r in board.rows)
     header = (
         [
             "rank",
@@ -181,6 +183,7 @@ def render_csv(board: Board) -> str:
             "started_at",
             "ended_at",
         ]
+        + (["lineage"] if has_lineage else [])
     )
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -215,6 +218,7 @@ def render_csv(board: Board) -> str:
                     rec.model_path,
                     rec.started_at,
                     rec.ended_at,
+                    *([compact_lineage(rec.lineage)] if has_lineage else []),
                 ]
             ]
         )
@@ -292,6 +296,12 @@ def render_markdown(board: Board) -> str:
         lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
     if any(s.spec.pareto for s in board.searches):
         lines += ["", "★ on the Pareto front."]
+    top = lineage_rows(board)
+    if top:
+        lines += ["", "## Lineage", "", "Top trials, stage by stage (pbt_unload forks at unloads):"]
+        for r in top:
+            lines += ["", f"- **{_md(r.label)}** (rank {r.rank}, {_md(r.record.status)})"]
+            lines += [f"  - {_md(describe_entry(e))}" for e in r.record.lineage]
     return "\n".join(lines) + "\n"
 
 
@@ -322,4 +332,8 @@ def render_best_config(board: Board) -> str | None:
         + ", ".join(f"{m}={fmt_value(best.record.objectives.get(m))}" for m in spec.metrics),
         "# Run it:  plora-ray train best_config.yaml",
     ]
+    if best.record.lineage:
+        # A pbt_unload winner: its per-stage schedule (plora.stages below) came from these forks.
+        header.append("# lineage (pbt_unload), replayed by plora.stages from step 0:")
+        header += [f"#   {_one_line(describe_entry(e))}" for e in best.record.lineage]
     return "\n".join(header) + "\n" + yaml.safe_dump(cfg, sort_keys=False)
