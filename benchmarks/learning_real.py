@@ -262,20 +262,23 @@ class Method:
         return f"plora r{self.rank} m{self.momentum:g} every{self.unload_every}"
 
 
-def finetune(
-    base: PreTrainedModel,
-    corpus: Corpus,
-    batches: list[list[int]],
-    method: Method,
-    lr: float,
-    seed: int,
-    pad_id: int,
-) -> tuple[torch.nn.Module, int]:
-    """Instruction-tune a copy of ``base`` with one method on the given batches.
+@dataclass
+class Finetuning:
+    """One fine-tuning in progress: the model, its trainable parameters, optimizer and PLoRA
+    (None but for ``plora``). ``finetune`` runs one to the end; ``benchmarks.search_quality``
+    steps, checkpoints and evaluates one inside a Tune trial."""
 
-    Returns:
-        The fine-tuned model and the number of PLoRA unloads (0 for the others).
-    """
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    plora: PLoRA | None
+
+
+def start_finetune(
+    base: PreTrainedModel, method: Method, lr: float, seed: int, batch: int
+) -> Finetuning:
+    """A copy of ``base`` with the method's adapters (none for full), its AdamW and, for
+    ``plora``, its PLoRA unloading every ``method.unload_every`` steps of ``batch`` samples."""
     torch.manual_seed(seed)  # peft draws the initial A from the global RNG
     model: torch.nn.Module = copy.deepcopy(base)
     lora = LoraConfig(rank=max(1, method.rank), alpha=2.0 * max(1, method.rank), dropout=0.0)
@@ -292,17 +295,40 @@ def finetune(
             merge_rounding="nearest",
             rank_sample_layers=0,
         )
-        plora = PLoRA(model, cfg, len(batches[0]), seed, TorchParamAccess(opt))
-    model.train()
+        plora = PLoRA(model, cfg, batch, seed, TorchParamAccess(opt))
+    return Finetuning(model, params, opt, plora)
+
+
+def train_step(ft: Finetuning, examples: list[Example], pad_id: int) -> None:
+    """One optimizer step on one batch (gradients clipped at norm 1); the unload is the caller's."""
+    b = pad_batch(examples, pad_id)
+    ft.model(**b).loss.backward()
+    torch.nn.utils.clip_grad_norm_(ft.params, 1.0)
+    ft.opt.step()
+    ft.opt.zero_grad(set_to_none=True)
+
+
+def finetune(
+    base: PreTrainedModel,
+    corpus: Corpus,
+    batches: list[list[int]],
+    method: Method,
+    lr: float,
+    seed: int,
+    pad_id: int,
+) -> tuple[torch.nn.Module, int]:
+    """Instruction-tune a copy of ``base`` with one method on the given batches.
+
+    Returns:
+        The fine-tuned model and the number of PLoRA unloads (0 for the others).
+    """
+    ft = start_finetune(base, method, lr, seed, len(batches[0]))
+    ft.model.train()
     for step, rows in enumerate(batches, start=1):
-        b = pad_batch([corpus.finetune[i] for i in rows], pad_id)
-        model(**b).loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if plora is not None and plora.due(step, step * len(rows)):
-            plora.unload(step, step * len(rows))
-    return model, plora.num_unloads if plora is not None else 0
+        train_step(ft, [corpus.finetune[i] for i in rows], pad_id)
+        if ft.plora is not None and ft.plora.due(step, step * len(rows)):
+            ft.plora.unload(step, step * len(rows))
+    return ft.model, ft.plora.num_unloads if ft.plora is not None else 0
 
 
 # --------------------------------------------------------------------------- statistics
