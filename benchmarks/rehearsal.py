@@ -41,10 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoModelForCausalLM
 
 from benchmarks.common import parse_args, write_result
 from plora_ray.checkpoint import load_backbone
+from plora_ray.checkpoint_load import check_deepspeed_checkpoint, load_pickled_state
 from plora_ray.merge import safetensors_base_weights
 from plora_ray.ray_watchdog import holds_files_under, session_processes, stop_session
 from plora_ray.rehearsal_model import write_rehearsal_model
@@ -324,9 +326,23 @@ class PeakRss:
 
 
 def newest_final_checkpoint(run_dir: Path) -> Path | None:
-    """The run's newest checkpoint directory (one that holds ``trainable.pt``)."""
-    found = sorted(run_dir.rglob("trainable.pt"), key=lambda p: p.stat().st_mtime)
+    """The run's newest checkpoint directory (``ray/step_N`` holding ``state.json``)."""
+    found = sorted(run_dir.glob("ray/step_*/state.json"), key=lambda p: p.parent.name)
     return found[-1].parent if found else None
+
+
+def checkpoint_adapter(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights a checkpoint holds: DeepSpeed's fp32 masters (gathered across the
+    ZeRO partitions by DeepSpeed's own ``zero_to_fp32``) or, without DeepSpeed, ``trainable.pt``'s
+    module weights; each file is checked as a resume checks it before anything is unpickled."""
+    if (ckpt / "deepspeed").is_dir():
+        check_deepspeed_checkpoint(ckpt / "deepspeed")
+        return dict(
+            get_fp32_state_dict_from_zero_checkpoint(
+                str(ckpt / "deepspeed"), tag="engine", exclude_frozen_parameters=True
+            )
+        )
+    return dict(load_pickled_state(ckpt / "trainable.pt")["model"])
 
 
 def export_matches_run(model_path: Path, base_dir: Path, scaling: float) -> dict[str, Any]:
@@ -342,12 +358,12 @@ def export_matches_run(model_path: Path, base_dir: Path, scaling: float) -> dict
     run_dir = model_path.parent
     ckpt = newest_final_checkpoint(run_dir)
     if ckpt is None:
-        return {"ok": False, "why": f"no checkpoint with trainable.pt under {run_dir}"}
+        return {"ok": False, "why": f"no checkpoint (ray/step_N/state.json) under {run_dir}"}
     model = AutoModelForCausalLM.from_pretrained(str(model_path))
     got = {k: v.detach() for k, v in model.state_dict().items()}
     w0 = safetensors_base_weights(base_dir)
     records, _ = load_backbone(ckpt / "backbone")
-    adapter = torch.load(ckpt / "trainable.pt", weights_only=False)["model"]
+    adapter = checkpoint_adapter(ckpt)
     mismatched, targets = [], set()
     for ld in records[-1].layers if records else []:
         prefix = ld.name.removesuffix(".base_layer.weight")

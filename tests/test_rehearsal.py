@@ -48,7 +48,6 @@ def test_rehearsal_model_has_llama7b_widths_sharded_weights_and_no_chat_template
 
 
 @pytest.mark.slow
-@pytest.mark.rehearsal
 def test_quick_rehearsal_on_two_nodes_finishes_publishes_and_exports_the_trained_weights(
     tmp_path: Path,
 ) -> None:
@@ -125,7 +124,6 @@ TWO_TRAIN_TRIALS = [
 
 
 @pytest.mark.slow
-@pytest.mark.rehearsal
 def test_losing_a_node_mid_trial_retries_it_and_keeps_what_finished(tmp_path: Path) -> None:
     """The second node is SIGKILLed (all its processes: raylet, workers) while the second trial
     trains with a committed checkpoint; a replacement node joins, as an autoscaler's would. The
