@@ -51,6 +51,12 @@ thread, so two train at once; the same starting points for the three that take t
   trial continues from a top trial's unload checkpoint with perturbed settings for the stage that
   begins there (``plora.stages``, read with ``pbt.stage_value``).
 
+* ``pbt_unload_half``: ``pbt_unload`` with half the population, so half the budget. A
+  population's members all finish together, at the end of its budget, so the anytime curve of a
+  PBT has no finished trial before most of its budget is spent; the smaller run shows whether
+  pbt_unload reaches the target with half the compute. ``pbt_unload_compute_to_tpe_best`` is the
+  earlier of the two runs, per seed.
+
 The budget ``B`` is ``population`` full trials with a proxy at each unload but the last:
 ``population * (steps * batch + (steps / unload_every - 1) * val_dialogues + test_dialogues)``.
 stock_pbt's proxy points are as many (``stock_pbt_interval`` is chosen so), random's
@@ -122,6 +128,9 @@ from plora_ray.search_scheduler import SchedulerSpec, parse_scheduler
 from plora_ray.store import SearchDir
 
 METHODS = ("random", "tpe_asha", "stock_pbt", "pbt_unload")
+# pbt_unload again with half the population, so half the budget: a population's members all
+# finish at the end of its budget, so only a smaller run can show it reaching a target early.
+HALF = "pbt_unload_half"
 PROXY = "gsm8k_nll"  # the proxy's name in reports (a scheduler metric the product knows)
 TPE_VALUE = "final_val_nll"  # what TPE is told of a finished trial
 STATE_FILE = "state.pt"  # a checkpoint directory's one file
@@ -549,13 +558,15 @@ def run_search(
     s: dict[str, Any],
     data: dict[str, Any],
     storage: str,
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """One search of ``method`` at one seed, to its budget; its ledger and trials."""
+    """One search of ``method`` at one seed, to its budget; its ledger and trials (named
+    ``label`` when given: the same method at other settings)."""
     problems: list[str] = []
     params, _ = parse_params(PARAMS, problems)
     spec: SchedulerSpec = parse_scheduler(PBT_BLOCK, problems)
     assert not problems, problems
-    name = f"{method}-seed{seed}"
+    name = f"{label or method}-seed{seed}"
     job = TrialJob(method=method, settings=s, seed=seed, storage=storage, name=name, **data)
     B = budget(s)
     points = starting_points(params, s["population"], seed)
@@ -655,7 +666,7 @@ def run_search(
     if method == "stock_pbt":
         forks = scheduler._num_perturbations  # Tune's PBT count of exploits (private attribute)
     return {
-        "method": method,
+        "method": label or method,
         "seed": seed,
         "budget": B,
         "compute": ledger.total,
@@ -712,12 +723,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             logging_level=logging.ERROR,
             log_to_driver=False,
         )
+        half = {**s, "population": max(2, s["population"] // 2)}
         for seed in s["seeds"]:
-            for method in METHODS:
-                r = run_search(method, seed, s, data, storage)
+            runs = [(m, s, None) for m in METHODS] + [("pbt_unload", half, HALF)]
+            for method, settings_, label in runs:
+                r = run_search(method, seed, settings_, data, storage, label)
                 searches.append(r)
                 print(
-                    f"  {method:<10} seed {seed}: best {r['best']:.4f} compute "
+                    f"  {r['method']:<15} seed {seed}: best {r['best']:.4f} compute "
                     f"{r['compute']}/{r['budget']} trials {r['trials_finished']}/"
                     f"{r['trials_started']} forks {r['forks']} ({r['wall_s']:.0f} s)",
                     flush=True,
@@ -736,19 +749,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             compute_to_reach(r["curve"], target, B) if target is not None else None
         )
     level = s["interval_level"]
+    shown = (*METHODS, HALF)
+    for r in searches:
+        r["compute_fraction_of_B"] = r["compute"] / B
     best_objective = {
-        m: mean_interval([by[(m, sd)]["best"] for sd in s["seeds"]], level) for m in METHODS
+        m: mean_interval([by[(m, sd)]["best"] for sd in s["seeds"]], level) for m in shown
     }
     fractions = {
         m: fraction_summary([by[(m, sd)]["compute_to_tpe_best"] for sd in s["seeds"]])
-        for m in METHODS
+        for m in shown
     }
+    # pbt_unload's compute to TPE + ASHA's best: the smaller of its two runs' (B/2, then B).
+    earliest = []
+    for sd in s["seeds"]:
+        reached = [
+            f for f in (by[(m, sd)]["compute_to_tpe_best"] for m in (HALF, "pbt_unload")) if f
+        ]
+        earliest.append(min(reached) if reached else None)
     diff = mean_interval(
         [by[("pbt_unload", sd)]["best"] - by[("tpe_asha", sd)]["best"] for sd in s["seeds"]],
         level,
     )
     headline: dict[str, Any] = {
-        "pbt_unload_compute_to_tpe_best": fractions["pbt_unload"],
+        "pbt_unload_compute_to_tpe_best": fraction_summary(earliest),
+        "pbt_unload_full_budget_compute_to_tpe_best": fractions["pbt_unload"],
+        "pbt_unload_half_budget_compute_to_tpe_best": fractions[HALF],
         "stock_pbt_compute_to_tpe_best": fractions["stock_pbt"],
         "random_compute_to_tpe_best": fractions["random"],
         "best_objective": best_objective,
@@ -767,13 +792,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "hi": best_objective[m]["hi"],
                 "compute_to_tpe_best": fractions[m]["mean"],
                 "reached": fractions[m]["reached"],
-                "compute/B": float(np.mean([by[(m, sd)]["compute_fraction"] for sd in s["seeds"]])),
+                "compute/B": float(
+                    np.mean([by[(m, sd)]["compute_fraction_of_B"] for sd in s["seeds"]])
+                ),
                 "finished/started": "+".join(
                     f"{by[(m, sd)]['trials_finished']}/{by[(m, sd)]['trials_started']}"
                     for sd in s["seeds"]
                 ),
             }
-            for m in METHODS
+            for m in shown
         ],
     )
     details = {
@@ -790,7 +817,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tpe_asha": trial_cost(s, unload_proxy_points(s), final_val=True),
             "stock_pbt": trial_cost(s, stock_proxy_points(s)),
             "pbt_unload": trial_cost(s, unload_proxy_points(s)),
+            HALF: trial_cost(s, unload_proxy_points(s)),
         },
+        "half_population": max(2, s["population"] // 2),
         "unreached_counts_as": 1.0,
         "searches": searches,
     }

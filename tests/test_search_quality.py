@@ -108,13 +108,15 @@ def test_tiny_run_of_all_four_searches_writes_the_headline_and_monotone_curves(
     head = result["headline"]
     for key in (
         "pbt_unload_compute_to_tpe_best",
+        "pbt_unload_full_budget_compute_to_tpe_best",
+        "pbt_unload_half_budget_compute_to_tpe_best",
         "stock_pbt_compute_to_tpe_best",
         "random_compute_to_tpe_best",
     ):
         assert set(head[key]) >= {"mean", "min", "max", "reached", "per_seed"}
-    assert set(head["best_objective"]) == set(sq.METHODS)
+    assert set(head["best_objective"]) == {*sq.METHODS, sq.HALF}
     searches = result["searches"]
-    assert sorted(r["method"] for r in searches) == sorted(sq.METHODS)
+    assert sorted(r["method"] for r in searches) == sorted([*sq.METHODS, sq.HALF])
     for r in searches:
         assert r["trials_finished"] >= 1, r
         compute = [c for c, _ in r["curve"]]
@@ -128,7 +130,7 @@ def test_tiny_run_of_all_four_searches_writes_the_headline_and_monotone_curves(
     alone = {
         json.dumps(t["config"], sort_keys=True): t["objective"] for t in by["random"]["trials"]
     }
-    for method in ("stock_pbt", "pbt_unload"):
+    for method in ("stock_pbt", "pbt_unload", sq.HALF):
         for t in by[method]["trials"]:
             key = json.dumps(t["config"], sort_keys=True)
             if key in alone and not t["forked_from"]:
@@ -138,3 +140,9 @@ def test_tiny_run_of_all_four_searches_writes_the_headline_and_monotone_curves(
     assert by["random"]["points"] == by["stock_pbt"]["points"] == by["pbt_unload"]["points"]
     assert by["tpe_asha"]["compute"] >= sq.budget(s)
     assert by["tpe_asha"]["compute_to_tpe_best"] <= by["tpe_asha"]["compute_fraction"]
+    # The half-population pbt_unload run spends about half the budget; pbt_unload's headline is
+    # the earlier of its two runs.
+    assert by[sq.HALF]["compute"] <= 0.75 * sq.budget(s)
+    runs = [by[m]["compute_to_tpe_best"] for m in ("pbt_unload", sq.HALF)]
+    reached = [f for f in runs if f is not None]
+    assert head["pbt_unload_compute_to_tpe_best"]["per_seed"] == [min(reached) if reached else None]
